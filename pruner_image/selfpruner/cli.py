@@ -1,0 +1,161 @@
+"""`selfpruner` command line: prune, eval.
+
+Bad input ends with one line on stderr saying what to fix, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import UserError
+
+DEMO_EVAL_TEXT = "demo:heldout"
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="demo",
+                   help="a Hugging Face folder, a .gguf file, hf://org/name, or 'demo' (SmolLM2-135M-Instruct; default)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}text", default=DEMO_EVAL_TEXT,
+                   help="UTF-8 text file, or demo:heldout / demo:fitness (default: demo:heldout)")
+    p.add_argument(f"--{prefix}seq-len", type=int, default=2048, help="window length in tokens")
+    p.add_argument(f"--{prefix}tokens", type=int, default=None, help="token budget (the fidelity); default: all")
+    p.add_argument(f"--{prefix}batch-size", type=int, default=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="selfpruner", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prune = sub.add_parser("prune", help="prune a model with given per-block rates and export it")
+    _add_model(prune)
+    rates = prune.add_mutually_exclusive_group(required=True)
+    rates.add_argument("--rates", help="JSON file: a list with one rate per block, or {attention: [...], mlp: [...]}")
+    rates.add_argument("--ratio", type=float, help="uniform rate for every block")
+    prune.add_argument("--output", required=True, help="folder for the pruned checkpoint")
+    prune.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    prune.add_argument("--metric", default="wanda-sp", choices=("wanda-sp", "flap", "magnitude"))
+    comp = prune.add_mutually_exclusive_group()
+    comp.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None,
+                      help="add the pruned channels' mean contribution to the output bias (default: on for flap)")
+    comp.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
+    prune.add_argument("--head-mode", default="per-group", choices=("per-group", "kv-group"),
+                       help="remove the same query heads in every KV group, or whole KV groups")
+    prune.add_argument("--mlp-multiple", type=int, default=1, help="keep MLP channels in multiples of this")
+    prune.add_argument("--calibration-text", default="demo:calibration")
+    prune.add_argument("--calibration-windows", type=int, default=32)
+    prune.add_argument("--calibration-seq-len", type=int, default=512)
+    prune.add_argument("--eval", action="store_true", help="also print dense and pruned perplexity")
+    _add_eval(prune, prefix="eval-")
+    prune.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    ev = sub.add_parser("eval", help="perplexity of a model on a text")
+    _add_model(ev)
+    _add_eval(ev)
+    ev.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
+    return parser
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UserError(f"{name} must be a positive integer, got {value}")
+
+
+def _eval_ids(tokenizer, text: str):
+    from . import corpus
+
+    return corpus.tokenize(tokenizer, corpus.load_text(text))
+
+
+def cmd_eval(args) -> int:
+    from . import evaluate, model_source
+
+    for name in ("seq_len", "tokens", "batch_size"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    loaded = model_source.load(args.model, dtype=args.dtype, device=args.device or model_source.default_device())
+    ids = _eval_ids(loaded.tokenizer, args.text)
+    result = evaluate.perplexity(loaded.model, ids, seq_len=args.seq_len, max_tokens=args.tokens,
+                                 batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens of {args.text}")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from . import engine, evaluate, export, structure
+    from .architecture import geometry_of
+
+    for name in ("calibration_windows", "calibration_seq_len", "eval_seq_len", "eval_tokens", "eval_batch_size",
+                 "mlp_multiple"):
+        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
+        raise UserError(f"--ratio {args.ratio}: a rate must be in [0, 1)")
+    export.check_output_dir(args.output, args.force)  # fail before any expensive work
+    settings = engine.PruneSettings(
+        metric=args.metric, bias_compensation=args.bias_compensation, head_mode=args.head_mode,
+        mlp_multiple=args.mlp_multiple, calibration_text=args.calibration_text,
+        calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
+    )
+    # cheap checks first: the rates file, then the model's block count, then calibration
+    raw_rates = structure.read_json(args.rates) if args.rates else None
+    loaded = engine.load(args.model, dtype=args.dtype, device=args.device)
+    g = geometry_of(loaded.model.config)
+    rates = (structure.Rates.parse(raw_rates, g.num_layers, source=args.rates) if raw_rates is not None
+             else structure.Rates.uniform(args.ratio, g.num_layers))
+    plan = structure.plan_from_rates(g, rates, head_mode=args.head_mode, mlp_multiple=args.mlp_multiple)
+    eng = engine.build(loaded, settings, progress=not args.json)
+    summary = {"model": args.model, "target_ratio": _mean_target(rates, g), "achieved_ratio": plan.achieved_ratio}
+    if args.eval:
+        ids = _eval_ids(eng.loaded.tokenizer, args.eval_text)
+        kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=args.eval_batch_size)
+        summary["dense"] = evaluate.perplexity(eng.loaded.model, ids, **kw).to_dict()
+    eng.pm.apply(plan, mode="slice")
+    if args.eval:
+        summary["pruned"] = evaluate.perplexity(eng.loaded.model, ids, **kw).to_dict()
+        summary["eval_text"] = args.eval_text
+    info = {"source_model": args.model, "rates": rates.to_json(), **settings.describe()}
+    if args.eval:
+        info["perplexity"] = {"text": args.eval_text, "dense": summary["dense"], "pruned": summary["pruned"]}
+    out = export.export(eng.pm, eng.loaded.tokenizer, args.output, info=info, force=args.force)
+    summary["output"] = str(out)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"pruned {args.model}: target ratio {summary['target_ratio']:.4f}, achieved {plan.achieved_ratio:.4f}")
+        if args.eval:
+            d, p = summary["dense"], summary["pruned"]
+            print(f"perplexity on {args.eval_text} ({p['tokens']} tokens): dense {d['perplexity']:.2f}, "
+                  f"pruned {p['perplexity']:.2f}")
+        print(f"checkpoint written to {out}")
+    return 0
+
+
+def _mean_target(rates, g) -> float:
+    if not rates.separate:
+        return sum(rates.block) / len(rates.block)
+    a, m = g.dense_attention_params, g.dense_mlp_params
+    return sum(ra * a + rm * m for ra, rm in zip(rates.attention, rates.mlp)) / (len(rates.attention) * (a + m))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"eval": cmd_eval, "prune": cmd_prune}[args.command](args)
+    except UserError as e:
+        print(f"selfpruner: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("selfpruner: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

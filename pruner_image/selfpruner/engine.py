@@ -1,0 +1,78 @@
+"""The pruning pipeline as one call: load, calibrate, score, sort — ready for candidates.
+
+The CLI, the demo and (later) the search and the workers all start here, so there is
+one way to get from a model name to a `PrunableModel`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import calibration, corpus, importance, model_source
+from .pruned_model import PrunableModel
+
+
+@dataclass
+class PruneSettings:
+    metric: str = "wanda-sp"
+    bias_compensation: bool | None = None  # None: on for flap, off otherwise (as the papers do)
+    head_mode: str = "per-group"
+    mlp_multiple: int = 1
+    calibration_text: str = "demo:calibration"
+    calibration_windows: int = 32
+    calibration_seq_len: int = 512
+    calibration_batch_size: int = 1
+
+    @property
+    def compensate(self) -> bool:
+        return self.metric == "flap" if self.bias_compensation is None else self.bias_compensation
+
+    def describe(self) -> dict:
+        return {
+            "metric": self.metric,
+            "bias_compensation": self.compensate,
+            "head_mode": self.head_mode,
+            "mlp_multiple": self.mlp_multiple,
+            "calibration": {"text": self.calibration_text, "windows": self.calibration_windows,
+                            "seq_len": self.calibration_seq_len},
+        }
+
+
+@dataclass
+class Engine:
+    loaded: model_source.Loaded
+    pm: PrunableModel
+    settings: PruneSettings
+    stats: calibration.CalibrationStats | None = field(default=None)
+
+
+def prepare(model: str, settings: PruneSettings, *, dtype: str = "float32", device: str | None = None,
+            progress: bool = True) -> Engine:
+    return build(load(model, dtype=dtype, device=device), settings, progress=progress)
+
+
+def load(model: str, *, dtype: str = "float32", device: str | None = None) -> model_source.Loaded:
+    """Load and check the architecture, before any expensive work."""
+    from .architecture import check_supported
+
+    loaded = model_source.load(model, dtype=dtype, device=device or model_source.default_device())
+    check_supported(loaded.model.config)
+    return loaded
+
+
+def build(loaded: model_source.Loaded, settings: PruneSettings, *, progress: bool = True) -> Engine:
+    """Calibrate (or reuse the cached statistics), score, and sort the model once."""
+    from .errors import UserError
+
+    if settings.metric not in importance.METRICS:
+        raise UserError(f"unknown metric {settings.metric!r}; use one of {', '.join(importance.METRICS)}")
+    stats = None
+    if settings.metric != "magnitude" or settings.compensate:
+        ids = corpus.tokenize(loaded.tokenizer, corpus.load_text(settings.calibration_text))
+        stats = calibration.calibrate(loaded.model, ids, num_windows=settings.calibration_windows,
+                                      seq_len=settings.calibration_seq_len,
+                                      batch_size=settings.calibration_batch_size, progress=progress)
+    scores = importance.score_model(loaded.model, stats, settings.metric)
+    pm = PrunableModel(loaded.model, scores, stats, head_mode=settings.head_mode,
+                       bias_compensation=settings.compensate)
+    return Engine(loaded=loaded, pm=pm, settings=settings, stats=stats)

