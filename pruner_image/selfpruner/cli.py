@@ -67,10 +67,16 @@ def _positive(name: str, value: int | None) -> None:
         raise UserError(f"{name} must be a positive integer, got {value}")
 
 
-def _eval_ids(tokenizer, text: str):
+def _read_text(source: str) -> str:
     from . import corpus
 
-    return corpus.tokenize(tokenizer, corpus.load_text(text))
+    return corpus.load_text(source)
+
+
+def _ids(tokenizer, text: str):
+    from . import corpus
+
+    return corpus.tokenize(tokenizer, text)
 
 
 def cmd_eval(args) -> int:
@@ -78,8 +84,9 @@ def cmd_eval(args) -> int:
 
     for name in ("seq_len", "tokens", "batch_size"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    text = _read_text(args.text)  # a bad text file should not cost a model load
     loaded = model_source.load(args.model, dtype=args.dtype, device=args.device or model_source.default_device())
-    ids = _eval_ids(loaded.tokenizer, args.text)
+    ids = _ids(loaded.tokenizer, text)
     result = evaluate.perplexity(loaded.model, ids, seq_len=args.seq_len, max_tokens=args.tokens,
                                  batch_size=args.batch_size, progress=not args.json)
     if args.json:
@@ -106,6 +113,8 @@ def cmd_prune(args) -> int:
     )
     # cheap checks first: the rates file, then the model's block count, then calibration
     raw_rates = structure.read_json(args.rates) if args.rates else None
+    eval_text = _read_text(args.eval_text) if args.eval else None
+    _read_text(settings.calibration_text)
     loaded = engine.load(args.model, dtype=args.dtype, device=args.device)
     g = geometry_of(loaded.model.config)
     rates = (structure.Rates.parse(raw_rates, g.num_layers, source=args.rates) if raw_rates is not None
@@ -114,7 +123,7 @@ def cmd_prune(args) -> int:
     eng = engine.build(loaded, settings, progress=not args.json)
     summary = {"model": args.model, "target_ratio": _mean_target(rates, g), "achieved_ratio": plan.achieved_ratio}
     if args.eval:
-        ids = _eval_ids(eng.loaded.tokenizer, args.eval_text)
+        ids = _ids(eng.loaded.tokenizer, eval_text)
         kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=args.eval_batch_size)
         summary["dense"] = evaluate.perplexity(eng.loaded.model, ids, **kw).to_dict()
     eng.pm.apply(plan, mode="slice")
@@ -145,8 +154,24 @@ def _mean_target(rates, g) -> float:
     return sum(ra * a + rm * m for ra, rm in zip(rates.attention, rates.mlp)) / (len(rates.attention) * (a + m))
 
 
+def _quiet_transformers() -> None:
+    """Our own progress bars and errors only: transformers' are noise to a CLI user."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging
+
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _quiet_transformers()
     try:
         return {"eval": cmd_eval, "prune": cmd_prune}[args.command](args)
     except UserError as e:

@@ -55,9 +55,8 @@ def load(model: str, *, dtype: str = "float32", device: str | None = None) -> mo
     """Load and check the architecture, before any expensive work."""
     from .architecture import check_supported
 
-    loaded = model_source.load(model, dtype=dtype, device=device or model_source.default_device())
-    check_supported(loaded.model.config)
-    return loaded
+    return model_source.load(model, dtype=dtype, device=device or model_source.default_device(),
+                             check=check_supported)
 
 
 def build(loaded: model_source.Loaded, settings: PruneSettings, *, progress: bool = True) -> Engine:

@@ -96,9 +96,23 @@ def _converted(gguf: Path, name: str | None = None) -> Path:
     return target
 
 
-def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu") -> Loaded:
+def load_config(source: str):
+    """The model's config alone: enough to refuse an unsupported model before loading it."""
+    folder, ours = resolve(source)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, trust_remote_code=ours)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the config of model {source}: {str(e).splitlines()[0]}") from None
+
+
+def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", check=None) -> Loaded:
+    """Load model and tokenizer; `check(config)` runs first and may refuse the model."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if check is not None:
+        check(load_config(source))
     folder, ours = resolve(source)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

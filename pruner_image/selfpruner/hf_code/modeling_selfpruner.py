@@ -14,6 +14,8 @@ transformers with ``trust_remote_code=True``.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
@@ -26,7 +28,9 @@ class EmptyAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.head_dim = head_dim
-        self.o_proj = nn.Linear(0, hidden_size, bias=bias, dtype=dtype, device=device)
+        with warnings.catch_warnings():  # a zero-width weight has nothing to initialise
+            warnings.simplefilter("ignore", UserWarning)
+            self.o_proj = nn.Linear(0, hidden_size, bias=bias, dtype=dtype, device=device)
 
     def forward(self, hidden_states, *args, **kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -40,7 +44,9 @@ class EmptyAttention(nn.Module):
 def _linear(in_features: int, out_features: int, like: nn.Linear, bias: bool | None = None) -> nn.Linear:
     has_bias = like.bias is not None if bias is None else bias
     w = like.weight
-    return nn.Linear(in_features, out_features, bias=has_bias, dtype=w.dtype, device=w.device)
+    with warnings.catch_warnings():  # a zero-width weight has nothing to initialise
+        warnings.simplefilter("ignore", UserWarning)
+        return nn.Linear(in_features, out_features, bias=has_bias, dtype=w.dtype, device=w.device)
 
 
 def resize_block(layer: nn.Module, shape: dict, hidden_size: int) -> None:
