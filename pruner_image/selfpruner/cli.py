@@ -124,7 +124,8 @@ def cmd_prune(args) -> int:
     summary = {"model": args.model, "target_ratio": _mean_target(rates, g), "achieved_ratio": plan.achieved_ratio}
     if args.eval:
         ids = _ids(eng.loaded.tokenizer, eval_text)
-        kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=args.eval_batch_size)
+        kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=args.eval_batch_size,
+                  progress=not args.json)
         summary["dense"] = evaluate.perplexity(eng.loaded.model, ids, **kw).to_dict()
     eng.pm.apply(plan, mode="slice")
     if args.eval:
