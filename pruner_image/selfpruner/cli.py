@@ -55,11 +55,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(prune, prefix="eval-")
     prune.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    run = sub.add_parser("run", help="run (or resume) the search a PruneJob YAML describes, on this machine")
+    run.add_argument("prunejob", help="PruneJob YAML file")
+    run.add_argument("--output", default=None, help="results folder (default: spec.output.path or runs/NAME)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    val = sub.add_parser("validate", help="check a PruneJob YAML against the CRD schema and the rules")
+    val.add_argument("prunejob", help="PruneJob YAML file")
+
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     _add_model(ev)
     _add_eval(ev)
     ev.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
     return parser
+
+
+def cmd_validate(args) -> int:
+    from . import spec
+
+    job = spec.load(args.prunejob)
+    s = job.spec.search
+    print(f"{args.prunejob}: valid PruneJob {job.metadata['name']!r} (strategy {s.strategy}, "
+          f"budget {spec.budget(job)} evaluations, ratio {job.spec.target.ratio})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from . import spec
+    from .search import report, runner
+
+    job = spec.load(args.prunejob)
+    out = args.output or runner.output_dir(job)
+    try:
+        result = runner.run(job, progress=not args.quiet, out_dir=out)
+    except KeyboardInterrupt:
+        print(f"selfpruner: interrupted; progress is saved in {out}; run the same command again to resume",
+              file=sys.stderr)
+        return 130
+    print(report.summary_table(result))
+    print(f"results: {out}/result.json, history.jsonl, fitness.png, rates.png")
+    return 0
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -174,9 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
-        return {"eval": cmd_eval, "prune": cmd_prune}[args.command](args)
+        commands = {"eval": cmd_eval, "prune": cmd_prune, "run": cmd_run, "validate": cmd_validate}
+        return commands[args.command](args)
     except UserError as e:
-        print(f"selfpruner: error: {e}", file=sys.stderr)
+        for line in str(e).splitlines():
+            print(f"selfpruner: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("selfpruner: interrupted", file=sys.stderr)

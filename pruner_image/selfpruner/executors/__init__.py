@@ -1,0 +1,1 @@
+"""Where evaluations run: in-process here; as Kubernetes Jobs in the cluster."""

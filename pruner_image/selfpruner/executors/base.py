@@ -1,0 +1,31 @@
+"""The executor interface the search loop talks to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class EvalTask:
+    rates: dict | list  # Rates.to_json()
+    tokens: int  # fidelity; 0 means the whole text
+    text: str = "fitness"  # or "heldout"
+
+
+@dataclass
+class EvalOutcome:
+    fitness: float | None  # perplexity on the task's text
+    tokens: int  # tokens predicted
+    seconds: float  # device time
+    achieved_ratio: float | None = None
+    error: str | None = None
+
+
+class Executor(Protocol):
+    geometry: object  # architecture.Geometry of the model being pruned
+    prior: dict  # prior.block_statistics
+
+    def evaluate(self, tasks: list[EvalTask]) -> list[EvalOutcome]: ...
+
+    def export(self, rates: dict | list, out_dir: str, info: dict) -> str: ...

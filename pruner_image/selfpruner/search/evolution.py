@@ -1,0 +1,111 @@
+"""The evolutionary loop of the paper: κ survivors, offspring by crossover and mutation,
+best κ of parents ∪ offspring survive. Who proposes offspring is pluggable: classical
+operators (`genetic`, the ablation the paper lacks) or an LLM (`llm-evolution`).
+
+With multi-fidelity on, offspring are screened on `screen_tokens` first and only the best
+`screen_keep` share is evaluated at full fidelity; survivors are chosen on full
+fidelity only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import operators
+from .strategy import Member, Request, Result, Strategy
+
+
+class ClassicalProposer:
+    """Random initial population; tournament parents; uniform crossover; level-switch mutation."""
+
+    def initial(self, strategy: "Evolution", n: int) -> list[tuple[np.ndarray, str]]:
+        out = []
+        for _ in range(n):
+            out.append((strategy.fresh(strategy.ctx.space.random(strategy.ctx.rng)), "random"))
+        return out
+
+    def offspring(self, strategy: "Evolution") -> list[tuple[np.ndarray, str]]:
+        ctx, pop = strategy.ctx, strategy.population
+        fitness = [m.fitness for m in pop]
+        out = []
+        for _ in range(strategy.crossovers):
+            a = pop[operators.tournament(fitness, ctx.rng)]
+            b = pop[operators.tournament(fitness, ctx.rng)]
+            child = operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
+            out.append((strategy.fresh(child), "crossover"))
+        for _ in range(strategy.mutations):
+            p = pop[operators.tournament(fitness, ctx.rng)]
+            out.append((strategy.fresh(operators.mutate(ctx.space, np.array(p.units), ctx.rng)), "mutation"))
+        return out
+
+
+class Evolution(Strategy):
+    name = "genetic"
+
+    def __init__(self, ctx, proposer=None, **kw):
+        super().__init__(ctx, **kw)
+        self.proposer = proposer or ClassicalProposer()
+        self.seen: set[tuple[int, ...]] = set()
+        self._pending: list[tuple[np.ndarray, str]] = []  # offspring of the generation under way
+        self._phase = "propose"
+
+    # -- duplicates ----------------------------------------------------------------
+    def fresh(self, units: np.ndarray, origin_counter: str | None = None) -> np.ndarray:
+        """`units` if never seen, else a mutation of it that is new (counted)."""
+        space, rng = self.ctx.space, self.ctx.rng
+        tries = 0
+        while space.key(units) in self.seen and tries < 50:
+            units = operators.mutate(space, units, rng)
+            tries += 1
+            self.count("duplicates_replaced")
+        self.seen.add(space.key(units))
+        return units
+
+    # -- ask / tell ------------------------------------------------------------------
+    def ask(self) -> list[Request]:
+        ctx = self.ctx
+        if self._phase == "propose":
+            if self.generation > self.generations or (self.generation > 0 and not self.population):
+                return []
+            self.at_boundary = False
+            if self.generation == 0:
+                self._pending = self.proposer.initial(self, self.population_size)
+                self._phase = "full"
+            else:
+                self._pending = self.proposer.offspring(self)
+                self._phase = "screen" if ctx.screen_tokens else "full"
+            if not self._pending:
+                self._phase = "propose"
+                return []
+        tokens = ctx.screen_tokens if self._phase == "screen" else ctx.full_tokens
+        return [Request(units=u, tokens=tokens, origin=o) for u, o in self._pending]
+
+    def tell(self, requests: list[Request], results: list[Result]) -> None:
+        self.charge(results)
+        scored = [(req, res) for req, res in zip(requests, results) if res.fitness is not None]
+        self.count("failed_evaluations", len(results) - len(scored))
+        if self._phase == "screen":
+            keep = max(1, math.ceil(self.ctx.screen_keep * len(scored)))
+            best = sorted(scored, key=lambda rr: rr[1].fitness)[:keep]
+            self.count("screened", len(requests))
+            self._pending = [(req.units, req.origin) for req, _ in best]
+            self._phase = "full"
+            return
+        members = [Member(units=[int(x) for x in req.units], fitness=res.fitness, origin=req.origin)
+                   for req, res in scored]
+        merged = self.population + members
+        merged.sort(key=lambda m: m.fitness)
+        self.population = merged[: self.population_size]
+        self.record_generation()
+        self.generation += 1
+        self._pending = []
+        self._phase = "propose"
+        self.at_boundary = True
+
+    def extra_state(self) -> dict:
+        return {"seen": sorted(list(k) for k in self.seen)}
+
+    def load_extra_state(self, extra: dict) -> None:
+        self.seen = {tuple(k) for k in extra.get("seen", [])}

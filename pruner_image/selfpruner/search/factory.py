@@ -1,0 +1,61 @@
+"""From a validated spec to the search's parts: the space, the context, the strategy."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import prior as prior_mod
+from ..errors import UserError
+from .baselines import EvoPress, Owl, RandomSearch, Uniform
+from .evolution import Evolution
+from .llm_evolution import LLMEvolution, LLMProposer
+from .space import SearchSpace
+from .strategy import Context
+
+STRATEGIES = ("llm-evolution", "genetic", "random", "uniform", "owl", "evopress")
+
+
+def make_space(spec, geometry) -> SearchSpace:
+    t = spec.spec.target
+    space = SearchSpace(num_blocks=geometry.num_layers, ratio=t.ratio, min_rate=t.min_rate, max_rate=t.max_rate,
+                        grid=t.grid, separate=t.separate_rates,
+                        attention_weight=geometry.dense_attention_params, mlp_weight=geometry.dense_mlp_params)
+    units = space.ratio / space.grid * space.dim
+    if not (space.lo * space.dim <= units <= space.hi * space.dim):
+        raise UserError("spec.target: no candidate can meet ratio within [minRate, maxRate] on this grid")
+    return space
+
+
+def make_context(spec, space: SearchSpace, prior: dict, budget: float) -> Context:
+    f, s = spec.spec.fitness, spec.spec.search
+    return Context(space=space, full_tokens=f.tokens, screen_tokens=f.screen_tokens, screen_keep=f.screen_keep,
+                   budget=budget, rng=np.random.default_rng(s.seed), prior=prior)
+
+
+def model_description(spec, geometry, prior: dict) -> dict:
+    g = geometry
+    separate = spec.spec.target.separate_rates
+    return {
+        "model_description": (f"a {g.model_type} decoder-only language model ({spec.spec.model.source}) with "
+                              f"{g.num_layers} transformer blocks, hidden size {g.hidden_size}, {g.num_heads} "
+                              f"query heads in {g.num_kv_heads} KV groups, MLP width {g.intermediate_size}"),
+        "rate_layout": (f" (the first {g.num_layers} for the attention of blocks 0..{g.num_layers - 1}, then "
+                        f"{g.num_layers} for their MLPs)" if separate else f", one per block 0..{g.num_layers - 1}"),
+        "mean_kind": "parameter-weighted mean" if separate else "mean",
+        "block_stats": prior_mod.describe(prior) if prior else "(no calibration statistics)",
+    }
+
+
+def make_strategy(name: str, spec, ctx: Context, geometry=None, llm=None):
+    s = spec.spec.search
+    kw = dict(population=s.population, generations=s.generations, crossovers=s.crossovers, mutations=s.mutations)
+    if name == "llm-evolution":
+        if llm is None:
+            raise ValueError("llm-evolution needs an LLM")
+        proposer = LLMProposer(llm, model_description(spec, geometry, ctx.prior),
+                               per_call=spec.spec.llm.offspring_per_call)
+        return LLMEvolution(ctx, proposer=proposer, **kw)
+    cls = {"genetic": Evolution, "random": RandomSearch, "uniform": Uniform, "owl": Owl, "evopress": EvoPress}
+    if name not in cls:
+        raise UserError(f"unknown strategy {name!r}; use one of {', '.join(STRATEGIES)}")
+    return cls[name](ctx, **kw)

@@ -1,0 +1,100 @@
+"""Every evaluation, one JSON line, written before the search moves on: the record a
+person reads, and the fitness cache — keyed by (candidate, fidelity, text) — that makes
+sure nothing is evaluated twice, across restarts too."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from ..executors.base import EvalOutcome, EvalTask
+from .space import SearchSpace
+from .strategy import Request, Result
+
+
+class History:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.entries: list[dict] = []
+        self.cache: dict[tuple, dict] = {}
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    e = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a crash
+                self._remember(e)
+
+    @staticmethod
+    def key(rates, tokens: int, text: str) -> tuple:
+        return (json.dumps(rates, sort_keys=True), tokens, text)
+
+    def _remember(self, e: dict) -> None:
+        self.entries.append(e)
+        if e.get("fitness") is not None:
+            self.cache[self.key(e["rates"], e["tokens_budget"], e["text"])] = e
+
+    def lookup(self, rates, tokens: int, text: str) -> dict | None:
+        return self.cache.get(self.key(rates, tokens, text))
+
+    def append(self, e: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(e) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._remember(e)
+
+    def totals(self) -> dict:
+        done = [e for e in self.entries if e.get("fitness") is not None or e.get("error")]
+        return {
+            "evaluations": len(done),
+            "failed_evaluations": sum(1 for e in done if e.get("error")),
+            "tokens_evaluated": sum(e.get("tokens", 0) for e in done),
+            "device_seconds": round(sum(e.get("seconds", 0.0) for e in done), 3),
+        }
+
+
+class Evaluator:
+    """Runs requests through the cache, then the executor; records every new evaluation."""
+
+    def __init__(self, executor, history: History, space: SearchSpace):
+        self.executor, self.history, self.space = executor, history, space
+
+    def run(self, items: list[tuple[object, int, str, str]], generation: int) -> list[tuple[dict | None, bool]]:
+        """items: (rates json, tokens, text, origin) -> [(entry, cached)] in order."""
+        out: list = [None] * len(items)
+        todo = []
+        for i, (rates, tokens, text, origin) in enumerate(items):
+            hit = self.history.lookup(rates, tokens, text)
+            if hit is not None:
+                out[i] = (hit, True)
+            else:
+                todo.append(i)
+        # the same new candidate twice in one batch is evaluated once
+        unique: dict[tuple, list[int]] = {}
+        for i in todo:
+            rates, tokens, text, _ = items[i]
+            unique.setdefault(History.key(rates, tokens, text), []).append(i)
+        firsts = [idx[0] for idx in unique.values()]
+        outcomes: list[EvalOutcome] = self.executor.evaluate(
+            [EvalTask(rates=items[i][0], tokens=items[i][1], text=items[i][2]) for i in firsts])
+        for i, outcome in zip(firsts, outcomes):
+            rates, tokens, text, origin = items[i]
+            entry = {"n": len(self.history.entries), "generation": generation, "origin": origin, "text": text,
+                     "rates": rates, "tokens_budget": tokens, "tokens": outcome.tokens, "fitness": outcome.fitness,
+                     "seconds": round(outcome.seconds, 4), "achieved_ratio": outcome.achieved_ratio,
+                     "error": outcome.error, "time": round(time.time(), 3)}
+            self.history.append(entry)
+            for j in unique[History.key(rates, tokens, text)]:
+                out[j] = (entry, j != i)
+        return out
+
+    def evaluate(self, requests: list[Request], generation: int) -> list[Result]:
+        items = [(self.space.to_rates(r.units).to_json(), r.tokens, "fitness", r.origin) for r in requests]
+        results = []
+        for entry, cached in self.run(items, generation):
+            results.append(Result(fitness=entry["fitness"], tokens=entry["tokens_budget"], seconds=entry["seconds"],
+                                  cached=cached, error=entry.get("error")))
+        return results

@@ -1,0 +1,123 @@
+"""`selfpruner run`: the search loop, its checkpoints, and the report.
+
+After every generation the search state (population, RNG, LLM call count, counters) is
+written to `state.json`; every evaluation is already in `history.jsonl` (the fitness
+cache) and every LLM call in `llm_transcript.jsonl`. Rerunning the same command resumes
+from there and reaches the same result as an uninterrupted run: interrupted work is
+asked again, and answered from the cache and the transcript.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+from .. import engine
+from ..errors import UserError
+from ..spec import Section, budget as spec_budget
+from . import factory, report
+from .history import Evaluator, History
+from .llm_clients import LocalChat, OpenAIChat, Transcript, totals
+
+STATE = "state.json"
+
+
+def output_dir(spec: Section) -> Path:
+    return Path(spec.spec.output.get("path") or Path("runs") / spec.metadata["name"])
+
+
+def spec_hash(spec: Section) -> str:
+    """What a resumed run must share with the one that wrote the state (output aside)."""
+    s = dict(spec["spec"])
+    s.pop("output", None)
+    return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def make_executor(spec: Section, progress: bool = True):
+    from ..executors.local import LocalExecutor
+
+    p, c, f = spec.spec.pruning, spec.spec.calibration, spec.spec.fitness
+    settings = engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, head_mode=p.head_mode,
+                                    mlp_multiple=p.mlp_multiple, calibration_text=c.text,
+                                    calibration_windows=c.windows, calibration_seq_len=c.seq_len)
+    from .. import corpus
+
+    texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
+    devices = os.environ.get("SELFPRUNER_DEVICES")
+    return LocalExecutor(spec.spec.model.source, settings, texts, dtype=spec.spec.model.dtype, seq_len=f.seq_len,
+                         batch_size=f.batch_size, devices=devices.split(",") if devices else None, progress=progress)
+
+
+def make_llm(spec: Section, out: Path, client=None) -> Transcript:
+    llm = spec.spec.llm
+    if client is None:
+        if llm.provider == "openai":
+            client = OpenAIChat(llm.model, base_url=llm.get("baseURL"), api_key_env=llm.api_key_env,
+                                temperature=llm.temperature, seed=llm.seed, max_tokens=llm.max_tokens,
+                                timeout=llm.timeout_seconds, max_retries=llm.max_retries, json_mode=llm.json_mode)
+        else:
+            client = LocalChat(llm.model, temperature=llm.temperature, seed=llm.seed, max_tokens=llm.max_tokens)
+    return Transcript(client, out / "llm_transcript.jsonl")
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True, out_dir: str | Path | None = None,
+        stop_after_generation: int | None = None) -> dict:
+    """Run (or resume) the search a PruneJob describes; returns result.json's content.
+    `stop_after_generation` ends early after that checkpoint (tests use it to interrupt)."""
+    started = time.time()
+    out = Path(out_dir) if out_dir else output_dir(spec)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / STATE
+    saved = json.loads(state_path.read_text()) if state_path.is_file() else None
+    if saved and saved.get("spec_hash") != spec_hash(spec):
+        raise UserError(f"{out} holds a search of a different PruneJob spec; set spec.output.path to another folder "
+                        "or remove it")
+    executor = executor or make_executor(spec, progress)
+    space = factory.make_space(spec, executor.geometry)
+    s = spec.spec.search
+    budget = spec_budget(spec)
+    ctx = factory.make_context(spec, space, executor.prior, budget)
+    transcript = make_llm(spec, out, llm_client) if s.strategy == "llm-evolution" else None
+    strategy = factory.make_strategy(s.strategy, spec, ctx, executor.geometry, transcript)
+    history = History(out / "history.jsonl")
+    evaluator = Evaluator(executor, history, space)
+    wall = 0.0
+    if saved:
+        strategy.load_state(saved["strategy"])
+        ctx.rng.bit_generator.state = saved["rng"]
+        wall = saved.get("wall_seconds", 0.0)
+
+    def checkpoint() -> None:
+        _write_json(state_path, {"spec_hash": spec_hash(spec), "strategy": strategy.state(),
+                                 "rng": ctx.rng.bit_generator.state,
+                                 "wall_seconds": wall + time.time() - started})
+
+    bar = report.Progress(budget, strategy, enabled=progress)
+    try:
+        while True:
+            requests = strategy.ask()
+            if not requests:
+                break
+            results = evaluator.evaluate(requests, strategy.generation)
+            strategy.tell(requests, results)
+            bar.update(strategy)
+            if strategy.at_boundary:
+                checkpoint()
+                if stop_after_generation is not None and strategy.generation > stop_after_generation:
+                    return {"interrupted": True, "generation": strategy.generation}
+    finally:
+        bar.close()
+    best = strategy.best()
+    if best is None:
+        raise UserError("every evaluation failed; see the errors in history.jsonl")
+    return report.finish(spec, out, strategy, space, evaluator, executor, transcript,
+                         wall_seconds=wall + time.time() - started)

@@ -1,0 +1,188 @@
+"""The PruneJob spec: read a YAML file, check it against the CRD's own schema, apply the
+schema's defaults, then check the rules a schema cannot say.
+
+`crds/prunejob.yaml` is the single source of truth; nothing here repeats its fields or
+defaults. Every problem is reported, one line each, naming the field path.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+API_VERSION = "selfpruner.io/v1alpha1"
+KIND = "PruneJob"
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecErrors(UserError):
+    """Several problems, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def crd_path() -> Path:
+    """The CRD file: next to the package in a checkout, or installed as package data."""
+    here = Path(__file__).resolve()
+    for root in (here.parents[2], here.parents[1]):
+        candidate = root / "crds" / "prunejob.yaml"
+        if candidate.is_file():
+            return candidate
+    return Path(str(resources.files("selfpruner") / "crds" / "prunejob.yaml"))
+
+
+@lru_cache(maxsize=1)
+def crd() -> dict:
+    return yaml.safe_load(crd_path().read_text())
+
+
+def schema() -> dict:
+    """The openAPIV3Schema of the served version."""
+    version = next(v for v in crd()["spec"]["versions"] if v.get("storage"))
+    return version["schema"]["openAPIV3Schema"]
+
+
+class Section(dict):
+    """A spec section with attribute access in snake_case: `spec.fitness.screen_tokens`."""
+
+    def __getattr__(self, name: str):
+        camel = re.sub(r"_([a-z])", lambda m: m.group(1).upper(), name)
+        try:
+            value = self[camel]
+        except KeyError:
+            raise AttributeError(name) from None
+        return Section(value) if isinstance(value, dict) else value
+
+
+def _strict(node: dict) -> dict:
+    """Kubernetes rejects unknown fields (strict field validation); so do we."""
+    node = dict(node)
+    if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+        node["properties"] = {k: _strict(v) for k, v in node["properties"].items()}
+        node.setdefault("additionalProperties", False)
+    if node.get("type") == "array" and isinstance(node.get("items"), dict):
+        node["items"] = _strict(node["items"])
+    return node
+
+
+def _apply_defaults(node: dict, value):
+    """Fill in defaults the way the API server does: for absent fields with a default,
+    recursing into objects (a defaulted `{}` gets its own fields' defaults too)."""
+    if not isinstance(value, dict) or node.get("type") != "object":
+        return value
+    for key, sub in node.get("properties", {}).items():
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            value[key] = _apply_defaults(sub, value[key])
+    return value
+
+
+def _path(error) -> str:
+    parts = []
+    for p in error.absolute_path:
+        parts.append(f"[{p}]" if isinstance(p, int) else p)
+    text = ".".join(str(p) for p in parts).replace(".[", "[")
+    return text or "(document)"
+
+
+def _schema_problems(doc: dict) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft4Validator(_strict(schema()))
+    problems = []
+    for error in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+        if error.validator == "additionalProperties":
+            extra = re.findall(r"'([^']+)'", error.message.split("(")[-1])
+            for name in extra or ["?"]:
+                problems.append(f"{_path(error)}.{name}: unknown field".lstrip("."))
+        elif error.validator == "required":
+            missing = re.findall(r"'([^']+)'", error.message)[:1]
+            problems.append(f"{_path(error)}.{missing[0] if missing else '?'}: required field is missing".lstrip("."))
+        else:
+            problems.append(f"{_path(error)}: {error.message}")
+    return problems
+
+
+def _rule_problems(doc: dict) -> list[str]:
+    """What the schema cannot say."""
+    problems = []
+    name = doc.get("metadata", {}).get("name")
+    if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 63:
+        problems.append("metadata.name: required; lower-case letters, digits and '-', at most 63 characters")
+    spec = doc["spec"]
+    t = spec["target"]
+    if not t["minRate"] <= t["ratio"] <= t["maxRate"]:
+        problems.append(f"spec.target.ratio: {t['ratio']} must lie between minRate {t['minRate']} and maxRate {t['maxRate']}")
+    for key in ("minRate", "maxRate"):
+        units = t[key] / t["grid"]
+        if abs(units - round(units)) > 1e-6:
+            problems.append(f"spec.target.{key}: {t[key]} is not a multiple of grid {t['grid']}")
+    f = spec["fitness"]
+    if f["screenTokens"] and f["screenTokens"] >= f["tokens"]:
+        problems.append(f"spec.fitness.screenTokens: {f['screenTokens']} must be below tokens ({f['tokens']}), or 0 to turn screening off")
+    texts = {"spec.calibration.text": spec["calibration"]["text"], "spec.fitness.text": f["text"]}
+    for field, text in texts.items():
+        if text == f["heldOutText"]:
+            problems.append(f"spec.fitness.heldOutText: must differ from {field} ({text}): held-out text is text the search never sees")
+    s = spec["search"]
+    if s["strategy"] in ("llm-evolution", "genetic") and s["generations"] and not (s["crossovers"] + s["mutations"]):
+        problems.append("spec.search: crossovers + mutations must be at least 1 when generations > 0")
+    llm = spec["llm"]
+    if s["strategy"] == "llm-evolution" and llm["provider"] == "openai" and llm["model"] == "demo":
+        problems.append("spec.llm.model: name the model the OpenAI-compatible endpoint serves")
+    return problems
+
+
+def parse(doc) -> Section:
+    """Validate a PruneJob document (already parsed YAML); returns it with defaults applied."""
+    if not isinstance(doc, dict):
+        raise SpecErrors(["(document): a PruneJob must be a YAML mapping"])
+    problems = []
+    if doc.get("apiVersion") != API_VERSION:
+        problems.append(f"apiVersion: must be {API_VERSION}, got {doc.get('apiVersion')!r}")
+    if doc.get("kind") != KIND:
+        problems.append(f"kind: must be {KIND}, got {doc.get('kind')!r}")
+    doc = _apply_defaults(schema(), copy.deepcopy(doc))
+    problems += _schema_problems(doc)
+    try:
+        problems += _rule_problems(doc)
+    except (KeyError, TypeError, ZeroDivisionError):
+        pass  # a field the rules need is itself invalid; the schema's lines say which
+    if problems:
+        raise SpecErrors(problems)
+    return Section(doc)
+
+
+def load(path: str | Path) -> Section:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not readable: {e}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if len(docs) != 1:
+        raise UserError(f"{path}: expected one PruneJob document, found {len(docs)}")
+    try:
+        return parse(docs[0])
+    except SpecErrors as e:
+        raise SpecErrors([f"{path}: {p}" for p in e.problems]) from None
+
+
+def budget(spec: Section) -> int:
+    """Full-fidelity evaluations the search may spend: κ + generations × (crossovers + mutations)."""
+    s = spec.spec.search
+    return s.population + s.generations * (s.crossovers + s.mutations)
