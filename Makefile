@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make demo` (set up, prune the demo model) and `make test`.
+# Two commands for a newcomer: `make demo` (set up, search and prune the demo model) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/selfpruner prune --model demo --ratio 0.3 --metric flap --output runs/demo-uniform-0.3 --force \
-		--eval --eval-tokens 8192
+	$(BIN)/selfpruner run examples/demo.yaml
 
 test: setup
 	$(BIN)/python -m pytest

@@ -80,3 +80,38 @@ def _isolated_cache(request, tmp_path, monkeypatch):
     share the user's cache, so the GGUF is converted and the corpus fetched only once."""
     if request.node.get_closest_marker("slow") is None:
         monkeypatch.setenv("SELFPRUNER_CACHE", str(tmp_path / "cache"))
+
+
+def _random_text(seed: int, n: int) -> str:
+    g = torch.Generator().manual_seed(seed)
+    return "".join(ALPHABET[i] for i in torch.randint(0, len(ALPHABET), (n,), generator=g).tolist())
+
+
+@pytest.fixture
+def tiny_job(tmp_path):
+    """A function returning a PruneJob document for a tiny Llama with its own texts;
+    keyword arguments override spec sections (merged one level deep)."""
+    model = tiny_model("llama-gqa", num_hidden_layers=6)
+    folder = tmp_path / "tiny-llama"
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    texts = {}
+    for i, name in enumerate(("calibration", "fitness", "heldout")):
+        texts[name] = tmp_path / f"{name}.txt"
+        texts[name].write_text(_random_text(10 + i, 5000))
+
+    def make(name="tiny", **sections):
+        spec = {
+            "model": {"source": str(folder)},
+            "target": {"ratio": 0.3, "minRate": 0.0, "maxRate": 0.6},
+            "calibration": {"text": str(texts["calibration"]), "windows": 4, "seqLen": 128},
+            "fitness": {"text": str(texts["fitness"]), "seqLen": 128, "tokens": 512,
+                        "heldOutText": str(texts["heldout"]), "heldOutTokens": 1024},
+            "search": {"strategy": "genetic", "population": 4, "generations": 2, "crossovers": 2, "mutations": 2},
+            "output": {"path": str(tmp_path / "runs" / name)},
+        }
+        for key, value in sections.items():
+            spec[key] = {**spec.get(key, {}), **value}
+        return {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob", "metadata": {"name": name}, "spec": spec}
+
+    return make

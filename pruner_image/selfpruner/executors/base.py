@@ -26,6 +26,9 @@ class Executor(Protocol):
     geometry: object  # architecture.Geometry of the model being pruned
     prior: dict  # prior.block_statistics
 
-    def evaluate(self, tasks: list[EvalTask]) -> list[EvalOutcome]: ...
+    def evaluate(self, tasks: list[EvalTask], on_result=None) -> list[EvalOutcome]:
+        """Outcomes in task order; `on_result(i, outcome)` is called as each one finishes,
+        so the caller can record it before the next (nothing is lost to a crash)."""
+        ...
 
     def export(self, rates: dict | list, out_dir: str, info: dict) -> str: ...

@@ -70,10 +70,23 @@ class LocalExecutor:
         self.settings = settings
         self._pool = ThreadPoolExecutor(max_workers=len(self.workers)) if len(self.workers) > 1 else None
 
-    def evaluate(self, tasks: list[EvalTask]) -> list[EvalOutcome]:
+    def evaluate(self, tasks: list[EvalTask], on_result=None) -> list[EvalOutcome]:
+        done = on_result or (lambda i, outcome: None)
         if self._pool is None:
-            return [self.workers[0].run(t) for t in tasks]
-        futures = [self._pool.submit(self.workers[i % len(self.workers)].run, t) for i, t in enumerate(tasks)]
+            outcomes = []
+            for i, t in enumerate(tasks):
+                outcomes.append(self.workers[0].run(t))
+                done(i, outcomes[-1])
+            return outcomes
+        lock = threading.Lock()
+
+        def job(i, t):
+            outcome = self.workers[i % len(self.workers)].run(t)
+            with lock:
+                done(i, outcome)
+            return outcome
+
+        futures = [self._pool.submit(job, i, t) for i, t in enumerate(tasks)]
         return [f.result() for f in futures]
 
     def export(self, rates, out_dir: str, info: dict) -> str:

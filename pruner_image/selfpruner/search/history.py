@@ -78,9 +78,9 @@ class Evaluator:
             rates, tokens, text, _ = items[i]
             unique.setdefault(History.key(rates, tokens, text), []).append(i)
         firsts = [idx[0] for idx in unique.values()]
-        outcomes: list[EvalOutcome] = self.executor.evaluate(
-            [EvalTask(rates=items[i][0], tokens=items[i][1], text=items[i][2]) for i in firsts])
-        for i, outcome in zip(firsts, outcomes):
+
+        def record(k: int, outcome: EvalOutcome) -> None:
+            i = firsts[k]
             rates, tokens, text, origin = items[i]
             entry = {"n": len(self.history.entries), "generation": generation, "origin": origin, "text": text,
                      "rates": rates, "tokens_budget": tokens, "tokens": outcome.tokens, "fitness": outcome.fitness,
@@ -89,6 +89,10 @@ class Evaluator:
             self.history.append(entry)
             for j in unique[History.key(rates, tokens, text)]:
                 out[j] = (entry, j != i)
+
+        if firsts:
+            self.executor.evaluate([EvalTask(rates=items[i][0], tokens=items[i][1], text=items[i][2]) for i in firsts],
+                                   on_result=record)
         return out
 
     def evaluate(self, requests: list[Request], generation: int) -> list[Result]:

@@ -50,7 +50,7 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     items += [(r, f.tokens, "fitness", name) for name, r in candidates.items()]
     items += [(dense, f.held_out_tokens, "heldout", "dense")]
     items += [(r, f.held_out_tokens, "heldout", name) for name, r in candidates.items()]
-    entries = evaluator.run(items, generation=strategy.generation)
+    entries = evaluator.run([(r, t, x, f"report:{n}") for r, t, x, n in items], generation=strategy.generation)
     numbers: dict[str, dict] = {}
     for (rates, tokens, text, name), (entry, _) in zip(items, entries):
         numbers.setdefault(name, {"rates": rates})[text] = entry["fitness"]
@@ -109,6 +109,7 @@ def plot(result: dict, out: Path, num_blocks: int, separate: bool) -> None:
     for name, colour in (("uniform", "tab:red"), ("owl", "tab:green")):
         if name in result["baselines"] and result["baselines"][name]["fitness"] is not None:
             ax.axhline(result["baselines"][name]["fitness"], color=colour, linestyle="--", label=name)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("generation")
     ax.set_ylabel("fitness (perplexity, lower is better)")
     ax.set_title(f"{result['prunejob']}: best fitness per generation (ratio {result['target_ratio']})")

@@ -1,0 +1,115 @@
+"""A real HTTP server speaking the chat-completions protocol, with scripted replies.
+
+Run in-process (a thread) by tests, or as its own process (`python chat_server.py PORT
+MODE`) for tests that kill the search. Scripted responses are consumed one HTTP request
+at a time (retries included); when the script is empty a default reply is generated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def completion(text: str, model: str = "scripted") -> dict:
+    return {"id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
+
+
+def good_candidates(prompt: str, count: int, dim: int, ratio: float = 0.3) -> str:
+    """Feasible candidates (mean exactly `ratio`, in [0, 0.6], on the 0.01 grid), deterministic
+    in the prompt: pairs of blocks trade pruning from the uniform allocation."""
+    rng = random.Random(hashlib.sha256(prompt.encode()).hexdigest())
+    cands = []
+    for _ in range(count):
+        units = [round(ratio * 100)] * dim
+        for _ in range(4):
+            i, j = rng.sample(range(dim), 2)
+            step = min(rng.randint(1, 10), 60 - units[i], units[j])
+            units[i] += step
+            units[j] -= step
+        cands.append([u / 100 for u in units])
+    return json.dumps({"candidates": cands})
+
+
+class ScriptedChat:
+    def __init__(self, script=None, dim: int = 6, delay: float = 0.0):
+        self.script = list(script or [])
+        self.dim, self.delay = dim, delay
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        handler = self._handler()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def _next(self, body: dict):
+        with self.lock:
+            self.requests.append(body)
+            if self.script:
+                return self.script.pop(0)
+        prompt = body["messages"][-1]["content"]
+        wanted = re.search(r"Write (\d+) ", prompt)
+        count = int(wanted.group(1)) if wanted else len(re.findall(r"^\d+\. ", prompt, flags=re.MULTILINE))
+        return ("reply", good_candidates(prompt, max(count, 1), self.dim))
+
+    def _handler(self):
+        chat = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                action = chat._next(body)
+                if chat.delay:
+                    time.sleep(chat.delay)
+                kind = action[0]
+                if kind == "sleep":
+                    time.sleep(action[1])
+                    action = ("reply", action[2])
+                    kind = "reply"
+                if kind == "status":
+                    payload = json.dumps({"error": {"message": f"scripted {action[1]}", "type": "test"}}).encode()
+                    self.send_response(action[1])
+                    self.send_header("retry-after-ms", "10")
+                else:
+                    payload = json.dumps(completion(action[1])).encode()
+                    self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                try:
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+
+        return Handler
+
+
+if __name__ == "__main__":
+    port, dim = int(sys.argv[1]), int(sys.argv[2])
+    chat = ScriptedChat(dim=dim, delay=float(sys.argv[3]) if len(sys.argv) > 3 else 0.0)
+    chat.server.server_close()
+    chat.server = ThreadingHTTPServer(("127.0.0.1", port), chat._handler())
+    print("ready", flush=True)
+    chat.server.serve_forever()

@@ -1,0 +1,76 @@
+"""A search killed with SIGKILL mid-generation and run again gives the same result as an
+uninterrupted run, and no evaluation is repeated. Real processes, real HTTP LLM server."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from chat_server import ScriptedChat
+
+
+def start(spec_path: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "selfpruner.cli", "run", str(spec_path), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
+
+def keys(entries):
+    return [(json.dumps(e["rates"]), e["tokens_budget"], e["text"]) for e in entries]
+
+
+def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
+    with ScriptedChat(dim=6, delay=0.05) as server:
+        def spec_file(name):
+            doc = tiny_job(name, search={"strategy": "llm-evolution", "generations": 4},
+                           fitness={"screenTokens": 128},
+                           llm={"provider": "openai", "model": "scripted", "baseURL": server.url,
+                                "offspringPerCall": 2})
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(doc))
+            return path, Path(doc["spec"]["output"]["path"])
+
+        ref_spec, ref_out = spec_file("reference")
+        done = start(ref_spec)
+        assert done.wait(timeout=300) == 0, done.stderr.read()
+
+        spec, out = spec_file("killed")
+        proc = start(spec)
+        deadline = time.time() + 300
+        while len(lines(out / "history.jsonl")) < 7 and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not (out / "result.json").exists(), "the run finished before it could be killed"
+        killed_at = len(lines(out / "history.jsonl"))
+        state = json.loads((out / "state.json").read_text())
+        assert state["strategy"]["generation"] >= 1  # killed after the first checkpoint, mid-search
+
+        again = start(spec)
+        assert again.wait(timeout=300) == 0, again.stderr.read()
+
+    ref = json.loads((ref_out / "result.json").read_text())
+    res = json.loads((out / "result.json").read_text())
+    assert res["best"] == ref["best"]
+    assert res["best_per_generation"] == ref["best_per_generation"]
+    history, ref_history = lines(out / "history.jsonl"), lines(ref_out / "history.jsonl")
+    assert len(keys(history)) == len(set(keys(history))), "an evaluation was repeated"
+    assert sorted(keys(history)) == sorted(keys(ref_history)), "an evaluation was lost or added"
+    assert killed_at < len(history)
+    assert res["cost"]["llm"]["calls"] == ref["cost"]["llm"]["calls"]

@@ -1,0 +1,87 @@
+"""Every strategy, end to end on a tiny real model: budget, constraint, results, resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from selfpruner import spec as spec_mod
+from selfpruner.errors import UserError
+from selfpruner.search import runner
+from selfpruner.search.factory import STRATEGIES
+
+
+def run(doc, **kw):
+    return runner.run(spec_mod.parse(doc), progress=False, **kw)
+
+
+def history(doc):
+    path = doc["spec"]["output"]["path"] + "/history.jsonl"
+    return [json.loads(line) for line in open(path)]
+
+
+def assert_on_constraint(rates, ratio=0.3, lo=0.0, hi=0.6, grid=0.01):
+    r = np.asarray(rates)
+    assert r.min() >= lo - 1e-9 and r.max() <= hi + 1e-9
+    assert np.allclose(r / grid, np.round(r / grid))
+    assert abs(r.mean() - ratio) <= grid / len(r) + 1e-9
+
+
+@pytest.mark.parametrize("strategy", [s for s in STRATEGIES if s != "llm-evolution"])
+def test_strategy_respects_budget_and_constraint(tiny_job, strategy):
+    doc = tiny_job(strategy, search={"strategy": strategy})
+    result = run(doc)
+    budget = 4 + 2 * (2 + 2)
+    entries = [e for e in history(doc) if e["text"] == "fitness"]
+    search = [e for e in entries if not e["origin"].startswith("report:")]
+    full = sum(e["tokens_budget"] for e in search if e["tokens_budget"] == 512) / 512
+    assert result["cost"]["budget_spent"] <= budget + 1e-9
+    assert full <= budget
+    for e in search:
+        assert_on_constraint(e["rates"])
+    keys = [(json.dumps(e["rates"]), e["tokens_budget"], e["text"]) for e in history(doc)]
+    assert len(keys) == len(set(keys)), "an evaluation was repeated"
+    best = result["best"]
+    assert_on_constraint(best["rates"])
+    assert best["fitness"] == min(e["fitness"] for e in search if e["tokens_budget"] == 512)
+    assert result["dense"]["held_out_perplexity"] > 0
+    out = doc["spec"]["output"]["path"]
+    for name in ("result.json", "history.jsonl", "state.json", "fitness.png", "rates.png", "checkpoint/pruning.json"):
+        assert (runner.Path(out) / name).is_file(), name
+
+
+def test_multi_fidelity_screens_offspring(tiny_job):
+    doc = tiny_job("screen", fitness={"screenTokens": 128, "screenKeep": 0.5})
+    result = run(doc)
+    entries = history(doc)
+    screened = [e for e in entries if e["tokens_budget"] == 128]
+    assert len(screened) == 2 * 4  # every offspring of both generations
+    full_offspring = [e for e in entries if e["tokens_budget"] == 512 and e["generation"] >= 1 and e["origin"] in
+                      ("crossover", "mutation")]
+    assert len(full_offspring) == 2 * 2  # only the better half is evaluated fully
+    assert result["cost"]["budget_spent"] == pytest.approx(4 + 2 * (4 * 128 / 512 + 2))
+
+
+def test_separate_attention_and_mlp_rates(tiny_job):
+    doc = tiny_job("separate", target={"separateRates": True}, search={"strategy": "random"})
+    result = run(doc)
+    rates = result["best"]["rates"]
+    assert set(rates) == {"attention", "mlp"} and len(rates["attention"]) == 6
+    assert abs(result["best"]["achieved_ratio"] - 0.3) <= 0.01
+
+
+def test_resume_after_a_finished_run_evaluates_nothing_new(tiny_job):
+    doc = tiny_job("again")
+    first = run(doc)
+    n = len(history(doc))
+    second = run(doc)
+    assert len(history(doc)) == n
+    assert second["best"] == first["best"]
+
+
+def test_a_different_spec_in_the_same_folder_is_refused(tiny_job):
+    doc = tiny_job("clash")
+    run(doc)
+    doc["spec"]["target"]["ratio"] = 0.4
+    with pytest.raises(UserError, match="different PruneJob spec"):
+        run(doc)
