@@ -66,6 +66,8 @@ def test_json_mode_is_dropped_when_the_server_refuses_it(tiny_job):
         ("[0.5, 0.1]", [[0.5, 0.1]]),
         ('{"children": [[1, 2]]}', [[1, 2]]),
         ('{"candidates": [[0.1, 0.2', None),
+        ('{"candidates": [[0.1, 0.2], [0.3, 0.4], [0.5', [[0.1, 0.2], [0.3, 0.4]]),  # salvaged
+        ('{"candidates": [[0.1, 0.2]], "perplexity": {"x": [2', [[0.1, 0.2]]),
         ("no json here", None),
         ('{"candidates": "0.3"}', None),
     ],

@@ -136,7 +136,7 @@ def test_bias_compensation_is_exact_for_a_constant_channel(text_ids, batch):
     rates = structure.Rates(attention=(0.0, 0.0), mlp=(1 / g.intermediate_size,) * 2)
     for compensate, should_match in ((True, True), (False, False)):
         pm = PrunableModel(model, scores, stats, bias_compensation=compensate)
-        plan = structure.plan_from_rates(g, rates)
+        plan = structure.plan_from_rates(g, rates, mlp_multiple=1)
         assert [s.channels for s in plan.layers] == [g.intermediate_size - 1] * 2
         pm.apply(plan)
         diff = (logits(model, batch) - dense).abs().max().item()

@@ -92,3 +92,11 @@ def test_mlp_multiple_rounds_kept_channels():
 def test_bad_rates_are_refused_with_a_clear_message(data, message):
     with pytest.raises(UserError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         Rates.parse(data, 4)
+
+
+def test_per_group_on_mha_removes_single_heads():
+    """With one query head per KV head, per-group cannot mean 'the same heads from every
+    group' (that is all of them); it removes whole heads like kv-group."""
+    g = GEOMETRIES["llama2-7b"]
+    plan = plan_from_rates(g, Rates(attention=(0.25,) * 32, mlp=(0.0,) * 32), head_mode="per-group")
+    assert {(s.heads_per_group, s.kv_groups) for s in plan.layers} == {(1, 24)}

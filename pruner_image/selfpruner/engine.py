@@ -17,7 +17,7 @@ class PruneSettings:
     metric: str = "wanda-sp"
     bias_compensation: bool | None = None  # None: on for flap, off otherwise (as the papers do)
     head_mode: str = "per-group"
-    mlp_multiple: int = 1
+    mlp_multiple: int = 8  # unaligned GEMM widths make pruned models slower than dense on GPUs
     calibration_text: str = "demo:calibration"
     calibration_windows: int = 32
     calibration_seq_len: int = 512

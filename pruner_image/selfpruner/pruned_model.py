@@ -23,7 +23,7 @@ from .architecture import geometry_of
 from .calibration import CalibrationStats
 from .hf_code.modeling_selfpruner import EmptyAttention
 from .importance import LayerScores
-from .structure import PrunePlan
+from .structure import PrunePlan, effective_head_mode
 
 MODES = ("slice", "mask")
 
@@ -68,7 +68,7 @@ class PrunableModel:
             raise ValueError("bias compensation needs calibration statistics (the channel means)")
         self.model = model
         self.geometry = geometry_of(model.config)
-        self.head_mode = head_mode
+        self.head_mode = effective_head_mode(self.geometry, head_mode)
         self.bias_compensation = bias_compensation
         self.layers = model.get_decoder().layers
         self._attn_means: list[torch.Tensor | None] = []
@@ -103,8 +103,9 @@ class PrunableModel:
         _permute_rows(mlp.gate_proj, channel_order)
         _permute_rows(mlp.up_proj, channel_order)
         _permute_cols(mlp.down_proj, channel_order)
-        self._attn_means.append(stats.attention[i].mean[q_index] if stats else None)
-        self._mlp_means.append(stats.mlp[i].mean[channel_order] if stats else None)
+        dev, dtype = attn.o_proj.weight.device, attn.o_proj.weight.dtype
+        self._attn_means.append(stats.attention[i].mean[q_index].to(dev, dtype) if stats else None)
+        self._mlp_means.append(stats.mlp[i].mean[channel_order].to(dev, dtype) if stats else None)
         self._dense.append(_DenseBlock(attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                        attn.num_key_value_groups, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
@@ -118,17 +119,21 @@ class PrunableModel:
             return (groups + torch.arange(heads_per_group * hd)[None, :]).reshape(-1)
         return torch.arange(kv_groups * G * hd)
 
-    def _compensation(self, weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor) -> torch.Tensor | None:
-        """W[:, pruned] @ mean[pruned]: what the pruned channels added on average."""
+    def _compensation(self, weight: torch.Tensor, mean: torch.Tensor, kept: torch.Tensor | int) -> torch.Tensor | None:
+        """W[:, pruned] @ mean[pruned]: what the pruned channels added on average.
+        `kept` is a prefix length (a view, no copy) or an index of kept columns."""
         if not self.bias_compensation:
             return None
+        if isinstance(kept, int):
+            if kept >= weight.shape[1]:
+                return None
+            return torch.mv(weight[:, kept:], mean[kept:])
         removed = torch.ones(weight.shape[1], dtype=torch.bool)
         removed[kept] = False
         if not removed.any():
             return None
-        idx = removed.nonzero().squeeze(1)
-        w = weight[:, idx.to(weight.device)].double()
-        return (w @ mean[idx].to(w.device)).to(weight.dtype)
+        idx = removed.nonzero().squeeze(1).to(weight.device)
+        return torch.mv(weight[:, idx], mean[idx])
 
     @staticmethod
     def _with_bias(base: torch.Tensor | None, extra: torch.Tensor | None) -> torch.Tensor | None:
@@ -148,8 +153,10 @@ class PrunableModel:
             d = self._dense[i]
             kept_q = self._kept_q_channels(shape.heads_per_group, shape.kv_groups)
             kept_c = torch.arange(shape.channels)
-            o_comp = self._compensation(d.o.weight, self._attn_means[i], kept_q)
-            down_comp = self._compensation(d.down.weight, self._mlp_means[i], kept_c)
+            # a prefix of whole groups (kv-group mode) or of channels: compensation over a view
+            prefix_q = kept_q.numel() if self.head_mode == "kv-group" else kept_q
+            o_comp = self._compensation(d.o.weight, self._attn_means[i], prefix_q)
+            down_comp = self._compensation(d.down.weight, self._mlp_means[i], shape.channels)
             if mode == "mask":
                 self._mask(d.o, kept_q, o_comp)
                 self._mask(d.down, kept_c, down_comp)

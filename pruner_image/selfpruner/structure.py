@@ -144,6 +144,13 @@ def _check_list(values, num_layers: int, source: str) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
+def effective_head_mode(g: Geometry, head_mode: str) -> str:
+    """With one query head per KV head (MHA) a "group" is a single head: removing the same
+    number of heads from every group would remove all of them, so per-group means
+    removing whole heads, as kv-group does."""
+    return "kv-group" if g.group_size == 1 else head_mode
+
+
 def _attention_units(g: Geometry, head_mode: str) -> int:
     return g.group_size if head_mode == "per-group" else g.num_kv_heads
 
@@ -181,12 +188,13 @@ def _uniform(rates: Rates) -> bool:
 
 
 def plan_from_rates(
-    g: Geometry, rates: Rates, *, head_mode: str = "per-group", mlp_multiple: int = 1
+    g: Geometry, rates: Rates, *, head_mode: str = "per-group", mlp_multiple: int = 8
 ) -> PrunePlan:
     if head_mode not in HEAD_MODES:
         raise UserError(f"head mode {head_mode!r} is unknown; use one of {', '.join(HEAD_MODES)}")
     if mlp_multiple < 1:
         raise UserError(f"mlp multiple must be >= 1, got {mlp_multiple}")
+    head_mode = effective_head_mode(g, head_mode)
     if len(rates) != g.num_layers:
         raise UserError(f"{len(rates)} rates given but the model has {g.num_layers} blocks")
     layers: list[LayerShape] = []

@@ -91,6 +91,7 @@ class LocalChat:
                 ids, max_new_tokens=self.max_tokens, do_sample=sample,
                 temperature=self.temperature if sample else None, top_p=0.95 if sample else None,
                 pad_token_id=self.tokenizer.eos_token_id,
+                stop_strings=["]]"], tokenizer=self.tokenizer,  # the candidate list is closed: done
             )
         new = out[0, ids.shape[1]:]
         text = self.prefill + self.tokenizer.decode(new, skip_special_tokens=True)

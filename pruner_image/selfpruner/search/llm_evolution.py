@@ -26,8 +26,23 @@ def template(name: str) -> Template:
     return Template((PROMPTS / f"{name}.txt").read_text())
 
 
+NUMBER_LIST = re.compile(r"\[\s*-?\d+(?:\.\d*)?(?:\s*,\s*-?\d+(?:\.\d*)?)*\s*\]")
+
+
 def parse_candidates(text: str) -> list | None:
-    """The list of candidates in a reply, or None if there is no usable JSON."""
+    """The list of candidates in a reply, or None if there is nothing usable.
+
+    Proper JSON first; failing that, every complete list of numbers in the text is
+    salvaged (small models often write good candidates and then ramble, or run out of
+    tokens mid-list)."""
+    found = _parse_json(text)
+    if found is not None:
+        return found
+    salvaged = [json.loads(m) for m in NUMBER_LIST.findall(text)]
+    return salvaged or None
+
+
+def _parse_json(text: str) -> list | None:
     text = text.strip()
     text = re.sub(r"^```(?:json)?|```$", "", text, flags=re.MULTILINE).strip()
     for opener, closer in (("{", "}"), ("[", "]")):
@@ -58,7 +73,8 @@ class LLMProposer(ClassicalProposer):
         space = strategy.ctx.space
         values = dict(self.description)
         values.update(dim=space.dim, ratio=space.ratio, min_rate=space.lo * space.grid,
-                      max_rate=space.hi * space.grid, grid=space.grid, **extra)
+                      max_rate=space.hi * space.grid, grid=space.grid,
+                      uniform_example=self._fmt(space, space.uniform()), **extra)
         system = (PROMPTS / "system.txt").read_text().strip()
         return [{"role": "system", "content": system},
                 {"role": "user", "content": template(name).substitute(values).strip()}]
@@ -67,7 +83,7 @@ class LLMProposer(ClassicalProposer):
     def _fmt(space, units) -> str:
         return "[" + ", ".join(f"{r:.2f}" for r in space.rates(units)) + "]"
 
-    def _population_text(self, strategy: Evolution, top: int = 10) -> str:
+    def _population_text(self, strategy: Evolution, top: int = 5) -> str:
         space = strategy.ctx.space
         return "\n".join(f"{m.fitness:.3f}: {self._fmt(space, m.units)}" for m in strategy.population[:top])
 
