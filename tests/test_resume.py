@@ -74,3 +74,24 @@ def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
     assert sorted(keys(history)) == sorted(keys(ref_history)), "an evaluation was lost or added"
     assert killed_at < len(history)
     assert res["cost"]["llm"]["calls"] == ref["cost"]["llm"]["calls"]
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
+    doc = tiny_job("interrupted", search={"generations": 30})
+    spec = tmp_path / "interrupted.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    out = Path(doc["spec"]["output"]["path"])
+    proc = start(spec)
+    deadline = time.time() + 300
+    while not (out / "state.json").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read()
+    assert "interrupted" in err and "Traceback" not in err and "run the same command again" in err
+    assert not (out / "result.json").exists()
+    again = start(spec)
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    history = lines(out / "history.jsonl")
+    assert len(keys(history)) == len(set(keys(history)))
+    assert json.loads((out / "result.json").read_text())["best"]["fitness"] > 0

@@ -85,3 +85,21 @@ def test_a_different_spec_in_the_same_folder_is_refused(tiny_job):
     doc["spec"]["target"]["ratio"] = 0.4
     with pytest.raises(UserError, match="different PruneJob spec"):
         run(doc)
+
+
+def test_two_local_workers_give_the_same_result(tiny_job, monkeypatch):
+    """One worker per device: two CPU workers stand in for two GPUs (the same code path,
+    threads and all); results must not depend on how tasks were spread."""
+    one = run(tiny_job("one-worker"))
+    monkeypatch.setenv("SELFPRUNER_DEVICES", "cpu,cpu")
+    two = run(tiny_job("two-workers"))
+    assert two["best"] == one["best"]
+    assert two["best_per_generation"] == one["best_per_generation"]
+
+
+def test_zero_shot_tasks_are_skipped_with_a_reason_when_unreachable(tiny_job):
+    """lm-eval and its datasets cannot be reached here: the run still completes and says why."""
+    doc = tiny_job("zero-shot", search={"strategy": "uniform", "zeroShotTasks": ["hellaswag"]})
+    result = run(doc)
+    assert "skipped" in result["zero_shot"] and "lm-eval" in result["zero_shot"]["skipped"]
+    assert result["best"]["fitness"] > 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import re
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import yaml
@@ -31,13 +30,9 @@ class SpecErrors(UserError):
 
 
 def crd_path() -> Path:
-    """The CRD file: next to the package in a checkout, or installed as package data."""
-    here = Path(__file__).resolve()
-    for root in (here.parents[2], here.parents[1]):
-        candidate = root / "crds" / "prunejob.yaml"
-        if candidate.is_file():
-            return candidate
-    return Path(str(resources.files("selfpruner") / "crds" / "prunejob.yaml"))
+    """The CRD shipped inside the package: a link to `crds/prunejob.yaml` in a checkout,
+    a copy of it in an installed wheel."""
+    return Path(__file__).parent / "crds" / "prunejob.yaml"
 
 
 @lru_cache(maxsize=1)

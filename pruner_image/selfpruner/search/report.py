@@ -61,6 +61,14 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
                 "metric": spec.spec.pruning.metric, "fitness": numbers["best"]["fitness"],
                 "held_out_perplexity": numbers["best"]["heldout"], "prunejob": spec.metadata.get("name")}
         checkpoint = executor.export(candidates["best"], str(out / "checkpoint"), info)
+    zero_shot = {}
+    if spec.spec.search.zero_shot_tasks:
+        from . import zero_shot as zs
+
+        if checkpoint is None:
+            zero_shot = {"skipped": "spec.output.export is false: there is no checkpoint to evaluate"}
+        else:
+            zero_shot = zs.run(checkpoint, spec.spec.search.zero_shot_tasks, dtype=spec.spec.model.dtype)
     counters = strategy.counters
     asked = counters.get("llm_offspring_asked", 0)
     llm = totals(transcript) if transcript else None
@@ -89,6 +97,7 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
                  "llm": llm},
         "counters": counters,
         "checkpoint": checkpoint,
+        "zero_shot": zero_shot,
     }
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
