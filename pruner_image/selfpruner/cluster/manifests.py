@@ -1,0 +1,169 @@
+"""The controller Job, the per-generation evaluation Job (Indexed) and the finalize Job.
+
+Every pod runs as a non-root user with a read-only root filesystem, no privilege
+escalation, all capabilities dropped and the RuntimeDefault seccomp profile (Pod
+Security "restricted"); writable paths are volumes. The PruneJob reaches the controller
+as JSON in an environment variable, never spliced into a shell line.
+"""
+
+from __future__ import annotations
+
+import json
+
+API_VERSION = "selfpruner.io/v1alpha1"
+EXIT_UNEVALUABLE = 42  # a worker's exit code for "this shard's candidates cannot be evaluated"
+RUN_AS_USER = 10001
+KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+PRUNEJOB_LABEL = "selfpruner.io/prunejob"
+
+
+def owner_reference(pj: dict) -> dict:
+    meta = pj["metadata"]
+    return {"apiVersion": API_VERSION, "kind": "PruneJob", "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def labels(pj: dict, component: str, **extra: str) -> dict:
+    out = {"app.kubernetes.io/name": "selfpruner", "app.kubernetes.io/component": component,
+           "app.kubernetes.io/managed-by": "selfpruner-operator", PRUNEJOB_LABEL: pj["metadata"]["name"]}
+    out.update(extra)
+    return out
+
+
+def pod_security() -> dict:
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS_USER, "runAsGroup": RUN_AS_USER, "fsGroup": RUN_AS_USER,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def container_security() -> dict:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _storage_env(pj: dict) -> tuple[list, list]:
+    storage = pj["spec"].get("storage") or {}
+    env = [{"name": "SELFPRUNER_STORE", "value": storage.get("uri", "")}]
+    if storage.get("endpointURL"):
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage["endpointURL"]})
+    if storage.get("region"):
+        env.append({"name": "AWS_DEFAULT_REGION", "value": storage["region"]})
+    env_from = []
+    if storage.get("credentialsSecret"):
+        env_from.append({"secretRef": {"name": storage["credentialsSecret"]["name"]}})
+    return env, env_from
+
+
+def _common_env(pj: dict) -> list:
+    meta = pj["metadata"]
+    return [{"name": "SELFPRUNER_PRUNEJOB_NAME", "value": meta["name"]},
+            {"name": "SELFPRUNER_PRUNEJOB_UID", "value": meta["uid"]},
+            {"name": "SELFPRUNER_NAMESPACE", "value": meta.get("namespace", "default")},
+            {"name": "HOME", "value": "/tmp"}, {"name": "SELFPRUNER_CACHE", "value": "/tmp/selfpruner-cache"}]
+
+
+def _job(pj: dict, name: str, component: str, pod_spec: dict, *, extra_labels: dict | None = None,
+         job_spec: dict | None = None, queue: bool = False) -> dict:
+    lab = labels(pj, component, **(extra_labels or {}))
+    spec = pj["spec"]
+    job_labels = dict(lab)
+    if queue and spec.get("queueName"):
+        job_labels[KUEUE_LABEL] = spec["queueName"]
+    body = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": pj["metadata"].get("namespace", "default"), "labels": job_labels,
+                     "ownerReferences": [owner_reference(pj)]},
+        "spec": {"backoffLimit": 0, "ttlSecondsAfterFinished": 3600,
+                 "template": {"metadata": {"labels": lab}, "spec": pod_spec}},
+    }
+    body["spec"].update(job_spec or {})
+    if queue and spec.get("suspend"):
+        body["spec"]["suspend"] = True
+    return body
+
+
+def controller_job(pj: dict, *, image: str, service_account: str, attempt: int = 0) -> dict:
+    """The search loop's pod (CPU). `attempt` numbers the Jobs started for one PruneJob:
+    a lost controller is replaced by a new Job that resumes from storage."""
+    spec = pj["spec"]
+    document = {k: pj[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in pj}
+    document["metadata"] = {k: pj["metadata"][k] for k in ("name", "namespace", "uid") if k in pj["metadata"]}
+    env = _common_env(pj) + [{"name": "SELFPRUNER_PRUNEJOB", "value": json.dumps(document, sort_keys=True)}]
+    storage_env, env_from = _storage_env(pj)
+    env += storage_env
+    llm = spec.get("llm") or {}
+    if llm.get("apiKeySecret"):
+        env.append({"name": llm.get("apiKeyEnv", "OPENAI_API_KEY"),
+                    "valueFrom": {"secretKeyRef": {"name": llm["apiKeySecret"]["name"],
+                                                   "key": llm["apiKeySecret"]["key"]}}})
+    container = {"name": "controller", "image": image, "command": ["selfpruner", "controller"], "env": env,
+                 "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
+                 "securityContext": container_security(), "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
+    if env_from:
+        container["envFrom"] = env_from
+    pod = {"serviceAccountName": service_account, "restartPolicy": "Never", "securityContext": pod_security(),
+           "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}
+    name = f"{pj['metadata']['name'][:40]}-controller-{attempt}"
+    return _job(pj, name, "controller", pod, extra_labels={"selfpruner.io/attempt": str(attempt)})
+
+
+def _evaluator_pod(pj: dict, *, image: str, container_name: str, command: list[str], extra_env: list) -> dict:
+    spec = pj["spec"]
+    ev = spec.get("evaluator") or {}
+    storage_env, env_from = _storage_env(pj)
+    resources = {"requests": {"cpu": str(ev.get("cpu", "4")), "memory": str(ev.get("memory", "32Gi"))},
+                 "limits": {"memory": str(ev.get("memory", "32Gi"))}}
+    gpus = ev.get("gpusPerPod", 1)
+    if gpus:
+        resources["limits"]["nvidia.com/gpu"] = gpus
+        resources["requests"]["nvidia.com/gpu"] = gpus
+    cache = ev.get("nodeCache") or ""
+    cache_volume = ({"name": "node-cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"}} if cache
+                    else {"name": "node-cache", "emptyDir": {}})
+    container = {"name": container_name, "image": ev.get("image") or image, "command": command,
+                 "env": _common_env(pj) + storage_env + extra_env + [
+                     {"name": "SELFPRUNER_NODE_CACHE", "value": "/var/cache/selfpruner"}],
+                 "resources": resources, "securityContext": container_security(),
+                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                  {"name": "node-cache", "mountPath": "/var/cache/selfpruner"}]}
+    if env_from:
+        container["envFrom"] = env_from
+    pod = {"restartPolicy": "Never", "securityContext": pod_security(), "containers": [container],
+           "volumes": [{"name": "tmp", "emptyDir": {}}, cache_volume], "automountServiceAccountToken": False}
+    for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
+        if ev.get(key):
+            pod[key] = ev[key]
+    return pod
+
+
+def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, round_: int = 0) -> dict:
+    """One Indexed Job per generation (and round: screening, then full fidelity); index i
+    evaluates shard i of the candidates, read from and written back to storage."""
+    ev = pj["spec"].get("evaluator") or {}
+    pod = _evaluator_pod(pj, image=image, container_name="worker", command=["selfpruner", "worker"],
+                         extra_env=[{"name": "SELFPRUNER_GENERATION", "value": str(generation)},
+                                    {"name": "SELFPRUNER_ROUND", "value": str(round_)}])
+    job_spec = {
+        "completionMode": "Indexed", "completions": shards, "parallelism": min(ev.get("parallelism", 1), shards),
+        "backoffLimitPerIndex": ev.get("backoffLimitPerIndex", 2), "backoffLimit": None,
+        "podFailurePolicy": {"rules": [
+            # a preempted or evicted pod is not the candidate's fault: retry without spending the budget
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            {"action": "FailIndex", "onExitCodes": {"containerName": "worker", "operator": "In",
+                                                    "values": [EXIT_UNEVALUABLE]}},
+        ]},
+    }
+    del job_spec["backoffLimit"]  # with backoffLimitPerIndex the Job-wide limit stays unset
+    name = f"{pj['metadata']['name'][:40]}-g{generation}-r{round_}"
+    job = _job(pj, name, "evaluator", pod, extra_labels={"selfpruner.io/generation": str(generation)},
+               job_spec=job_spec, queue=True)
+    job["spec"].pop("backoffLimit", None)
+    return job
+
+
+def finalize_job(pj: dict, *, image: str) -> dict:
+    """Exports the best candidate as a pruned checkpoint into storage (GPU)."""
+    pod = _evaluator_pod(pj, image=image, container_name="finalize", command=["selfpruner", "finalize"], extra_env=[])
+    job = _job(pj, f"{pj['metadata']['name'][:40]}-finalize", "finalize", pod,
+               job_spec={"backoffLimit": 2, "podFailurePolicy": {"rules": [
+                   {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}}, queue=True)
+    return job

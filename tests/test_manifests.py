@@ -1,0 +1,121 @@
+"""The Jobs selfpruner creates, checked against Kubernetes' own schemas (v1.33, strict)
+and against Pod Security "restricted"."""
+
+import json
+
+import kubernetes_validate
+import pytest
+
+from selfpruner import spec as spec_mod
+from selfpruner.cluster import manifests
+
+K8S = "1.33"
+IMAGE = "registry.example/selfpruner-pruner:0.1.0"
+
+
+def prunejob(**spec_overrides):
+    doc = {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
+           "metadata": {"name": "llama-0-3", "namespace": "ml", "uid": "2f0c7a8e-1111-4222-8333-944455556666"},
+           "spec": {"model": {"source": "s3://models/llama"}, "target": {"ratio": 0.3},
+                    "storage": {"uri": "s3://selfpruner/runs", "endpointURL": "http://minio:9000",
+                                "credentialsSecret": {"name": "s3-creds"}},
+                    "llm": {"provider": "openai", "model": "gpt-4", "apiKeySecret": {"name": "llm", "key": "token"}},
+                    **spec_overrides}}
+    return dict(spec_mod.parse(doc))
+
+
+def all_jobs(pj):
+    return {
+        "controller": manifests.controller_job(pj, image=IMAGE, service_account="selfpruner-controller", attempt=1),
+        "evaluation": manifests.evaluation_job(pj, generation=3, shards=4, image=IMAGE),
+        "finalize": manifests.finalize_job(pj, image=IMAGE),
+    }
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"evaluator": {"gpusPerPod": 2, "parallelism": 8, "nodeSelector": {"nvidia.com/gpu.product": "H200"},
+                   "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                   "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                       "nodeSelectorTerms": [{"matchExpressions": [
+                           {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
+                   "priorityClassName": "batch-low", "nodeCache": "/var/cache/selfpruner"},
+     "queueName": "gpu-queue", "suspend": True},
+], ids=["defaults", "all-features"])
+def test_jobs_are_valid_kubernetes(overrides):
+    for name, job in all_jobs(prunejob(**overrides)).items():
+        kubernetes_validate.validate(job, K8S, strict=True)
+
+
+def test_every_pod_is_restricted():
+    pj = prunejob(evaluator={"nodeCache": ""})
+    for job in all_jobs(pj).values():
+        pod = job["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        assert not any("hostPath" in v for v in pod["volumes"])
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert {m["mountPath"] for m in c["volumeMounts"]} >= {"/tmp"}
+
+
+def test_evaluation_job_is_indexed_with_failure_policy():
+    pj = prunejob(evaluator={"gpusPerPod": 2, "parallelism": 8, "backoffLimitPerIndex": 3,
+                             "nodeSelector": {"gpu": "h200"}}, queueName="gpu-queue")
+    job = manifests.evaluation_job(pj, generation=5, shards=4, image=IMAGE, round_=1)
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == 4
+    assert spec["parallelism"] == 4  # never more pods than shards
+    assert spec["backoffLimitPerIndex"] == 3 and "backoffLimit" not in spec
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailIndex" and rules[1]["onExitCodes"]["values"] == [manifests.EXIT_UNEVALUABLE]
+    assert spec["ttlSecondsAfterFinished"] > 0
+    pod = spec["template"]["spec"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 2
+    assert pod["nodeSelector"] == {"gpu": "h200"}
+    assert job["metadata"]["labels"][manifests.KUEUE_LABEL] == "gpu-queue"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["SELFPRUNER_GENERATION"] == "5" and env["SELFPRUNER_ROUND"] == "1"
+    assert job["metadata"]["ownerReferences"][0]["uid"] == pj["metadata"]["uid"]
+
+
+def test_suspend_and_queue_reach_the_gpu_jobs_only():
+    pj = prunejob(suspend=True, queueName="q")
+    jobs = all_jobs(pj)
+    assert jobs["evaluation"]["spec"]["suspend"] is True and jobs["finalize"]["spec"]["suspend"] is True
+    assert manifests.KUEUE_LABEL not in jobs["controller"]["metadata"]["labels"]
+    assert "suspend" not in jobs["controller"]["spec"]
+
+
+def test_the_spec_reaches_the_controller_as_data():
+    pj = prunejob(fitness={"text": "s3://texts/it's \"quoted\" $(rm -rf /).txt", "heldOutText": "s3://texts/h.txt"})
+    job = manifests.controller_job(pj, image=IMAGE, service_account="sa")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["selfpruner", "controller"] and "args" not in container
+    env = {e["name"]: e for e in container["env"]}
+    document = json.loads(env["SELFPRUNER_PRUNEJOB"]["value"])
+    assert document["spec"] == pj["spec"]
+    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm", "key": "token"}
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
+
+
+def test_the_crd_is_a_valid_custom_resource_definition():
+    crd = spec_mod.crd()
+    kubernetes_validate.validate(crd, K8S, strict=True)
+    version = crd["spec"]["versions"][0]
+    assert version["subresources"] == {"status": {}}
+    assert {c["name"] for c in version["additionalPrinterColumns"]} >= {"Phase", "Ratio", "Generation", "Best PPL", "Age"}
+    # structural schema: Kubernetes refuses `additionalProperties` next to `properties`
+    def walk(node):
+        if isinstance(node, dict):
+            assert not ("properties" in node and "additionalProperties" in node), node
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+    walk(version["schema"]["openAPIV3Schema"])
