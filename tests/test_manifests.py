@@ -27,7 +27,7 @@ def prunejob(**spec_overrides):
 def all_jobs(pj):
     return {
         "controller": manifests.controller_job(pj, image=IMAGE, service_account="selfpruner-controller", attempt=1),
-        "evaluation": manifests.evaluation_job(pj, generation=3, shards=4, image=IMAGE),
+        "evaluation": manifests.evaluation_job(pj, generation=3, shards=4, image=IMAGE, batch="0123abcd45"),
         "finalize": manifests.finalize_job(pj, image=IMAGE),
     }
 
@@ -64,7 +64,7 @@ def test_every_pod_is_restricted():
 def test_evaluation_job_is_indexed_with_failure_policy():
     pj = prunejob(evaluator={"gpusPerPod": 2, "parallelism": 8, "backoffLimitPerIndex": 3,
                              "nodeSelector": {"gpu": "h200"}}, queueName="gpu-queue")
-    job = manifests.evaluation_job(pj, generation=5, shards=4, image=IMAGE, round_=1)
+    job = manifests.evaluation_job(pj, generation=5, shards=4, image=IMAGE, batch="0123abcd45")
     spec = job["spec"]
     assert spec["completionMode"] == "Indexed" and spec["completions"] == 4
     assert spec["parallelism"] == 4  # never more pods than shards
@@ -79,7 +79,7 @@ def test_evaluation_job_is_indexed_with_failure_policy():
     assert pod["nodeSelector"] == {"gpu": "h200"}
     assert job["metadata"]["labels"][manifests.KUEUE_LABEL] == "gpu-queue"
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
-    assert env["SELFPRUNER_GENERATION"] == "5" and env["SELFPRUNER_ROUND"] == "1"
+    assert env["SELFPRUNER_GENERATION"] == "5" and env["SELFPRUNER_BATCH"] == "0123abcd45"
     assert job["metadata"]["ownerReferences"][0]["uid"] == pj["metadata"]["uid"]
 
 

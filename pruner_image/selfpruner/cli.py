@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check a PruneJob YAML against the CRD schema and the rules")
     val.add_argument("prunejob", help="PruneJob YAML file")
 
+    sub.add_parser("controller", help="(in a cluster) run the search of the PruneJob in $SELFPRUNER_PRUNEJOB")
+    sub.add_parser("worker", help="(in a cluster) evaluate this pod's shard of candidates")
+    sub.add_parser("finalize", help="(in a cluster) export the best candidate into storage")
+
     ev = sub.add_parser("eval", help="perplexity of a model on a text")
     _add_model(ev)
     _add_eval(ev)
@@ -96,6 +100,12 @@ def cmd_run(args) -> int:
     print(report.summary_table(result))
     print(f"results: {out}/result.json, history.jsonl, fitness.png, rates.png")
     return 0
+
+
+def cmd_cluster(args) -> int:
+    from .cluster import controller, worker
+
+    return {"controller": controller.main, "worker": worker.worker, "finalize": worker.finalize}[args.command]()
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -210,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_transformers()
     try:
-        commands = {"eval": cmd_eval, "prune": cmd_prune, "run": cmd_run, "validate": cmd_validate}
+        commands = {"eval": cmd_eval, "prune": cmd_prune, "run": cmd_run, "validate": cmd_validate,
+                    "controller": cmd_cluster, "worker": cmd_cluster, "finalize": cmd_cluster}
         return commands[args.command](args)
     except UserError as e:
         for line in str(e).splitlines():

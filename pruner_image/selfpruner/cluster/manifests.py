@@ -87,7 +87,8 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
     spec = pj["spec"]
     document = {k: pj[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in pj}
     document["metadata"] = {k: pj["metadata"][k] for k in ("name", "namespace", "uid") if k in pj["metadata"]}
-    env = _common_env(pj) + [{"name": "SELFPRUNER_PRUNEJOB", "value": json.dumps(document, sort_keys=True)}]
+    env = _common_env(pj) + [{"name": "SELFPRUNER_PRUNEJOB", "value": json.dumps(document, sort_keys=True)},
+                             {"name": "SELFPRUNER_IMAGE", "value": image}]
     storage_env, env_from = _storage_env(pj)
     env += storage_env
     llm = spec.get("llm") or {}
@@ -135,13 +136,14 @@ def _evaluator_pod(pj: dict, *, image: str, container_name: str, command: list[s
     return pod
 
 
-def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, round_: int = 0) -> dict:
-    """One Indexed Job per generation (and round: screening, then full fidelity); index i
-    evaluates shard i of the candidates, read from and written back to storage."""
+def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch: str) -> dict:
+    """One Indexed Job per batch of candidates (a generation's screening round, its full
+    round, ...); index i evaluates shard i of the batch, read from and written back to
+    storage. `batch` is a hash of the batch's tasks: the same request gets the same Job."""
     ev = pj["spec"].get("evaluator") or {}
     pod = _evaluator_pod(pj, image=image, container_name="worker", command=["selfpruner", "worker"],
                          extra_env=[{"name": "SELFPRUNER_GENERATION", "value": str(generation)},
-                                    {"name": "SELFPRUNER_ROUND", "value": str(round_)}])
+                                    {"name": "SELFPRUNER_BATCH", "value": batch}])
     job_spec = {
         "completionMode": "Indexed", "completions": shards, "parallelism": min(ev.get("parallelism", 1), shards),
         "backoffLimitPerIndex": ev.get("backoffLimitPerIndex", 2), "backoffLimit": None,
@@ -153,7 +155,7 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, round_
         ]},
     }
     del job_spec["backoffLimit"]  # with backoffLimitPerIndex the Job-wide limit stays unset
-    name = f"{pj['metadata']['name'][:40]}-g{generation}-r{round_}"
+    name = f"{pj['metadata']['name'][:40]}-b{batch}"
     job = _job(pj, name, "evaluator", pod, extra_labels={"selfpruner.io/generation": str(generation)},
                job_spec=job_spec, queue=True)
     job["spec"].pop("backoffLimit", None)

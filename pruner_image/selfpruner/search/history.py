@@ -47,12 +47,18 @@ class History:
         self._remember(e)
 
     def totals(self) -> dict:
+        """Cost of everything evaluated, and of the search alone (without the report's
+        dense, baseline and held-out evaluations)."""
         done = [e for e in self.entries if e.get("fitness") is not None or e.get("error")]
+        search = [e for e in done if not str(e.get("origin", "")).startswith("report:")]
         return {
             "evaluations": len(done),
             "failed_evaluations": sum(1 for e in done if e.get("error")),
             "tokens_evaluated": sum(e.get("tokens", 0) for e in done),
             "device_seconds": round(sum(e.get("seconds", 0.0) for e in done), 3),
+            "search_evaluations": len(search),
+            "search_tokens_evaluated": sum(e.get("tokens", 0) for e in search),
+            "search_device_seconds": round(sum(e.get("seconds", 0.0) for e in search), 3),
         }
 
 

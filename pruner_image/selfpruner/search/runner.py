@@ -29,26 +29,37 @@ def output_dir(spec: Section) -> Path:
     return Path(spec.spec.output.get("path") or Path("runs") / spec.metadata["name"])
 
 
+SEARCH_FIELDS = ("model", "target", "pruning", "calibration", "fitness", "search", "llm")
+
+
 def spec_hash(spec: Section) -> str:
-    """What a resumed run must share with the one that wrote the state (output aside)."""
-    s = dict(spec["spec"])
-    s.pop("output", None)
+    """What a resumed run must share with the one that wrote the state: the fields that
+    decide the search's result (not where it is written, nor how the cluster runs it)."""
+    s = {k: v for k, v in spec["spec"].items() if k in SEARCH_FIELDS}
+    s["llm"] = {k: v for k, v in (s.get("llm") or {}).items() if k not in ("apiKeySecret", "apiKeyEnv", "baseURL")}
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_executor(spec: Section, progress: bool = True):
+def engine_settings(spec: Section) -> engine.PruneSettings:
+    p, c = spec.spec.pruning, spec.spec.calibration
+    return engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, head_mode=p.head_mode,
+                                mlp_multiple=p.mlp_multiple, calibration_text=c.text,
+                                calibration_windows=c.windows, calibration_seq_len=c.seq_len)
+
+
+def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None):
+    """The in-process executor; `model` and `texts` override where the model and the
+    texts are read from (a worker pod passes the node-cache copy of an s3:// model)."""
+    from .. import corpus
     from ..executors.local import LocalExecutor
 
-    p, c, f = spec.spec.pruning, spec.spec.calibration, spec.spec.fitness
-    settings = engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, head_mode=p.head_mode,
-                                    mlp_multiple=p.mlp_multiple, calibration_text=c.text,
-                                    calibration_windows=c.windows, calibration_seq_len=c.seq_len)
-    from .. import corpus
-
-    texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
+    f = spec.spec.fitness
+    if texts is None:
+        texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
     devices = os.environ.get("SELFPRUNER_DEVICES")
-    return LocalExecutor(spec.spec.model.source, settings, texts, dtype=spec.spec.model.dtype, seq_len=f.seq_len,
-                         batch_size=f.batch_size, devices=devices.split(",") if devices else None, progress=progress)
+    return LocalExecutor(model or spec.spec.model.source, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
+                         seq_len=f.seq_len, batch_size=f.batch_size, devices=devices.split(",") if devices else None,
+                         progress=progress)
 
 
 def make_llm(spec: Section, out: Path, client=None) -> Transcript:
@@ -59,7 +70,10 @@ def make_llm(spec: Section, out: Path, client=None) -> Transcript:
                                 temperature=llm.temperature, seed=llm.seed, max_tokens=llm.max_tokens,
                                 timeout=llm.timeout_seconds, max_retries=llm.max_retries, json_mode=llm.json_mode)
         else:
-            client = LocalChat(llm.model, temperature=llm.temperature, seed=llm.seed, max_tokens=llm.max_tokens)
+            from ..model_source import default_device
+
+            client = LocalChat(llm.model, temperature=llm.temperature, seed=llm.seed, max_tokens=llm.max_tokens,
+                               device=default_device())
     return Transcript(client, out / "llm_transcript.jsonl")
 
 
@@ -70,9 +84,11 @@ def _write_json(path: Path, data) -> None:
 
 
 def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True, out_dir: str | Path | None = None,
-        stop_after_generation: int | None = None) -> dict:
+        stop_after_generation: int | None = None, on_checkpoint=None) -> dict:
     """Run (or resume) the search a PruneJob describes; returns result.json's content.
-    `stop_after_generation` ends early after that checkpoint (tests use it to interrupt)."""
+    `stop_after_generation` ends early after that checkpoint (tests use it to interrupt);
+    `on_checkpoint(out_dir, strategy)` runs after every checkpoint (the cluster controller
+    copies the state to object storage and reports progress there)."""
     started = time.time()
     out = Path(out_dir) if out_dir else output_dir(spec)
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +128,8 @@ def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True,
             bar.update(strategy)
             if strategy.at_boundary:
                 checkpoint()
+                if on_checkpoint is not None:
+                    on_checkpoint(out, strategy)
                 if stop_after_generation is not None and strategy.generation > stop_after_generation:
                     return {"interrupted": True, "generation": strategy.generation}
     finally:

@@ -1,0 +1,189 @@
+"""kopf handlers for PruneJobs. Idempotent: every handler looks at what exists before it
+creates anything, so an operator restart in the middle of anything changes nothing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import time
+
+import kopf
+
+from selfpruner import spec as spec_mod
+from selfpruner.cluster import manifests
+from selfpruner.cluster.kube import job_finished
+
+from . import metrics
+
+GROUP, VERSION, PLURAL = "selfpruner.io", "v1alpha1", "prunejobs"
+TERMINAL = ("Succeeded", "Failed", "Invalid")
+IMAGE = os.environ.get("SELFPRUNER_IMAGE", "selfpruner-pruner:latest")
+SERVICE_ACCOUNT = os.environ.get("SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT", "selfpruner-controller")
+MAX_RESTARTS = int(os.environ.get("SELFPRUNER_MAX_CONTROLLER_RESTARTS", "3"))
+INTERVAL = float(os.environ.get("SELFPRUNER_RECONCILE_INTERVAL", "5"))
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(type_, status, reason, message, generation) -> dict:
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": _now(), "observedGeneration": generation or 0}
+
+
+def _merge_conditions(old: list, new: list) -> list:
+    by_type = {c["type"]: c for c in old or []}
+    for c in new:
+        prev = by_type.get(c["type"])
+        if prev and prev.get("status") == c["status"]:
+            c = {**c, "lastTransitionTime": prev.get("lastTransitionTime", c["lastTransitionTime"])}
+        by_type[c["type"]] = c
+    return list(by_type.values())
+
+
+def _batch():
+    from kubernetes import client
+
+    return client.BatchV1Api()
+
+
+def _read_job(name: str, namespace: str) -> dict | None:
+    from kubernetes import client
+
+    try:
+        return _batch().read_namespaced_job(name, namespace).to_dict()
+    except client.exceptions.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _start_controller(body, attempt: int, logger) -> str:
+    from kubernetes import client
+
+    pj = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body["metadata"]),
+          "spec": dict(body["spec"])}
+    job = manifests.controller_job(pj, image=IMAGE, service_account=SERVICE_ACCOUNT, attempt=attempt)
+    name = job["metadata"]["name"]
+    if _read_job(name, body["metadata"]["namespace"]) is None:
+        try:
+            _batch().create_namespaced_job(body["metadata"]["namespace"], job)
+            logger.info(f"created controller Job {name}")
+        except client.exceptions.ApiException as e:
+            if e.status != 409:
+                raise
+    return name
+
+
+@kopf.on.startup()
+def startup(settings: kopf.OperatorSettings, **_):
+    settings.posting.level = 20  # INFO and up become Kubernetes events
+    port = os.environ.get("SELFPRUNER_METRICS_PORT")
+    if port:
+        metrics.serve(int(port))
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+def start(body, meta, status, patch, logger, **_):
+    key = f"{meta['namespace']}/{meta['name']}"
+    phase = status.get("phase")
+    if phase in TERMINAL:
+        metrics.record_phase(key, phase)
+        return
+    start_time = time.perf_counter()
+    try:
+        try:
+            spec_mod.parse({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
+                            "metadata": dict(meta), "spec": dict(body.get("spec") or {})})
+        except spec_mod.UserError as e:
+            message = "; ".join(str(e).splitlines())
+            patch.status["phase"] = "Invalid"
+            patch.status["conditions"] = _merge_conditions(status.get("conditions"), [
+                _condition("Invalid", "True", "SpecInvalid", message, meta.get("generation"))])
+            metrics.record_phase(key, "Invalid")
+            kopf.warn(body, reason="Invalid", message=message)
+            raise kopf.PermanentError(f"invalid PruneJob: {message}")
+        attempt = status.get("restarts", 0)
+        name = _start_controller(body, attempt, logger)
+        new_phase = "Suspended" if body["spec"].get("suspend") else (phase or "Pending")
+        patch.status["phase"] = new_phase
+        patch.status["controllerJob"] = name
+        patch.status.setdefault("restarts", attempt)
+        patch.status["conditions"] = _merge_conditions(status.get("conditions"), [
+            _condition("ControllerStarted", "True", "JobCreated", f"controller Job {name}", meta.get("generation"))])
+        metrics.record_phase(key, new_phase)
+        kopf.info(body, reason="ControllerStarted", message=f"controller Job {name}")
+    finally:
+        metrics.reconcile_seconds.observe(time.perf_counter() - start_time)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=INTERVAL, initial_delay=INTERVAL)
+def reconcile(body, meta, status, patch, logger, **_):
+    """Mirror the controller Job into the phase; start a new one when it is lost."""
+    key = f"{meta['namespace']}/{meta['name']}"
+    phase = status.get("phase")
+    metrics.record_phase(key, phase)
+    if phase in TERMINAL or not status.get("controllerJob"):
+        return
+    start_time = time.perf_counter()
+    try:
+        job = _read_job(status["controllerJob"], meta["namespace"])
+        state = job_finished(_camel(job)) if job else None
+        if job is not None and state is None:
+            if body["spec"].get("suspend") and phase != "Suspended":
+                patch.status["phase"] = "Suspended"
+            elif not body["spec"].get("suspend") and phase in ("Pending", "Suspended"):
+                patch.status["phase"] = "Running"
+            return
+        if state == "Complete":
+            return  # the controller writes the final status itself; nothing to restart
+        restarts = status.get("restarts", 0)
+        if restarts >= MAX_RESTARTS:
+            message = f"the controller was lost {restarts + 1} times; giving up"
+            patch.status["phase"] = "Failed"
+            patch.status["conditions"] = _merge_conditions(status.get("conditions"), [
+                _condition("Failed", "True", "ControllerLost", message, meta.get("generation"))])
+            metrics.record_phase(key, "Failed")
+            kopf.warn(body, reason="Failed", message=message)
+            return
+        name = _start_controller(body, restarts + 1, logger)
+        patch.status["restarts"] = restarts + 1
+        patch.status["controllerJob"] = name
+        metrics.controller_restarts.inc()
+        kopf.warn(body, reason="ControllerRestarted",
+                  message=f"controller Job {'lost' if job is None else 'failed'}; started {name}, "
+                          f"which resumes from storage")
+    except Exception:
+        metrics.reconcile_errors.inc()
+        raise
+    finally:
+        metrics.reconcile_seconds.observe(time.perf_counter() - start_time)
+
+
+@kopf.on.field(GROUP, VERSION, PLURAL, field="spec.suspend")
+def suspend_changed(body, meta, new, logger, **_):
+    """Suspend (or resume) the PruneJob's running evaluation and finalize Jobs."""
+    from kubernetes import client
+
+    batch = _batch()
+    selector = f"{manifests.PRUNEJOB_LABEL}={meta['name']}"
+    for job in batch.list_namespaced_job(meta["namespace"], label_selector=selector).items:
+        component = (job.metadata.labels or {}).get("app.kubernetes.io/component")
+        if component in ("evaluator", "finalize") and not (job.status and job.status.completion_time):
+            try:
+                batch.patch_namespaced_job(job.metadata.name, meta["namespace"], {"spec": {"suspend": bool(new)}})
+            except client.exceptions.ApiException as e:
+                logger.warning(f"could not {'suspend' if new else 'resume'} {job.metadata.name}: {e.reason}")
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def deleted(meta, **_):
+    metrics.record_phase(f"{meta['namespace']}/{meta['name']}", None)
+
+
+def _camel(job: dict) -> dict:
+    """The client's to_dict() is snake_case; job_finished reads the API's shape."""
+    conditions = ((job.get("status") or {}).get("conditions")) or []
+    return {"status": {"conditions": [{"type": c.get("type"), "status": c.get("status")} for c in conditions]}}

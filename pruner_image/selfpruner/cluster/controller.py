@@ -1,0 +1,100 @@
+"""`selfpruner controller`: the search loop in a CPU pod, evaluations as GPU Jobs.
+
+The PruneJob arrives as JSON in the environment. The search state lives in object
+storage (copied there after every generation), so a replacement controller started by
+the operator resumes where the lost one stopped. Progress goes to the PruneJob's status.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .. import spec as spec_mod
+from ..search import runner
+from ..storage import ObjectNotFound, open_store
+from .k8s_executor import KubernetesExecutor
+from .kube import Kube, _now
+from .layout import STATE_FILES, Layout
+
+
+def store_for(spec) -> object:
+    storage = spec.spec["storage"]
+    return open_store(storage["uri"], endpoint_url=storage.get("endpointURL"), region=storage.get("region"))
+
+
+def condition(type_: str, status: str, reason: str, message: str, generation: int | None) -> dict:
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": _now(), "observedGeneration": generation or 0}
+
+
+def main() -> int:
+    doc = json.loads(os.environ["SELFPRUNER_PRUNEJOB"])
+    job = spec_mod.parse(doc)
+    if "storage" not in job.spec:
+        raise spec_mod.UserError("spec.storage: a cluster run needs spec.storage.uri (s3://bucket/prefix)")
+    name, uid = doc["metadata"]["name"], doc["metadata"]["uid"]
+    kube = Kube(doc["metadata"].get("namespace") or os.environ.get("SELFPRUNER_NAMESPACE", "default"))
+    store = store_for(job)
+    layout = Layout(uid)
+    if not store.exists(layout.spec):
+        store.put_json(layout.spec, doc)
+    work = Path(tempfile.mkdtemp(prefix="selfpruner-"))
+    checkpoints = {"n": 0}
+    try:  # resume: the last whole checkpoint a lost controller left behind
+        checkpoints["n"] = store.get_json(layout.latest_state)["checkpoint"]
+        for name_ in STATE_FILES:
+            try:
+                store.get_file(layout.state(name_, checkpoints["n"]), work / name_)
+            except ObjectNotFound:
+                pass
+    except ObjectNotFound:
+        pass
+    image = os.environ.get("SELFPRUNER_IMAGE", "selfpruner-pruner:latest")
+    executor = KubernetesExecutor(doc, store, kube, image)
+    pj = kube.read_prunejob(name) or doc
+    generation = pj["metadata"].get("generation")
+    kube.patch_status(name, {"phase": "Running", "conditions": [
+        condition("Running", "True", "SearchRunning", "the controller is running the search", generation)]})
+    executor.prepare()
+
+    def on_checkpoint(out: Path, strategy) -> None:
+        n = checkpoints["n"] + 1
+        for name_ in STATE_FILES:
+            if (out / name_).is_file():
+                store.put_file(layout.state(name_, n), out / name_)
+        store.put_json(layout.latest_state, {"checkpoint": n, "generation": strategy.generation})
+        checkpoints["n"] = n
+        executor.generation = strategy.generation
+        best = strategy.best()
+        kube.patch_status(name, {"generation": strategy.generation,
+                                 "evaluations": _count_lines(out / "history.jsonl"),
+                                 **({"bestFitness": best.fitness} if best else {})})
+
+    result = runner.run(job, executor=executor, out_dir=work, progress=False, on_checkpoint=on_checkpoint)
+    for file in ("result.json", "fitness.png", "rates.png", *STATE_FILES):
+        if (work / file).is_file():
+            store.put_file(layout.output(file), work / file)
+    c = result["cost"]
+    llm = c.get("llm") or {}
+    kube.patch_status(name, {
+        "phase": "Succeeded", "generation": len(result["best_per_generation"]),
+        "evaluations": c["evaluations"], "bestFitness": result["best"]["fitness"],
+        "achievedRatio": result["best"]["achieved_ratio"], "checkpointURI": result.get("checkpoint"),
+        "cost": {"deviceSeconds": c["device_seconds"], "tokensEvaluated": c["tokens_evaluated"],
+                 "llmCalls": llm.get("calls", 0),
+                 "llmTokens": llm.get("prompt_tokens", 0) + llm.get("completion_tokens", 0)},
+        "conditions": [condition("Running", "False", "SearchFinished", "the search finished", generation),
+                       condition("Succeeded", "True", "CheckpointWritten",
+                                 f"best held-out perplexity {result['best']['held_out_perplexity']:.3f}; "
+                                 f"checkpoint {result.get('checkpoint')}", generation)],
+    })
+    kube.event(pj, "Succeeded", f"search finished: best fitness {result['best']['fitness']:.3f}, "
+                                f"checkpoint {result.get('checkpoint')}")
+    return 0
+
+
+def _count_lines(path: Path) -> int:
+    return sum(1 for _ in open(path)) if path.is_file() else 0

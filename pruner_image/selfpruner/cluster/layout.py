@@ -1,0 +1,69 @@
+"""Where a PruneJob's things live in object storage, under `runs/<uid>/`.
+
+Tasks and results are keyed by content (a hash of the candidate, fidelity and text), so
+a restarted controller finds the results of evaluations it asked for before it died,
+and nothing is evaluated twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+STATE_FILES = ("state.json", "history.jsonl", "llm_transcript.jsonl")
+
+
+def task_id(task: dict) -> str:
+    raw = json.dumps({"rates": task["rates"], "tokens": task["tokens"], "text": task["text"]}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def batch_id(task_ids: list[str]) -> str:
+    return hashlib.sha256(",".join(sorted(task_ids)).encode()).hexdigest()[:10]
+
+
+class Layout:
+    def __init__(self, uid: str):
+        self.root = f"runs/{uid}"
+
+    @property
+    def spec(self) -> str:
+        return f"{self.root}/prunejob.json"
+
+    def state(self, name: str, checkpoint: int) -> str:
+        """State files of one checkpoint: never overwritten, so a controller that dies while
+        uploading leaves the previous checkpoint intact (`latest_state` says which is whole)."""
+        return f"{self.root}/state/{checkpoint}/{name}"
+
+    @property
+    def latest_state(self) -> str:
+        return f"{self.root}/state/latest.json"
+
+    @property
+    def prepared(self) -> str:
+        return f"{self.root}/prepare/prepared.json"  # geometry and prior statistics
+
+    @property
+    def calibration(self) -> str:
+        return f"{self.root}/prepare/calibration"
+
+    def shard(self, batch: str, index: int) -> str:
+        return f"{self.root}/tasks/{batch}/{index}.json"
+
+    def result(self, tid: str) -> str:
+        return f"{self.root}/results/{tid}.json"
+
+    @property
+    def checkpoint(self) -> str:
+        return f"{self.root}/checkpoint"
+
+    @property
+    def finalize_task(self) -> str:
+        return f"{self.root}/finalize/task.json"
+
+    @property
+    def finalize_done(self) -> str:
+        return f"{self.root}/finalize/done.json"
+
+    def output(self, name: str) -> str:
+        return f"{self.root}/output/{name}"

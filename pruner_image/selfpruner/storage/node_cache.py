@@ -1,0 +1,125 @@
+"""A node-local copy of a model folder kept in a store, fetched once per node.
+
+    folder = NodeCache("/var/cache/selfpruner").fetch(store, "models/llama-3-8b")
+
+Several processes (the GPU worker pods of one node sharing a hostPath, or several
+workers in one pod) may ask for the same prefix at once; exactly one downloads it:
+
+* the finished folder exists  -> returned at once, without touching the store or a lock;
+* otherwise take a file lock for the prefix (`filelock`, an OS lock: a process that dies
+  releases it), look again, remove leftovers of a fetch that died, download every object
+  under the prefix into a temporary sibling folder (each file checked against the sha256
+  in its completion marker by the store's `get_file`), fsync, write a manifest, and
+  rename the folder into place - the rename is the commit point, so a folder that exists
+  is always whole.
+
+Model prefixes are treated as immutable: a cached folder is never revalidated (upload a
+changed model under a new prefix). Bytes downloaded are counted per `NodeCache` object
+(`bytes_downloaded`) and per node in `<root>/.stats.json` (`node_bytes_downloaded()`),
+so a benchmark can check that a node fetched a model at most once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from filelock import FileLock
+
+from .base import ObjectNotFound, Store, check_prefix, fsync_dir
+
+STATS = ".stats.json"
+
+
+class NodeCache:
+    def __init__(self, root: str | os.PathLike, lock_timeout: float = -1):
+        """`lock_timeout` seconds to wait for another process's fetch (-1: for ever)."""
+        self.root = Path(root).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.lock_timeout = lock_timeout
+        self.bytes_downloaded = 0  # by this object
+        self.files_downloaded = 0
+
+    def path_for(self, store: Store, prefix: str) -> Path:
+        """The cache folder of `prefix` in `store`: readable name, unique hash of the URI."""
+        prefix = check_prefix(prefix).strip("/")
+        source = store.uri(prefix) if prefix else store.uri()
+        tail = re.sub(r"[^A-Za-z0-9._-]+", "_", prefix.rsplit("/", 1)[-1] or "root").lstrip(".")[:60]
+        return self.root / f"{tail or 'root'}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
+
+    def fetch(self, store: Store, prefix: str) -> Path:
+        """The local folder holding every object under `prefix/` (keys relative to it)."""
+        final = self.path_for(store, prefix)
+        if final.is_dir():
+            return final
+        with FileLock(str(final) + ".lock", timeout=self.lock_timeout):
+            if final.is_dir():  # another process finished while we waited
+                return final
+            for stale in self.root.glob(final.name + ".tmp-*"):  # a fetch that died
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+            try:
+                manifest = self._download(store, prefix, tmp)
+                record = final.with_name(final.name + ".json")
+                record_tmp = final.with_name(final.name + ".json.partial")
+                record_tmp.write_text(json.dumps(manifest, indent=1))
+                os.replace(record_tmp, record)
+                os.replace(tmp, final)
+                fsync_dir(self.root)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        return final
+
+    def _download(self, store: Store, prefix: str, tmp: Path) -> dict:
+        base = prefix.strip("/")
+        keys = store.list(base + "/" if base else "")
+        if not keys:
+            raise ObjectNotFound(store.uri(base) + "/", "nothing stored under this prefix; objects "
+                                 "uploaded by other tools need completion markers: S3Store.seal(prefix)")
+        tmp.mkdir(parents=True)
+        files = {}
+        for key in keys:
+            rel = key[len(base) + 1:] if base else key
+            dest = tmp.joinpath(*rel.split("/"))
+            info = store.get_file(key, dest)  # verified against the object's marker
+            if dest.stat().st_size != info.size:
+                raise OSError(f"{dest}: size changed after download")
+            with open(dest, "rb") as f:
+                os.fsync(f.fileno())
+            files[rel] = {"size": info.size, "sha256": info.sha256}
+            self.bytes_downloaded += info.size
+            self.files_downloaded += 1
+            self._count(info.size)
+        for folder in {p.parent for p in tmp.rglob("*")} | {tmp}:
+            fsync_dir(folder)
+        return {"source": store.uri(base) if base else store.uri(), "files": files}
+
+    def _count(self, nbytes: int) -> None:
+        stats = self.root / STATS
+        with FileLock(str(stats) + ".lock"):
+            try:
+                data = json.loads(stats.read_text())
+            except (FileNotFoundError, ValueError):
+                data = {"bytes_downloaded": 0, "files_downloaded": 0}
+            data["bytes_downloaded"] += nbytes
+            data["files_downloaded"] += 1
+            tmp = stats.with_name(STATS + ".partial")
+            tmp.write_text(json.dumps(data))
+            os.replace(tmp, stats)
+
+    def node_bytes_downloaded(self) -> int:
+        """Bytes every NodeCache on this root has downloaded, all processes together."""
+        try:
+            return json.loads((self.root / STATS).read_text())["bytes_downloaded"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return 0
+
+    def manifest(self, store: Store, prefix: str) -> dict:
+        """What a finished fetch recorded: source URI and each file's size and sha256."""
+        final = self.path_for(store, prefix)
+        return json.loads(final.with_name(final.name + ".json").read_text())

@@ -1,0 +1,298 @@
+"""Smoke tests of the test-side cluster (tests/cluster_harness.py): kubectl, the kubernetes client,
+kopf and the fake kubelet against kmock's emulator. See tests/README.md."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+
+from cluster_harness import Cluster, ClusterApiError, Kubelet, find_kubectl
+
+pytestmark = pytest.mark.skipif(find_kubectl() is None, reason="no kubectl: run `make tools/bin/kubectl`")
+
+PRUNEJOB = textwrap.dedent("""\
+    apiVersion: selfpruner.io/v1alpha1
+    kind: PruneJob
+    metadata:
+      name: demo
+      labels: {team: search}
+    spec:
+      model: {source: demo}
+      target: {ratio: 0.2}
+    """)
+
+
+@pytest.fixture()
+def cluster(tmp_path):
+    with Cluster(tmp_path / "cluster") as cluster:
+        yield cluster
+        assert not cluster.emulator.server_errors, cluster.emulator.server_errors[-1]
+
+
+@pytest.fixture()
+def kubelet(cluster, tmp_path):
+    def command_map(argv):
+        # the image's entrypoint -> the local interpreter, as the operator tests will map selfpruner
+        return [sys.executable, *argv[1:]] if argv and argv[0] == "python" else argv
+
+    with Kubelet(cluster, command_map=command_map, logs_dir=tmp_path / "pods") as kubelet:
+        yield kubelet
+        print(kubelet.dump_logs())      # pytest shows it when the test fails
+        assert not kubelet.errors, kubelet.errors
+
+
+def _client(cluster):
+    import kubernetes
+    return kubernetes.config.new_client_from_config(config_file=str(cluster.kubeconfig))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_kubectl_and_client_see_api_server_semantics(cluster, tmp_path):
+    import kubernetes
+
+    cluster.kubectl("apply", "-f", "crds/prunejob.yaml")
+    (tmp_path / "pj.yaml").write_text(PRUNEJOB)
+    assert "created" in cluster.kubectl("apply", "-f", str(tmp_path / "pj.yaml")).stdout
+    assert "unchanged" in cluster.kubectl("apply", "-f", str(tmp_path / "pj.yaml")).stdout
+
+    table = cluster.kubectl("get", "prunejobs").stdout
+    assert table.split()[:2] == ["NAME", "PHASE"] and "demo" in table and "0.2" in table
+    assert "demo" in cluster.kubectl("get", "pj", "-l", "team=search", "-o", "name").stdout
+    assert cluster.kubectl("get", "pj", "-l", "team=other", "-o", "name").stdout.strip() == ""
+
+    api = kubernetes.client.CustomObjectsApi(_client(cluster))
+    args = ("selfpruner.io", "v1alpha1", "default", "prunejobs")
+    pj = api.get_namespaced_custom_object(*args, "demo")
+    meta = pj["metadata"]
+    assert meta["uid"] and meta["resourceVersion"] and meta["creationTimestamp"] and meta["generation"] == 1
+
+    # The status subresource writes only status; the generation stays.
+    st = api.patch_namespaced_custom_object_status(*args, "demo", {"status": {"phase": "Running"},
+                                                                  "spec": {"target": {"ratio": 0.9}}})
+    assert st["status"] == {"phase": "Running"} and st["spec"]["target"]["ratio"] == 0.2
+    assert st["metadata"]["generation"] == 1
+    assert int(st["metadata"]["resourceVersion"]) > int(meta["resourceVersion"])
+    # The main resource never writes status; a spec change bumps the generation.
+    main = api.patch_namespaced_custom_object(*args, "demo", {"spec": {"target": {"ratio": 0.3}},
+                                                             "status": {"phase": "Hacked"}})
+    assert main["status"] == {"phase": "Running"} and main["metadata"]["generation"] == 2
+    # A no-op patch changes nothing, not even the resourceVersion.
+    same = api.patch_namespaced_custom_object(*args, "demo", {"spec": {"target": {"ratio": 0.3}}})
+    assert same["metadata"]["resourceVersion"] == main["metadata"]["resourceVersion"]
+    assert "Running" in cluster.kubectl("get", "prunejobs").stdout
+
+    # List kind, label selectors, 201/409/422 as the API server answers them.
+    listing = api.list_namespaced_custom_object(*args, label_selector="team in (search,infra)")
+    assert listing["kind"] == "PruneJobList" and [i["metadata"]["name"] for i in listing["items"]] == ["demo"]
+    assert api.list_namespaced_custom_object(*args, label_selector="team!=search")["items"] == []
+    body = {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob", "metadata": {"name": "second"},
+            "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.1}}}
+    _, code, _ = api.create_namespaced_custom_object_with_http_info(*args, body)
+    assert code == 201
+    with pytest.raises(kubernetes.client.ApiException) as exc:
+        api.create_namespaced_custom_object(*args, body)
+    assert exc.value.status == 409
+    with pytest.raises(ClusterApiError) as err:
+        cluster.patch("prunejobs", "demo", [{"op": "test", "path": "/metadata/resourceVersion", "value": "1"},
+                                            {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}],
+                      content_type="application/json-patch+json")
+    assert err.value.code == 422
+    with pytest.raises(ClusterApiError) as err:
+        cluster.patch("prunejobs", "demo", {"metadata": {"resourceVersion": "1"}, "spec": {"x": 1}})
+    assert err.value.code == 409
+
+    # Watch streams resume from a resourceVersion and honour label selectors.
+    from kubernetes import watch
+    rv = listing["metadata"]["resourceVersion"]
+    events = []
+    for event in watch.Watch().stream(api.list_namespaced_custom_object, *args, resource_version=rv,
+                                      label_selector="team=search", timeout_seconds=1):
+        events.append((event["type"], event["object"]["metadata"]["name"]))
+    assert events == []  # "second" has no label; nothing happened to "demo" since the list
+    api.patch_namespaced_custom_object(*args, "second", {"metadata": {"labels": {"team": "search"}}})
+    for event in watch.Watch().stream(api.list_namespaced_custom_object, *args, resource_version=rv,
+                                      label_selector="team=search", timeout_seconds=1):
+        events.append((event["type"], event["object"]["metadata"]["name"]))
+    assert events == [("ADDED", "second")]  # entering the selection is ADDED, as in Kubernetes
+
+
+def test_kopf_operator_and_kubelet(cluster, kubelet, tmp_path):
+    operator = tmp_path / "operator.py"
+    operator.write_text(textwrap.dedent("""\
+        import logging, sys
+        import kopf, kubernetes
+
+        @kopf.on.startup()
+        def configure(settings, **_):
+            settings.posting.level = logging.INFO
+            settings.watching.server_timeout = 30
+
+        @kopf.on.create("selfpruner.io", "v1alpha1", "prunejobs")
+        def created(body, name, namespace, **_):
+            kubernetes.config.load_kube_config()
+            job = {
+                "apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": f"{name}-hello", "labels": {"selfpruner.io/prunejob": name}},
+                "spec": {"backoffLimit": 0, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                    {"name": "main", "image": "selfpruner:dev",
+                     "command": ["python", "-c", "print('hi')"]}]}}},
+            }
+            kopf.adopt(job)
+            kubernetes.client.BatchV1Api().create_namespaced_job(namespace, job)
+            kopf.info(body, reason="JobCreated", message=f"created job {name}-hello")
+            return {"job": f"{name}-hello"}
+
+        @kopf.on.event("batch", "v1", "jobs", labels={"selfpruner.io/prunejob": kopf.PRESENT})
+        def job_changed(event, body, namespace, **_):
+            done = [c["type"] for c in body.get("status", {}).get("conditions", []) if c["status"] == "True"]
+            if "Complete" in done and event["type"] != "DELETED":
+                kubernetes.config.load_kube_config()
+                owner = body["metadata"]["labels"]["selfpruner.io/prunejob"]
+                kubernetes.client.CustomObjectsApi().patch_namespaced_custom_object_status(
+                    "selfpruner.io", "v1alpha1", namespace, "prunejobs", owner, {"status": {"phase": "Succeeded"}})
+
+        @kopf.on.delete("selfpruner.io", "v1alpha1", "prunejobs")
+        def deleted(name, **_):
+            pass
+        """))
+    port = _free_port()
+    log = open(tmp_path / "kopf.log", "wb")
+    kopf_proc = subprocess.Popen(
+        [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", "default",
+         "--liveness", f"http://127.0.0.1:{port}/healthz", str(operator)],
+        env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def alive():
+            if kopf_proc.poll() is not None:
+                raise AssertionError("kopf exited:\n" + (tmp_path / "kopf.log").read_text())
+            try:
+                return urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1).status == 200
+            except OSError:
+                return False
+        cluster.wait_for(alive, 30, message="kopf's liveness endpoint")
+
+        (tmp_path / "pj.yaml").write_text(PRUNEJOB)
+        cluster.kubectl("apply", "-f", str(tmp_path / "pj.yaml"))
+        pj = cluster.get("prunejobs", "demo")
+
+        job = cluster.wait_for(lambda: cluster.get("jobs", "demo-hello"), 20, message="kopf to create the job")
+        (owner,) = job["metadata"]["ownerReferences"]
+        assert owner["uid"] == pj["metadata"]["uid"] and owner["kind"] == "PruneJob" and owner["controller"]
+        assert cluster.list("jobs", labels="selfpruner.io/prunejob=demo")[0]["metadata"]["name"] == "demo-hello"
+        assert cluster.list("jobs", labels="selfpruner.io/prunejob=other") == []
+
+        done = kubelet.wait_finished("demo-hello")
+        assert [c["type"] for c in done["status"]["conditions"]] == ["SuccessCriteriaMet", "Complete"]
+        assert done["status"]["succeeded"] == 1 and done["status"]["completionTime"]
+        (pod_log,) = kubelet.logs("demo-hello")
+        assert pod_log.read_text().splitlines()[-1] == "hi"
+
+        pj = cluster.wait_for(lambda: (p := cluster.get("prunejobs", "demo")) and
+                              p.get("status", {}).get("phase") == "Succeeded" and p, 20,
+                              message="the operator to mark the PruneJob Succeeded")
+        assert pj["status"]["created"] == {"job": "demo-hello"}          # the handler's result, by kopf
+        assert pj["metadata"]["finalizers"] == ["kopf.zalando.org/KopfFinalizerMarker"]
+        cluster.wait_for(lambda: any(e["reason"] == "JobCreated" for e in cluster.events("demo")), 10,
+                         message="kopf's event")
+        assert "JobCreated" in cluster.kubectl("get", "events").stdout
+
+        # Deletion: kopf releases its finalizer, then the garbage collector deletes the owned Job.
+        cluster.kubectl("delete", "prunejob", "demo", "--wait=false")
+        cluster.wait_for(lambda: cluster.get("prunejobs", "demo") is None, 20, message="kopf to release the finalizer")
+        assert cluster.get("jobs", "demo-hello") is None
+    finally:
+        kopf_proc.terminate()
+        try:
+            kopf_proc.wait(10)
+        except subprocess.TimeoutExpired:
+            kopf_proc.kill()
+        log.close()
+    kopf_log = (tmp_path / "kopf.log").read_text()
+    assert "Traceback" not in kopf_log, kopf_log
+    assert "Throttling" not in kopf_log, kopf_log
+
+
+def _indexed_job(name, script, completions=3, parallelism=3, **spec):
+    return {
+        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+        "spec": {"completionMode": "Indexed", "completions": completions, "parallelism": parallelism, **spec,
+                 "template": {"spec": {"restartPolicy": "Never", "containers": [{
+                     "name": "worker", "image": "selfpruner:dev",
+                     "command": ["python", "-c", script]}]}}},
+    }
+
+
+def test_indexed_job_with_fail_index_rule(cluster, kubelet):
+    script = "import os, sys; sys.exit(42 if os.environ['JOB_COMPLETION_INDEX'] == '1' else 0)"
+    cluster.create(_indexed_job("idx", script, backoffLimitPerIndex=1, podFailurePolicy={"rules": [
+        {"action": "FailIndex", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [42]}}]}))
+    job = kubelet.wait_finished("idx")
+    status = job["status"]
+    assert status["failedIndexes"] == "1" and status["completedIndexes"] == "0,2"
+    assert status["succeeded"] == 2 and status["failed"] == 1 and status["active"] == 0
+    assert [c["type"] for c in status["conditions"]] == ["FailureTarget", "Failed"]
+    assert len(kubelet.logs("idx")) == 3      # FailIndex: index 1 is not retried
+
+
+def test_preemption_is_ignored_and_env_comes_from_secrets(cluster, kubelet, tmp_path):
+    cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
+                    "stringData": {"TOKEN": "s3cret", "REGION": "eu"}})
+    marker = tmp_path / "preempted-once"
+    script = textwrap.dedent(f"""\
+        import os, pathlib, sys, time
+        print(os.environ["TOKEN"], os.environ["AWS_REGION"], os.environ["JOB_COMPLETION_INDEX"], flush=True)
+        marker = pathlib.Path({str(marker)!r})
+        if os.environ["JOB_COMPLETION_INDEX"] == "0" and not marker.exists():
+            marker.touch()
+            time.sleep(60)
+        """)
+    job = _indexed_job("pre", script, completions=2, parallelism=1, backoffLimitPerIndex=0, podFailurePolicy={
+        "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]})
+    job["spec"]["template"]["spec"]["containers"][0]["envFrom"] = [{"secretRef": {"name": "creds"}}]
+    job["spec"]["template"]["spec"]["containers"][0]["env"] = [
+        {"name": "AWS_REGION", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "REGION"}}}]
+    cluster.create(job)
+
+    cluster.wait_for(lambda: marker.exists() and kubelet.processes("pre").get(0), 20, message="index 0 to run")
+    assert kubelet.processes("pre").keys() == {0}          # parallelism 1
+    pid = kubelet.preempt("pre", 0)
+    done = kubelet.wait_finished("pre")
+    assert done["status"]["completedIndexes"] == "0,1" and done["status"]["failed"] == 0
+    assert done["status"]["failedIndexes"] == ""
+    assert pid not in kubelet.processes("pre").values()
+    logs = [p.read_text() for p in kubelet.logs("pre")]
+    assert len(logs) == 3 and all("s3cret eu" in text for text in logs)
+
+
+def test_deleting_a_job_kills_its_pods(cluster, kubelet):
+    cluster.create(_indexed_job("sleepy", "import time; time.sleep(60)", completions=2, parallelism=2))
+    pids = cluster.wait_for(lambda: len(kubelet.processes("sleepy")) == 2 and kubelet.processes("sleepy"), 20,
+                            message="two pods")
+    job = cluster.wait_for(lambda: (j := cluster.get("jobs", "sleepy")) and j.get("status", {}).get("active") == 2
+                           and j, 10, message="status.active")
+    assert job["status"]["startTime"]
+    cluster.kubectl("delete", "job", "sleepy")
+
+    def all_dead():
+        import os
+        for pid in pids.values():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            return False
+        return True
+    cluster.wait_for(all_dead, 10, message="the pods to be killed")
+    assert json.loads(cluster.kubectl("get", "jobs", "-o", "json").stdout)["items"] == []
