@@ -1295,8 +1295,9 @@ class Kubelet:
     def __init__(self, cluster: Cluster, *, command_map: Callable[[list[str]], list[str]] | None = None,
                  logs_dir: str | os.PathLike[str] | None = None, poll_interval: float = 0.05,
                  retry_delay: float = 0.0, cwd: str | os.PathLike[str] | None = None,
-                 extra_env: Mapping[str, str] | None = None):
+                 extra_env: Mapping[str, str] | None = None, override_env: Mapping[str, str] | None = None):
         self.cluster = cluster
+        self.override_env = dict(override_env or {})  # applied after the container's own env
         self.command_map = command_map or (lambda argv: argv)
         self.logs_dir = pathlib.Path(logs_dir or cluster.workdir / "pod-logs")
         self.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -1667,6 +1668,7 @@ class Kubelet:
                     env[name] = fields.get(path, "")
             else:
                 env[name] = ""
+        env.update(self.override_env)
         return env
 
     @staticmethod
