@@ -31,7 +31,8 @@ class KubernetesExecutor:
     # -- preparation: geometry, calibration statistics, prior (once per PruneJob) ------
     def prepare(self) -> None:
         if not self.store.exists(self.layout.prepared):
-            self._run_batch("prep", [[{"prepare": True}]], wanted=[], on_result=None)
+            self._run_batch("prep", [[{"prepare": True}]], wanted=[], on_result=None,
+                            ready=lambda: self.store.exists(self.layout.prepared))
             if not self.store.exists(self.layout.prepared):
                 raise UserError("the preparation Job failed: the model could not be loaded or calibrated; "
                                 "see the evaluator pod's log")
@@ -89,7 +90,7 @@ class KubernetesExecutor:
         r = self.store.get_json(self.layout.result(tid))
         return EvalOutcome(r["fitness"], r["tokens"], r["seconds"], r.get("achieved_ratio"), r.get("error"))
 
-    def _run_batch(self, batch: str, shard_tasks: list[list[dict]], wanted, on_result) -> None:
+    def _run_batch(self, batch: str, shard_tasks: list[list[dict]], wanted, on_result, ready=None) -> None:
         """Write the shards, create (or find) the batch's Job, and hand over results as they
         arrive; returns when every wanted result is in or the Job has finished."""
         for index, tasks in enumerate(shard_tasks):
@@ -110,7 +111,7 @@ class KubernetesExecutor:
                         on_result(i)
             return not pending
 
-        self._wait(job["metadata"]["name"], collect)
+        self._wait(job["metadata"]["name"], ready or collect)
 
     def _wait(self, name: str, ready) -> None:
         """Until `ready()` (all results in) or the Job has finished or is gone."""

@@ -1,0 +1,176 @@
+"""Faults in the cluster: a controller killed mid-search, a preempted pod, an operator
+restart, an index that keeps failing, S3 answering 500s, and malformed PruneJobs.
+The cluster is the emulator with a fake kubelet, S3 is moto (tests/operator_world.py)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import sys
+import time
+
+import pytest
+import yaml
+
+from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
+from s3_server import FaultProxy, s3_endpoint  # noqa: F401  (a pytest fixture)
+from selfpruner.storage import open_store
+from test_validate import CASES, mutate
+
+pytestmark = needs_kubectl
+
+
+def runs_store(endpoint):
+    return open_store("s3://selfpruner/runs", endpoint_url=endpoint)
+
+
+def output(endpoint, pj, name):
+    store = runs_store(endpoint)
+    key = f"runs/{pj['metadata']['uid']}/output/{name}"
+    data = store.get_bytes(key).decode()
+    return json.loads(data) if name.endswith(".json") else [json.loads(line) for line in data.splitlines()]
+
+
+def keys(history):
+    return [(json.dumps(e["rates"]), e["tokens_budget"], e["text"]) for e in history]
+
+
+def wait(predicate, timeout=120, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def renamed(doc, name):
+    d = copy.deepcopy(doc)
+    d["metadata"]["name"] = name
+    return d
+
+
+def test_controller_killed_mid_search_resumes_with_the_same_result(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    apply(cluster, renamed(doc, "reference"), tmp_path)
+    reference = wait_phase(cluster, "reference", ("Succeeded", "Failed"))
+    assert reference["status"]["phase"] == "Succeeded"
+
+    apply(cluster, renamed(doc, "killed"), tmp_path)
+    pj = wait(lambda: cluster.get("prunejobs", "killed"), what="the PruneJob")
+    store = runs_store(endpoint)
+    latest = f"runs/{pj['metadata']['uid']}/state/latest.json"
+    wait(lambda: store.exists(latest), what="the first checkpoint in S3")
+    controller = cluster.get("prunejobs", "killed")["status"]["controllerJob"]
+    pids = wait(lambda: kubelet.processes(controller), what="the controller process")
+    os.kill(next(iter(pids.values())), signal.SIGKILL)
+
+    pj = wait_phase(cluster, "killed", ("Succeeded", "Failed"))
+    assert pj["status"]["phase"] == "Succeeded", pj["status"]
+    assert pj["status"]["restarts"] == 1
+    assert "ControllerRestarted" in {e["reason"] for e in cluster.events("killed")}
+    ref, res = output(endpoint, reference, "result.json"), output(endpoint, pj, "result.json")
+    assert res["best"] == ref["best"]
+    assert res["best_per_generation"] == ref["best_per_generation"]
+    history, ref_history = output(endpoint, pj, "history.jsonl"), output(endpoint, reference, "history.jsonl")
+    assert len(keys(history)) == len(set(keys(history))), "an evaluation was repeated"
+    assert sorted(keys(history)) == sorted(keys(ref_history)), "an evaluation was lost or added"
+
+
+def test_preempted_pod_and_operator_restart(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    apply(cluster, doc, tmp_path)
+
+    def running_evaluator():
+        for job in cluster.list("jobs", labels="selfpruner.io/prunejob=e2e"):
+            labels = job["metadata"]["labels"]
+            if labels.get("app.kubernetes.io/component") == "evaluator" and not job["metadata"]["name"].endswith("bprep"):
+                pods = kubelet.processes(job["metadata"]["name"])
+                if pods:
+                    return job["metadata"]["name"], next(iter(pods))
+        return None
+
+    job_name, index = wait(running_evaluator, what="an evaluation pod")
+    kubelet.preempt(job_name, index)
+    operator.stop()  # and the operator dies too, mid-search
+    time.sleep(1)
+    operator.start()
+    pj = wait_phase(cluster, "e2e", ("Succeeded", "Failed"))
+    assert pj["status"]["phase"] == "Succeeded", pj["status"]
+    job = cluster.get("jobs", job_name)
+    assert job["status"].get("failed", 0) == 0, "a preemption spent the retry budget"
+    assert job["status"]["succeeded"] == job["spec"]["completions"]
+    controllers = [j for j in cluster.list("jobs", labels="selfpruner.io/prunejob=e2e")
+                   if j["metadata"]["labels"]["app.kubernetes.io/component"] == "controller"]
+    assert len(controllers) == 1 and pj["status"]["restarts"] == 0  # the operator restart changed nothing
+
+
+FAIL_ONCE = """
+import os, sys
+marker = os.environ["SELFPRUNER_TEST_FAIL_MARKER"]
+if (os.environ.get("SELFPRUNER_BATCH", "prep") != "prep" and os.environ.get("JOB_COMPLETION_INDEX") == "1"
+        and not os.path.exists(marker)):
+    open(marker, "w").close()
+    sys.exit(42)  # this shard's candidates cannot be evaluated (say, out of GPU memory)
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def test_failing_index_and_s3_errors(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    marker = tmp_path / "failed-once"
+    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", FAIL_ONCE, *argv[1:]]
+                                             if argv[-1] == "worker" else argv)
+    kubelet.override_env["SELFPRUNER_TEST_FAIL_MARKER"] = str(marker)
+    with FaultProxy(endpoint) as proxy:
+        doc = copy.deepcopy(doc)
+        doc["spec"]["storage"]["endpointURL"] = proxy.url
+        apply(cluster, doc, tmp_path)
+        pj = wait(lambda: cluster.get("prunejobs", "e2e"), what="the PruneJob")
+        latest = f"runs/{pj['metadata']['uid']}/state/latest.json"
+        wait(lambda: runs_store(endpoint).exists(latest), what="the first checkpoint")
+        proxy.fail(3)  # S3 answers 500 for a while, mid-search
+        pj = wait_phase(cluster, "e2e", ("Succeeded", "Failed"))
+        injected = [r for r in proxy.requests if r[3] == 500]
+    assert pj["status"]["phase"] == "Succeeded", pj["status"]
+    assert len(injected) == 3
+    assert marker.exists()
+    history = output(endpoint, pj, "history.jsonl")
+    failed = [e for e in history if e.get("error")]
+    assert failed and all("failed after its retries" in e["error"] for e in failed)
+    failed_jobs = [j for j in cluster.list("jobs", labels="selfpruner.io/prunejob=e2e")
+                   if j["status"].get("failedIndexes")]
+    assert [j["status"]["failedIndexes"] for j in failed_jobs] == ["1"]
+
+
+EXTRA_CASES = [
+    ("spec.fitness", {"tokens": 1}, "spec.fitness.tokens"),
+    ("spec.calibration", {"seqLen": 1}, "spec.calibration.seqLen"),
+    ("spec.search", {"generations": -1}, "spec.search.generations"),
+    ("spec.llm", {"maxTokens": 1}, "spec.llm.maxTokens"),
+    ("spec.evaluator", {"parallelism": 0}, "spec.evaluator.parallelism"),
+    ("spec.storage", {"endpointURL": "http://minio"}, "spec.storage.uri: required field is missing"),
+    ("spec.target", {"grid": 0.7}, "spec.target.grid"),
+]
+
+
+def test_malformed_prunejobs_are_refused_and_nothing_is_created(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    cases = [c for c in CASES if c[0].startswith("spec.")] + EXTRA_CASES
+    assert len(cases) >= 30
+    docs = []
+    for i, (path, value, message) in enumerate(cases):
+        bad = mutate(path, value)
+        bad["metadata"] = {"name": f"bad-{i}"}
+        docs.append(bad)
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump_all(docs))
+    cluster.kubectl("apply", "--validate=false", "-f", str(tmp_path / "bad.yaml"))
+    for i, (path, value, message) in enumerate(cases):
+        pj = wait_phase(cluster, f"bad-{i}", ("Invalid", "Pending", "Running", "Succeeded", "Failed"), timeout=60)
+        assert pj["status"]["phase"] == "Invalid", (path, value, pj["status"])
+        condition = {c["type"]: c for c in pj["status"]["conditions"]}["Invalid"]
+        assert message in condition["message"], (message, condition["message"])
+    assert cluster.list("jobs") == []
