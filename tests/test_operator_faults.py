@@ -174,3 +174,24 @@ def test_malformed_prunejobs_are_refused_and_nothing_is_created(world, tmp_path)
         condition = {c["type"]: c for c in pj["status"]["conditions"]}["Invalid"]
         assert message in condition["message"], (message, condition["message"])
     assert cluster.list("jobs") == []
+
+
+def test_suspend_holds_the_search_and_unsuspend_finishes_it(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    doc = copy.deepcopy(doc)
+    doc["spec"]["suspend"] = True
+    apply(cluster, doc, tmp_path)
+
+    def suspended_job():
+        jobs = [j for j in cluster.list("jobs", labels="selfpruner.io/prunejob=e2e")
+                if j["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluator"]
+        return jobs[0] if jobs and jobs[0]["spec"].get("suspend") else None
+
+    job = wait(suspended_job, what="a suspended evaluation Job")
+    wait(lambda: cluster.get("prunejobs", "e2e")["status"].get("phase") == "Suspended", what="phase Suspended")
+    time.sleep(2)
+    assert kubelet.processes(job["metadata"]["name"]) == {}  # nothing runs while suspended
+    assert not (cluster.get("jobs", job["metadata"]["name"])["status"] or {}).get("succeeded")
+    cluster.patch("prunejobs", "e2e", {"spec": {"suspend": False}})
+    pj = wait_phase(cluster, "e2e", ("Succeeded", "Failed"))
+    assert pj["status"]["phase"] == "Succeeded", pj["status"]

@@ -30,6 +30,10 @@ def condition(type_: str, status: str, reason: str, message: str, generation: in
             "lastTransitionTime": _now(), "observedGeneration": generation or 0}
 
 
+class TooManyFailures(Exception):
+    pass
+
+
 def main() -> int:
     doc = json.loads(os.environ["SELFPRUNER_PRUNEJOB"])
     job = spec_mod.parse(doc)
@@ -60,6 +64,8 @@ def main() -> int:
         condition("Running", "True", "SearchRunning", "the controller is running the search", generation)]})
     executor.prepare()
 
+    max_failed = (job.spec.get("evaluator") or {}).get("maxFailedEvaluations", 10)
+
     def on_checkpoint(out: Path, strategy) -> None:
         n = checkpoints["n"] + 1
         for name_ in STATE_FILES:
@@ -72,8 +78,19 @@ def main() -> int:
         kube.patch_status(name, {"generation": strategy.generation,
                                  "evaluations": _count_lines(out / "history.jsonl"),
                                  **({"bestFitness": best.fitness} if best else {})})
+        failed = runner.History(out / "history.jsonl").totals()["failed_evaluations"]
+        if failed > max_failed:
+            raise TooManyFailures(f"{failed} evaluations failed for good, more than "
+                                  f"spec.evaluator.maxFailedEvaluations ({max_failed})")
 
-    result = runner.run(job, executor=executor, out_dir=work, progress=False, on_checkpoint=on_checkpoint)
+    try:
+        result = runner.run(job, executor=executor, out_dir=work, progress=False, on_checkpoint=on_checkpoint)
+    except TooManyFailures as e:
+        # a final verdict, not a lost controller: say so and end cleanly (no restart)
+        kube.patch_status(name, {"phase": "Failed", "conditions": [
+            condition("Failed", "True", "TooManyFailedEvaluations", str(e), generation)]})
+        kube.event(pj, "Failed", str(e), type_="Warning")
+        return 0
     for file in ("result.json", "fitness.png", "rates.png", *STATE_FILES):
         if (work / file).is_file():
             store.put_file(layout.output(file), work / file)

@@ -75,13 +75,21 @@ class KubernetesExecutor:
         """The finalize Job writes the checkpoint into storage; returns its URI."""
         if not self.store.exists(self.layout.finalize_done):
             self.store.put_json(self.layout.finalize_task, {"rates": rates, "info": info})
-            job = self.kube.create_job(manifests.finalize_job(self.pj, image=self.image))
+            job = self._create(manifests.finalize_job(self.pj, image=self.image))
             self._wait(job["metadata"]["name"], lambda: self.store.exists(self.layout.finalize_done))
             if not self.store.exists(self.layout.finalize_done):
                 raise UserError("the finalize Job failed: no checkpoint was written; see its pod's log")
         return self.store.get_json(self.layout.finalize_done)["checkpoint"]
 
     # -- internals --------------------------------------------------------------------
+    def _create(self, body: dict) -> dict:
+        """Create a GPU Job, suspended if the PruneJob is suspended now (the spec this
+        controller started with may be older)."""
+        live = self.kube.read_prunejob(self.pj["metadata"]["name"])
+        if live is not None:
+            body["spec"]["suspend"] = bool((live.get("spec") or {}).get("suspend"))
+        return self.kube.create_job(body)
+
     def _finished_ids(self) -> list[str]:
         prefix = f"{self.layout.root}/results/"
         return [k[len(prefix):-len(".json")] for k in self.store.list(prefix) if k.endswith(".json")]
@@ -99,7 +107,7 @@ class KubernetesExecutor:
                 self.store.put_json(key, {"tasks": tasks})
         body = manifests.evaluation_job(self.pj, generation=self.generation, shards=len(shard_tasks),
                                         image=self.image, batch=batch)
-        job = self.kube.create_job(body)
+        job = self._create(body)
         pending = dict(wanted)
 
         def collect() -> bool:
