@@ -195,3 +195,20 @@ def test_suspend_holds_the_search_and_unsuspend_finishes_it(world, tmp_path):
     cluster.patch("prunejobs", "e2e", {"spec": {"suspend": False}})
     pj = wait_phase(cluster, "e2e", ("Succeeded", "Failed"))
     assert pj["status"]["phase"] == "Succeeded", pj["status"]
+
+
+def test_more_failures_than_allowed_fail_the_search(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", FAIL_ONCE, *argv[1:]]
+                                             if argv[-1] == "worker" else argv)
+    kubelet.override_env["SELFPRUNER_TEST_FAIL_MARKER"] = str(tmp_path / "failed-once")
+    doc = copy.deepcopy(doc)
+    doc["spec"]["evaluator"]["maxFailedEvaluations"] = 0
+    apply(cluster, doc, tmp_path)
+    pj = wait_phase(cluster, "e2e", ("Succeeded", "Failed"))
+    assert pj["status"]["phase"] == "Failed"
+    condition = {c["type"]: c for c in pj["status"]["conditions"]}["Failed"]
+    assert condition["reason"] == "TooManyFailedEvaluations" and "maxFailedEvaluations (0)" in condition["message"]
+    assert pj["status"]["restarts"] == 0  # a verdict, not a lost controller
+    assert not [j for j in cluster.list("jobs", labels="selfpruner.io/prunejob=e2e")
+                if j["metadata"]["labels"]["app.kubernetes.io/component"] == "finalize"]
