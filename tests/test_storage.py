@@ -377,3 +377,24 @@ def test_node_cache_with_a_file_store(tmp_path):
     cache = NodeCache(tmp_path / "cache")
     folder = cache.fetch(store, "models/tiny")
     assert _tree(folder) == files and cache.bytes_downloaded == sum(map(len, files.values()))
+
+
+def test_controller_finds_the_newest_whole_checkpoint_when_latest_is_torn(s3_endpoint, s3_bucket):
+    """A controller killed while rewriting state/latest.json leaves data that does not match
+    its completion marker; the next controller falls back to the numbered checkpoints."""
+    from s3_server import s3_client
+    from selfpruner.cluster.controller import _latest_checkpoint
+    from selfpruner.cluster.layout import Layout
+    from selfpruner.storage import open_store
+
+    store = open_store(s3_bucket, endpoint_url=s3_endpoint)
+    bucket = s3_bucket.removeprefix("s3://")
+    layout = Layout("uid-1")
+    assert _latest_checkpoint(store, layout) == 0
+    for n in (1, 2, 3):
+        store.put_json(layout.state("state.json", n), {"n": n})
+    store.put_json(layout.latest_state, {"checkpoint": 2})
+    assert _latest_checkpoint(store, layout) == 2
+    # the torn rewrite: new bytes landed, the marker still describes the old ones
+    s3_client(s3_endpoint).put_object(Bucket=bucket, Key=layout.latest_state, Body=b'{"checkpoint": 3')
+    assert _latest_checkpoint(store, layout) == 3

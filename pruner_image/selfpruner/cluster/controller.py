@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .. import spec as spec_mod
 from ..search import runner
-from ..storage import ObjectNotFound, open_store
+from ..storage import ObjectNotFound, StorageError, open_store
 from .k8s_executor import KubernetesExecutor
 from .kube import Kube, _now
 from .layout import STATE_FILES, Layout
@@ -46,16 +46,13 @@ def main() -> int:
     if not store.exists(layout.spec):
         store.put_json(layout.spec, doc)
     work = Path(tempfile.mkdtemp(prefix="selfpruner-"))
-    checkpoints = {"n": 0}
-    try:  # resume: the last whole checkpoint a lost controller left behind
-        checkpoints["n"] = store.get_json(layout.latest_state)["checkpoint"]
+    checkpoints = {"n": _latest_checkpoint(store, layout)}
+    if checkpoints["n"]:  # resume: the last whole checkpoint a lost controller left behind
         for name_ in STATE_FILES:
             try:
                 store.get_file(layout.state(name_, checkpoints["n"]), work / name_)
             except ObjectNotFound:
                 pass
-    except ObjectNotFound:
-        pass
     image = os.environ.get("SELFPRUNER_IMAGE", "selfpruner-pruner:latest")
     executor = KubernetesExecutor(doc, store, kube, image)
     pj = kube.read_prunejob(name) or doc
@@ -111,6 +108,20 @@ def main() -> int:
     kube.event(pj, "Succeeded", f"search finished: best fitness {result['best']['fitness']:.3f}, "
                                 f"checkpoint {result.get('checkpoint')}")
     return 0
+
+
+def _latest_checkpoint(store, layout: Layout) -> int:
+    """The newest checkpoint whose state was written whole; 0 if none. `latest.json` says
+    which; if it was torn by a crash mid-write, the numbered folders still tell."""
+    try:
+        return int(store.get_json(layout.latest_state)["checkpoint"])
+    except ObjectNotFound:
+        return 0
+    except StorageError:
+        prefix = f"{layout.root}/state/"
+        done = [int(k[len(prefix):].split("/")[0]) for k in store.list(prefix)
+                if k.endswith("/state.json") and k[len(prefix):].split("/")[0].isdigit()]
+        return max(done, default=0)
 
 
 def _count_lines(path: Path) -> int:
