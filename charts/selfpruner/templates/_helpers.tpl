@@ -1,0 +1,76 @@
+{{- define "selfpruner.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "selfpruner.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "selfpruner.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "selfpruner.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "selfpruner.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "selfpruner.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "selfpruner.operatorServiceAccount" -}}
+{{- default (printf "%s-operator" (include "selfpruner.fullname" .)) .Values.serviceAccount.operator.name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The namespaces for PruneJobs: watchNamespaces, or the release namespace. One per line. */}}
+{{- define "selfpruner.namespaces" -}}
+{{- $ns := .Values.watchNamespaces | default (list .Release.Namespace) }}
+{{- range $ns }}
+{{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "selfpruner.operatorImage" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) }}
+{{- end }}
+
+{{- define "selfpruner.prunerImage" -}}
+{{- printf "%s:%s" .Values.pruner.image.repository (default .Chart.AppVersion .Values.pruner.image.tag) }}
+{{- end }}
+
+{{/*
+The operator's rules on namespaced resources, used by its ClusterRole (scope cluster) or by its Role
+in each watched namespace (scope namespaced). Exactly what the code calls; tests/test_chart.py
+derives the same set from the sources and compares.
+*/}}
+{{- define "selfpruner.operatorRules" -}}
+# kopf: list/watch PruneJobs; merge-patch them (finalizers, progress annotations).
+# handlers.py: nothing else on the main resource.
+- apiGroups: ["selfpruner.io"]
+  resources: ["prunejobs"]
+  verbs: ["list", "watch", "patch"]
+# kopf: merge-patch the status subresource with the handlers' patch.status.
+- apiGroups: ["selfpruner.io"]
+  resources: ["prunejobs/status"]
+  verbs: ["patch"]
+# handlers.py: create_namespaced_job, read_namespaced_job, list_namespaced_job, patch_namespaced_job.
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["create", "get", "list", "patch"]
+# kopf: kopf.info/kopf.warn and handler progress become Events (POST only).
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}

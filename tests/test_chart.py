@@ -1,0 +1,295 @@
+"""The Helm chart (charts/selfpruner): lints, renders valid Kubernetes 1.33 objects, runs every pod
+restricted, ships the repository's CRD unchanged, and grants exactly the API calls the code makes."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from selfpruner.cluster import manifests
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "selfpruner"
+ALL_FEATURES = CHART / "ci" / "values-all-features.yaml"
+HELM = ROOT / "tools" / "bin" / "helm"
+K8S = "1.33"
+RELEASE, NAMESPACE = "sp", "selfpruner-system"
+
+if not HELM.exists():
+    if os.environ.get("CI"):
+        raise RuntimeError(f"{HELM} is missing in CI: the Makefile's test target builds tools/bin first")
+    pytestmark = pytest.mark.skip(reason=f"{HELM} is absent (run `make tools/bin/helm`); not in CI")
+
+VALUES = {"defaults": [], "all-features": ["-f", str(ALL_FEATURES)]}
+
+
+def helm(*args: str) -> str:
+    out = subprocess.run([str(HELM), *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+_rendered: dict[str, list[dict]] = {}
+
+
+def render(which: str) -> list[dict]:
+    if which not in _rendered:
+        text = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *VALUES[which])
+        _rendered[which] = [d for d in yaml.safe_load_all(text) if d]
+    return _rendered[which]
+
+
+def by_kind(objs, kind):
+    return [o for o in objs if o["kind"] == kind]
+
+
+@pytest.mark.parametrize("which", VALUES)
+def test_lint(which):
+    helm("lint", "--strict", str(CHART), *VALUES[which])
+
+
+def test_schema_rejects_bad_values():
+    out = subprocess.run([str(HELM), "template", RELEASE, str(CHART), "--set", "rbac.scope=everywhere"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "rbac.scope" in out.stderr
+
+
+MONITORING_SPEC = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}
+
+
+@pytest.mark.parametrize("which", VALUES)
+def test_every_object_is_valid_kubernetes(which):
+    objs = render(which)
+    kinds = {o["kind"] for o in objs}
+    assert {"Deployment", "Service", "ServiceAccount", "CustomResourceDefinition"} <= kinds
+    for obj in objs:
+        if obj["apiVersion"].startswith("monitoring.coreos.com/"):
+            # prometheus-operator CRs: kubernetes-validate has no schema, so check the structure
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["kind"] in MONITORING_SPEC
+            assert obj["metadata"]["namespace"] == NAMESPACE
+            spec = obj["spec"]
+            deploy = by_kind(objs, "Deployment")[0]
+            assert spec["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+            assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+            assert [e["port"] for e in spec[MONITORING_SPEC[obj["kind"]]]] == ["metrics"]
+            continue
+        kubernetes_validate.validate(obj, K8S, strict=True)
+
+
+def test_features_toggle():
+    default, full = render("defaults"), render("all-features")
+    assert not [o for o in default if o["apiVersion"].startswith("monitoring.coreos.com/")]
+    assert sorted(o["kind"] for o in full if o["apiVersion"].startswith("monitoring.coreos.com/")) == \
+        ["PodMonitor", "ServiceMonitor"]
+    assert not [o for o in default if o["kind"] == "ConfigMap"]
+    (dash,) = by_kind(full, "ConfigMap")
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    board = json.loads(next(iter(dash["data"].values())))
+    assert board["panels"] and any("selfpruner_prunejobs" in t["expr"] for p in board["panels"] for t in p["targets"])
+    assert "${" not in json.dumps(board).replace("${datasource}", "")
+
+
+def test_operator_deployment():
+    for which, objs in ((w, render(w)) for w in VALUES):
+        (deploy,) = by_kind(objs, "Deployment")
+        assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"] == {"type": "Recreate"}
+        pod = deploy["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        cmd = c["command"]
+        assert cmd[:3] == ["kopf", "run", "--standalone"] and cmd[-2:] == ["-m", "selfpruner_operator.handlers"]
+        assert "--liveness=http://0.0.0.0:8080/healthz" in cmd
+        env = {e["name"]: e["value"] for e in c["env"]}
+        assert {"SELFPRUNER_IMAGE", "SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT", "SELFPRUNER_MAX_CONTROLLER_RESTARTS",
+                "SELFPRUNER_RECONCILE_INTERVAL", "SELFPRUNER_METRICS_PORT"} <= env.keys()
+        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports["metrics"] == 9090 and ports["liveness"] == 8080
+        assert int(env["SELFPRUNER_METRICS_PORT"]) == ports["metrics"]
+        (svc,) = by_kind(objs, "Service")
+        assert svc["spec"]["ports"][0]["name"] == "metrics"
+        assert svc["spec"]["selector"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+        sas = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in by_kind(objs, "ServiceAccount")}
+        assert (NAMESPACE, pod["serviceAccountName"]) in sas
+        if which == "defaults":
+            assert "--all-namespaces" in cmd and not any(a.startswith("--namespace") for a in cmd)
+            assert env["SELFPRUNER_IMAGE"] == "selfpruner-pruner:0.1.0"
+            assert (NAMESPACE, env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"]) in sas
+        else:
+            assert "--all-namespaces" not in cmd
+            assert [a for a in cmd if a.startswith("--namespace")] == \
+                ["--namespace=ml-research", "--namespace=ml-prod"]
+            assert env["SELFPRUNER_IMAGE"] == "registry.example/selfpruner-pruner:0.1.0"
+            assert pod["imagePullSecrets"] == [{"name": "registry-creds"}]
+            assert pod["nodeSelector"] and pod["tolerations"] and pod["affinity"]
+            for ns in ("ml-research", "ml-prod"):
+                assert (ns, env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"]) in sas
+
+
+def assert_restricted(pod: dict, where: str):
+    psc = pod.get("securityContext") or {}
+    assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), where
+    assert not any("hostPath" in v for v in pod.get("volumes") or []), where
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = c["securityContext"]
+        assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, where
+        assert sc.get("runAsUser", psc.get("runAsUser")) == 10001, where
+        assert sc["allowPrivilegeEscalation"] is False, where
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
+        assert (sc.get("seccompProfile") or psc.get("seccompProfile"))["type"] == "RuntimeDefault", where
+        assert sc["readOnlyRootFilesystem"] is True, where
+        assert not sc.get("privileged"), where
+        mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+        assert "tmp" == mounts.get("/tmp"), where
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"], where
+
+
+def system_jobs():
+    from test_manifests import prunejob  # tests/ is on sys.path (rootdir conftest)
+
+    pj = prunejob(evaluator={"nodeCache": ""})
+    image = "registry.example/selfpruner-pruner:0.1.0"
+    return {"controller": manifests.controller_job(pj, image=image, service_account="selfpruner-controller"),
+            "evaluation": manifests.evaluation_job(pj, generation=1, shards=2, image=image, batch="abc"),
+            "finalize": manifests.finalize_job(pj, image=image)}
+
+
+def test_every_pod_is_restricted():
+    for which in VALUES:
+        for obj in render(which):
+            if obj["kind"] in ("Deployment", "StatefulSet", "DaemonSet", "Job"):
+                assert_restricted(obj["spec"]["template"]["spec"], f"{which}: {obj['kind']} {obj['metadata']['name']}")
+    for name, job in system_jobs().items():
+        assert_restricted(job["spec"]["template"]["spec"], f"system Job {name}")
+
+
+def test_crd_is_the_repository_crd():
+    copy = CHART / "files" / "prunejob.yaml"
+    assert copy.read_bytes() == (ROOT / "crds" / "prunejob.yaml").read_bytes(), \
+        "charts/selfpruner/files/prunejob.yaml must be a copy of crds/prunejob.yaml: cp crds/prunejob.yaml " + str(copy)
+    expected = yaml.safe_load((ROOT / "crds" / "prunejob.yaml").read_text())
+    (crd,) = by_kind(render("defaults"), "CustomResourceDefinition")
+    assert crd["metadata"].pop("annotations") == {"helm.sh/resource-policy": "keep"}
+    crd["metadata"].pop("labels")
+    assert crd == expected
+    out = helm("template", RELEASE, str(CHART), "--set", "crds.install=false")
+    assert "CustomResourceDefinition" not in out
+
+
+# --- RBAC: exactly what the code calls ---------------------------------------------------------
+
+# kubernetes client methods -> (apiGroup, resource, verb). A method missing here fails the test:
+# add it, and the rule to the chart.
+CLIENT_METHODS = {
+    "create_namespaced_job": ("batch", "jobs", "create"),
+    "read_namespaced_job": ("batch", "jobs", "get"),
+    "list_namespaced_job": ("batch", "jobs", "list"),
+    "patch_namespaced_job": ("batch", "jobs", "patch"),
+    "get_namespaced_custom_object": ("selfpruner.io", "prunejobs", "get"),
+    "patch_namespaced_custom_object": ("selfpruner.io", "prunejobs", "patch"),
+    "patch_namespaced_custom_object_status": ("selfpruner.io", "prunejobs/status", "patch"),
+    "list_namespaced_custom_object": ("selfpruner.io", "prunejobs", "list"),
+    "create_namespaced_event": ("", "events", "create"),
+}
+CALL = re.compile(r"\.((?:create|read|get|list|patch|replace|delete|watch)_(?:namespaced|cluster)_\w+)\(")
+
+# What kopf itself does for our handlers (kopf 1.x; see kopf's docs "Deployment" RBAC and
+# kopf/_core/reactor/observation.py, kopf/_cogs/clients/patching.py, events.py):
+KOPF_NAMESPACED = {
+    ("selfpruner.io", "prunejobs", "list"),    # the watcher's initial listing
+    ("selfpruner.io", "prunejobs", "watch"),   # the watch stream
+    ("selfpruner.io", "prunejobs", "patch"),   # finalizers and progress annotations (merge-patch)
+    ("selfpruner.io", "prunejobs/status", "patch"),  # the handlers' patch.status (status subresource)
+    ("", "events", "create"),                  # kopf.info/kopf.warn and handler logs posted as Events
+}
+KOPF_CLUSTER = {
+    # runtime observation of CRDs (rbac.observeCRDs); optional: without it kopf scans once at startup.
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    # no namespaces rule: kopf lists namespaces only for --namespace patterns, never with
+    # --all-namespaces; with exact --namespace names it falls back to them when forbidden.
+}
+
+
+def code_permissions(path: Path) -> set:
+    methods = set(CALL.findall(path.read_text()))
+    assert methods, f"no kubernetes client calls found in {path}"
+    unknown = methods - CLIENT_METHODS.keys()
+    assert not unknown, f"{path}: map these client methods to RBAC rules in CLIENT_METHODS: {unknown}"
+    return {CLIENT_METHODS[m] for m in methods}
+
+
+OPERATOR_CODE = ROOT / "operator" / "selfpruner_operator" / "handlers.py"
+CONTROLLER_CODE = ROOT / "pruner_image" / "selfpruner" / "cluster" / "kube.py"
+
+
+def test_code_scan_finds_the_calls():
+    assert code_permissions(OPERATOR_CODE) == {("batch", "jobs", v) for v in ("create", "get", "list", "patch")}
+    assert code_permissions(CONTROLLER_CODE) == {
+        ("batch", "jobs", "create"), ("batch", "jobs", "get"), ("selfpruner.io", "prunejobs", "get"),
+        ("selfpruner.io", "prunejobs/status", "patch"), ("", "events", "create")}
+
+
+def rules_of(role: dict) -> set:
+    out = set()
+    for rule in role["rules"]:
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), role["metadata"]["name"]
+        for g in rule["apiGroups"]:
+            for r in rule["resources"]:
+                for v in rule["verbs"]:
+                    assert "*" not in (g, r, v), f"wildcard in {role['kind']} {role['metadata']['name']}"
+                    out.add((g, r, v))
+    return out
+
+
+def grants(objs, sa_namespace: str, sa_name: str) -> dict:
+    """{namespace or None (cluster-wide): permissions} for one ServiceAccount, through its bindings."""
+    roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o
+             for o in objs if o["kind"] in ("Role", "ClusterRole")}
+    out: dict = {}
+    for b in objs:
+        if b["kind"] not in ("RoleBinding", "ClusterRoleBinding"):
+            continue
+        if {"kind": "ServiceAccount", "name": sa_name, "namespace": sa_namespace} not in b["subjects"]:
+            continue
+        ref = b["roleRef"]
+        ns = b["metadata"].get("namespace")
+        role = roles[(ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])]
+        scope = None if b["kind"] == "ClusterRoleBinding" else ns
+        out.setdefault(scope, set()).update(rules_of(role))
+    return out
+
+
+@pytest.mark.parametrize("which", VALUES)
+def test_rbac_is_exactly_what_the_code_calls(which):
+    objs = render(which)
+    (deploy,) = by_kind(objs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    operator = grants(objs, NAMESPACE, pod["serviceAccountName"])
+    namespaced = code_permissions(OPERATOR_CODE) | KOPF_NAMESPACED
+    if which == "defaults":  # rbac.scope=cluster
+        assert operator == {None: namespaced | KOPF_CLUSTER}
+        watched = [NAMESPACE]
+    else:  # rbac.scope=namespaced, two namespaces
+        watched = ["ml-research", "ml-prod"]
+        assert operator == {None: KOPF_CLUSTER, **{ns: namespaced for ns in watched}}
+    controller_needs = code_permissions(CONTROLLER_CODE)
+    for ns in watched:
+        assert grants(objs, ns, env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"]) == {ns: controller_needs}
+    # nothing else is bound to anyone
+    bound = {(s["namespace"], s["name"]) for b in objs if b["kind"].endswith("Binding") for s in b["subjects"]}
+    assert bound == {(NAMESPACE, pod["serviceAccountName"])} | \
+        {(ns, env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"]) for ns in watched}
+
+
+def test_observe_crds_off_leaves_no_cluster_rule_in_namespaced_scope():
+    text = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(ALL_FEATURES),
+                "--set", "rbac.observeCRDs=false")
+    objs = [d for d in yaml.safe_load_all(text) if d]
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
