@@ -94,7 +94,9 @@ def world(tmp_path, s3_endpoint, tiny_job):  # noqa: F811
         cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
                         "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
         override = {"SELFPRUNER_CACHE": str(tmp_path / "pod-cache"), "SELFPRUNER_NODE_CACHE": str(tmp_path / "node"),
-                    "HOME": str(tmp_path)}
+                    "HOME": str(tmp_path),
+                    # pods share this machine's ports: the controllers' metrics servers stay off here
+                    "SELFPRUNER_METRICS_PORT": ""}
         hooks: dict = {}
 
         def command_map(argv):

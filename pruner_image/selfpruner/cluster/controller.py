@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,8 +63,21 @@ def main() -> int:
     executor.prepare()
 
     max_failed = (job.spec.get("evaluator") or {}).get("maxFailedEvaluations", 10)
+    metrics = None
+    if os.environ.get("SELFPRUNER_METRICS_PORT"):
+        try:  # metrics must never break a search
+            from .metrics import SearchMetrics
+            metrics = SearchMetrics(name)
+            metrics.serve(int(os.environ["SELFPRUNER_METRICS_PORT"]))
+        except Exception as e:
+            print(f"selfpruner: metrics off: {e!r}", file=sys.stderr)
+            metrics = None
 
     def on_checkpoint(out: Path, strategy) -> None:
+        try:
+            metrics and metrics.update_from(out, strategy)
+        except Exception as e:
+            print(f"selfpruner: metrics update failed: {e!r}", file=sys.stderr)
         n = checkpoints["n"] + 1
         for name_ in STATE_FILES:
             if (out / name_).is_file():

@@ -13,6 +13,7 @@ import json
 API_VERSION = "selfpruner.io/v1alpha1"
 EXIT_UNEVALUABLE = 42  # a worker's exit code for "this shard's candidates cannot be evaluated"
 RUN_AS_USER = 10001
+METRICS_PORT = 9090  # the controller's search metrics (workers report through it)
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRUNEJOB_LABEL = "selfpruner.io/prunejob"
 
@@ -88,7 +89,8 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
     document = {k: pj[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in pj}
     document["metadata"] = {k: pj["metadata"][k] for k in ("name", "namespace", "uid") if k in pj["metadata"]}
     env = _common_env(pj) + [{"name": "SELFPRUNER_PRUNEJOB", "value": json.dumps(document, sort_keys=True)},
-                             {"name": "SELFPRUNER_IMAGE", "value": image}]
+                             {"name": "SELFPRUNER_IMAGE", "value": image},
+                             {"name": "SELFPRUNER_METRICS_PORT", "value": str(METRICS_PORT)}]
     storage_env, env_from = _storage_env(pj)
     env += storage_env
     llm = spec.get("llm") or {}
@@ -97,6 +99,7 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
                     "valueFrom": {"secretKeyRef": {"name": llm["apiKeySecret"]["name"],
                                                    "key": llm["apiKeySecret"]["key"]}}})
     container = {"name": "controller", "image": image, "command": ["selfpruner", "controller"], "env": env,
+                 "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
                  "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
                  "securityContext": container_security(), "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}
     if env_from:

@@ -1,0 +1,133 @@
+"""The selfpruner Grafana dashboard, as code (grafana-foundation-sdk).
+
+    python dashboards/generate.py          # writes both copies
+    python dashboards/generate.py --check  # exits 1 if a copy differs from the code
+
+Writes `dashboards/selfpruner.json` and the Helm chart's `charts/selfpruner/files/dashboard.json`
+(the same text). Never edit those files by hand: tests/test_dashboard.py regenerates them
+and fails on any difference. Series are documented in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import dashboard as dash
+from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos, VariableRefresh, VariableSort
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUTS = (ROOT / "dashboards" / "selfpruner.json", ROOT / "charts" / "selfpruner" / "files" / "dashboard.json")
+
+DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
+PJ = 'prunejob=~"$prunejob"'
+RI = "[$__rate_interval]"
+
+
+def query(expr: str, legend: str, ref: str = "A") -> prometheus.Dataquery:
+    return prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(DS)
+
+
+def series(pid: int, title: str, unit: str, queries: list, pos: tuple[int, int, int, int], description: str):
+    x, y, w, h = pos
+    panel = (timeseries.Panel().id(pid).title(title).description(description).datasource(DS)
+             .unit(unit).grid_pos(GridPos(x=x, y=y, w=w, h=h)))
+    for q in queries:
+        panel = panel.with_target(q)
+    return panel
+
+
+def total(pid: int, title: str, unit: str, q, pos: tuple[int, int, int, int], description: str):
+    x, y, w, h = pos
+    return (stat.Panel().id(pid).title(title).description(description).datasource(DS).unit(unit)
+            .grid_pos(GridPos(x=x, y=y, w=w, h=h)).with_target(q))
+
+
+def panels() -> list:
+    rate = lambda name, by: f"sum by ({by}) (rate({name}{{{PJ}}}{RI}))"  # noqa: E731
+    return [
+        # the search, per PruneJob (exported by the controller pod)
+        series(1, "Best fitness", "short",
+               [query(f"max by (prunejob) (selfpruner_search_best_fitness{{{PJ}}})", "{{prunejob}}")],
+               (0, 0, 12, 8), "Fitness of the best candidate so far (perplexity on the fitness text: lower is better)"),
+        series(2, "Search generation", "short",
+               [query(f"max by (prunejob) (selfpruner_search_generation{{{PJ}}})", "{{prunejob}}")],
+               (12, 0, 12, 8), "Generations each search has completed"),
+        series(3, "Evaluations per second", "reqps",
+               [query(rate("selfpruner_search_evaluations_total", "prunejob, outcome"), "{{prunejob}} {{outcome}}")],
+               (0, 8, 12, 8), "Candidate evaluations finished per second, ok and failed"),
+        series(4, "Evaluation duration", "s",
+               [query(f'{rate("selfpruner_search_evaluation_device_seconds_total", "prunejob")}'
+                      f' / {rate("selfpruner_search_evaluations_total", "prunejob")}', "{{prunejob}}")],
+               (12, 8, 12, 8), "Accelerator seconds per evaluation"),
+        total(5, "Device seconds", "s",
+              query(f"sum by (prunejob) (selfpruner_search_evaluation_device_seconds_total{{{PJ}}})", "{{prunejob}}"),
+              (0, 16, 12, 8), "Accelerator seconds spent in evaluations since the controller started"),
+        series(6, "Tokens evaluated per second", "short",
+               [query(rate("selfpruner_search_tokens_evaluated_total", "prunejob"), "{{prunejob}}")],
+               (12, 16, 12, 8), "Tokens run through the model per second in evaluations"),
+        # the LLM
+        series(7, "LLM calls per second", "reqps",
+               [query(rate("selfpruner_llm_calls_total", "prunejob"), "{{prunejob}}")],
+               (0, 24, 12, 8), "LLM calls made by the search"),
+        series(8, "LLM tokens per second", "short",
+               [query(rate("selfpruner_llm_tokens_total", "prunejob, kind"), "{{prunejob}} {{kind}}")],
+               (12, 24, 12, 8), "LLM prompt and completion tokens"),
+        series(9, "LLM invalid replies", "short",
+               [query(f"sum by (prunejob) (increase(selfpruner_llm_invalid_replies_total{{{PJ}}}{RI}))",
+                      "{{prunejob}}")],
+               (0, 32, 12, 8), "Unparseable LLM replies and failed LLM calls"),
+        series(10, "LLM offspring by use", "short",
+               [query(f"sum by (prunejob, use) (increase(selfpruner_llm_offspring_total{{{PJ}}}{RI}))",
+                      "{{prunejob}} {{use}}")],
+               (12, 32, 12, 8), "Offspring the LLM wrote: used as written, repaired, or replaced"),
+        # the operator
+        series(11, "PruneJobs by phase", "short",
+               [query("sum by (phase) (selfpruner_prunejobs)", "{{phase}}")],
+               (0, 40, 12, 8), "PruneJobs the operator knows, by phase"),
+        series(12, "Operator reconcile errors and controller restarts", "short",
+               [query(f"sum(increase(selfpruner_operator_reconcile_errors_total{RI}))", "reconcile errors"),
+                query(f"sum(increase(selfpruner_operator_controller_restarts_total{RI}))",
+                      "controller restarts", "B")],
+               (12, 40, 12, 8), "Reconciliations that raised an error; controller Jobs started again after a loss"),
+        series(13, "Operator reconcile duration (p95)", "s",
+               [query("histogram_quantile(0.95, sum by (le) "
+                      f"(rate(selfpruner_operator_reconcile_duration_seconds_bucket{RI})))", "p95")],
+               (0, 48, 24, 8), "95th percentile of the time one reconciliation takes"),
+    ]
+
+
+def build() -> dict:
+    board = (dash.Dashboard("selfpruner").uid("selfpruner").tags(["selfpruner"]).editable()
+             .time("now-6h", "now").refresh("30s")
+             .with_variable(dash.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+             .with_variable(dash.QueryVariable("prunejob").label("PruneJob").datasource(DS)
+                            .query("label_values(selfpruner_search_generation, prunejob)")
+                            .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC)
+                            .multi(True).include_all(True).all_value(".*")))
+    for p in panels():
+        board = board.with_panel(p)
+    return json.loads(json.dumps(board.build(), cls=JSONEncoder))
+
+
+def render() -> str:
+    return json.dumps(build(), indent=2, sort_keys=True) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    text = render()
+    if "--check" in argv:
+        stale = [str(p.relative_to(ROOT)) for p in OUTPUTS if not p.is_file() or p.read_text() != text]
+        for p in stale:
+            print(f"{p} differs from dashboards/generate.py; run it", file=sys.stderr)
+        return 1 if stale else 0
+    for p in OUTPUTS:
+        p.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

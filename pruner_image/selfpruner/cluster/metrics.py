@@ -1,0 +1,101 @@
+"""The search's Prometheus series, served by the controller pod.
+
+Workers are short-lived pods and serve nothing: every evaluation they make ends up in the
+controller's `history.jsonl` (and every LLM call in `llm_transcript.jsonl`), so the
+controller reports their work from those files after each generation, and nothing is lost
+when a worker ends before a scrape. Series follow Prometheus conventions: `selfpruner_`
+prefix, base units, `_total` on counters, one `prunejob` label and no per-candidate labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+OFFSPRING_USES = ("as_written", "repaired", "replaced")
+
+
+def _lines(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line
+    return out
+
+
+class SearchMetrics:
+    """One PruneJob's search, in its own registry. `update_from` is given absolute totals
+    and moves each counter up by the difference from the last totals it saw."""
+
+    def __init__(self, prunejob: str):
+        self.prunejob = prunejob
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, pj = self.registry, ["prunejob"]
+        self.evaluations = Counter("selfpruner_search_evaluations_total",
+                                   "Candidate evaluations finished, by outcome (ok or failed)",
+                                   pj + ["outcome"], registry=r)
+        self.device_seconds = Counter("selfpruner_search_evaluation_device_seconds_total",
+                                      "Accelerator seconds spent in evaluations", pj, registry=r)
+        self.tokens = Counter("selfpruner_search_tokens_evaluated_total",
+                              "Tokens run through the model in evaluations", pj, registry=r)
+        self.generation = Gauge("selfpruner_search_generation",
+                                "Generations the search has completed", pj, registry=r)
+        self.best_fitness = Gauge("selfpruner_search_best_fitness",
+                                  "Fitness of the best candidate so far", pj, registry=r)
+        self.llm_calls = Counter("selfpruner_llm_calls_total", "LLM calls made by the search", pj, registry=r)
+        self.llm_tokens = Counter("selfpruner_llm_tokens_total", "LLM tokens, by kind (prompt or completion)",
+                                  pj + ["kind"], registry=r)
+        self.llm_invalid = Counter("selfpruner_llm_invalid_replies_total",
+                                   "LLM replies that could not be used: unparseable replies and failed calls",
+                                   pj, registry=r)
+        self.llm_offspring = Counter("selfpruner_llm_offspring_total",
+                                     "Offspring the LLM was asked for, by use (as_written, repaired, replaced)",
+                                     pj + ["use"], registry=r)
+        self._last: dict[tuple, float] = {}
+        # every labelled child exists from the start, so a scrape shows zeros, not gaps
+        for outcome in ("ok", "failed"):
+            self.evaluations.labels(prunejob, outcome)
+        for kind in ("prompt", "completion"):
+            self.llm_tokens.labels(prunejob, kind)
+        for use in OFFSPRING_USES:
+            self.llm_offspring.labels(prunejob, use)
+        for c in (self.device_seconds, self.tokens, self.llm_calls, self.llm_invalid):
+            c.labels(prunejob)
+
+    def _total(self, counter: Counter, value: float, *labels: str) -> None:
+        key = (counter._name, *labels)
+        last = self._last.get(key, 0)
+        if value > last:  # counters only go up (a rewound transcript does not take them back)
+            counter.labels(self.prunejob, *labels).inc(value - last)
+            self._last[key] = value
+
+    def update_from(self, out_dir: str | Path, strategy) -> None:
+        out = Path(out_dir)
+        done = [e for e in _lines(out / "history.jsonl") if e.get("fitness") is not None or e.get("error")]
+        failed = sum(1 for e in done if e.get("error"))
+        self._total(self.evaluations, len(done) - failed, "ok")
+        self._total(self.evaluations, failed, "failed")
+        self._total(self.device_seconds, sum(float(e.get("seconds") or 0) for e in done))
+        self._total(self.tokens, sum(int(e.get("tokens") or 0) for e in done))
+        calls = _lines(out / "llm_transcript.jsonl")
+        self._total(self.llm_calls, len(calls))
+        self._total(self.llm_tokens, sum(int(e.get("prompt_tokens") or 0) for e in calls), "prompt")
+        self._total(self.llm_tokens, sum(int(e.get("completion_tokens") or 0) for e in calls), "completion")
+        counters = getattr(strategy, "counters", None) or {}
+        self._total(self.llm_invalid, counters.get("llm_unparseable_replies", 0) + counters.get("llm_failed_calls", 0))
+        for use in OFFSPRING_USES:
+            self._total(self.llm_offspring, counters.get(f"llm_{use}", 0), use)
+        self.generation.labels(self.prunejob).set(strategy.generation)
+        best = strategy.best()
+        if best is not None and best.fitness is not None:
+            self.best_fitness.labels(self.prunejob).set(best.fitness)
+
+    def serve(self, port: int):
+        """Serve /metrics on `port` from a daemon thread; returns (server, thread)."""
+        return start_http_server(port, registry=self.registry)
