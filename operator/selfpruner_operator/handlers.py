@@ -3,7 +3,6 @@ creates anything, so an operator restart in the middle of anything changes nothi
 
 from __future__ import annotations
 
-import datetime
 import os
 import time
 
@@ -11,6 +10,7 @@ import kopf
 
 from selfpruner import spec as spec_mod
 from selfpruner.cluster import manifests
+from selfpruner.cluster.kube import condition as _condition
 from selfpruner.cluster.kube import job_finished
 
 from . import metrics
@@ -21,15 +21,6 @@ IMAGE = os.environ.get("SELFPRUNER_IMAGE", "selfpruner-pruner:latest")
 SERVICE_ACCOUNT = os.environ.get("SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT", "selfpruner-controller")
 MAX_RESTARTS = int(os.environ.get("SELFPRUNER_MAX_CONTROLLER_RESTARTS", "3"))
 INTERVAL = float(os.environ.get("SELFPRUNER_RECONCILE_INTERVAL", "5"))
-
-
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _condition(type_, status, reason, message, generation) -> dict:
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": _now(), "observedGeneration": generation or 0}
 
 
 def _merge_conditions(old: list, new: list) -> list:

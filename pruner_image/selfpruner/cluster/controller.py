@@ -17,18 +17,13 @@ from .. import spec as spec_mod
 from ..search import runner
 from ..storage import ObjectNotFound, StorageError, open_store
 from .k8s_executor import KubernetesExecutor
-from .kube import Kube, _now
+from .kube import Kube, condition
 from .layout import STATE_FILES, Layout
 
 
 def store_for(spec) -> object:
     storage = spec.spec["storage"]
     return open_store(storage["uri"], endpoint_url=storage.get("endpointURL"), region=storage.get("region"))
-
-
-def condition(type_: str, status: str, reason: str, message: str, generation: int | None) -> dict:
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": _now(), "observedGeneration": generation or 0}
 
 
 class TooManyFailures(Exception):
@@ -86,10 +81,10 @@ def main() -> int:
         checkpoints["n"] = n
         executor.generation = strategy.generation
         best = strategy.best()
-        kube.patch_status(name, {"generation": strategy.generation,
-                                 "evaluations": _count_lines(out / "history.jsonl"),
+        totals = runner.History(out / "history.jsonl").totals()
+        kube.patch_status(name, {"generation": strategy.generation, "evaluations": totals["evaluations"],
                                  **({"bestFitness": best.fitness} if best else {})})
-        failed = runner.History(out / "history.jsonl").totals()["failed_evaluations"]
+        failed = totals["failed_evaluations"]
         if failed > max_failed:
             raise TooManyFailures(f"{failed} evaluations failed for good, more than "
                                   f"spec.evaluator.maxFailedEvaluations ({max_failed})")
@@ -137,6 +132,3 @@ def _latest_checkpoint(store, layout: Layout) -> int:
                 if k.endswith("/state.json") and k[len(prefix):].split("/")[0].isdigit()]
         return max(done, default=0)
 
-
-def _count_lines(path: Path) -> int:
-    return sum(1 for _ in open(path)) if path.is_file() else 0

@@ -12,8 +12,14 @@ import json
 GROUP, VERSION, PLURAL = "selfpruner.io", "v1alpha1", "prunejobs"
 
 
-def _now() -> str:
+def now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def condition(type_: str, status: str, reason: str, message: str, generation: int | None) -> dict:
+    """A status condition as Kubernetes writes them (the operator and the controller share it)."""
+    return {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": now(), "observedGeneration": generation or 0}
 
 
 class Kube:
@@ -77,7 +83,7 @@ class Kube:
                                "namespace": self.namespace, "uid": meta.get("uid")},
             "reason": reason, "message": message[:1000], "type": type_,
             "source": {"component": "selfpruner-controller"},
-            "firstTimestamp": _now(), "lastTimestamp": _now(), "count": 1,
+            "firstTimestamp": now(), "lastTimestamp": now(), "count": 1,
         }
         self.core.create_namespaced_event(self.namespace, body)
 

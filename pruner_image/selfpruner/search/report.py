@@ -34,7 +34,7 @@ class Progress:
             self.bar.close()
 
 
-def _baseline_units(name: str, strategy, space):
+def _baseline_units(name: str, strategy):
     cls = {"uniform": Uniform, "owl": Owl}[name]
     return cls(strategy.ctx).allocation()
 
@@ -44,7 +44,7 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     best = strategy.best()
     candidates = {"best": space.to_rates(best.units).to_json()}
     for name in spec.spec.search.baselines:
-        candidates[name] = space.to_rates(_baseline_units(name, strategy, space)).to_json()
+        candidates[name] = space.to_rates(_baseline_units(name, strategy)).to_json()
     dense = Rates.uniform(0.0, executor.geometry.num_layers).to_json()
     items = [(dense, f.tokens, "fitness", "dense")]
     items += [(r, f.tokens, "fitness", name) for name, r in candidates.items()]
