@@ -24,6 +24,9 @@ Token counts exclude the report's own evaluations (dense, baselines, held-out te
     PYTHONPATH=pruner_image python3 bench/bench_search.py --out search.json      # GPU, real model
     PYTHONPATH=pruner_image .venv/bin/python bench/bench_search.py --tiny        # CPU smoke test
 Rerunning with the same --workdir resumes: finished runs are read back, unfinished ones resume.
+`--report-only` evaluates nothing (no GPU needed): it prints the table from the folders, with an
+unfinished run's progress read from its last checkpoint -- how a run cut short by a machine's
+time limit is still reported (bench/search_on_device.sh runs this on a GPU in parallel).
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="one run folder per (ratio, strategy, fidelity)")
     p.add_argument("--out", default=None, help="JSON of every run and the goal checks")
     p.add_argument("--deadline", type=float, default=None, help="seconds; later runs are skipped (recorded)")
+    p.add_argument("--report-only", action="store_true",
+                   help="evaluate nothing: report finished runs, and unfinished ones from their last checkpoint")
+    p.add_argument("--plot", default=None, help="PNG: held-out perplexity by strategy at each β")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama, random texts, tiny budget (CPU)")
     p.add_argument("--tiny-llm", action="store_true", help="with --tiny: run llm-evolution too (slow on CPU)")
     a = p.parse_args(argv)
@@ -136,8 +142,69 @@ def search_cost(out: Path) -> dict:
     return {"search_tokens": int(tokens), "search_device_seconds": round(seconds, 2), "llm_seconds": round(llm_s, 1)}
 
 
+def partial(out: Path) -> dict | None:
+    """An unfinished run's progress from its last checkpoint: generations, evaluations, best
+    fitness on the search text (no held-out perplexity: that is measured only at the end)."""
+    from selfpruner.search import runner
+
+    if not (out / runner.STATE).is_file():
+        return None
+    st = json.loads((out / runner.STATE).read_text())["strategy"]
+    c = st.get("counters", {})
+    row = {"generations_done": len(st.get("best_per_generation", [])) - 1,
+           "best_per_generation": st.get("best_per_generation", []), "evaluations": st.get("spent"),
+           "best_fitness": min(st["best_per_generation"]) if st.get("best_per_generation") else None,
+           **search_cost(out), **llm_stats(out, c)}
+    return row
+
+
+def llm_stats(out: Path, counters: dict) -> dict:
+    """What the LLM did: calls, generation time, replies cut off at maxTokens, unusable replies,
+    and the share of the offspring it was asked for that were used as written."""
+    path = out / "llm_transcript.jsonl"
+    if not path.is_file():
+        return {}
+    calls = [json.loads(x) for x in path.read_text().splitlines()]
+    asked = counters.get("llm_offspring_asked", 0)
+    return {"llm_calls": len(calls), "llm_completion_tokens": sum(e.get("completion_tokens", 0) for e in calls),
+            "llm_seconds_per_call": round(sum(e.get("seconds", 0.0) for e in calls) / max(1, len(calls)), 1),
+            "llm_unparseable_replies": counters.get("llm_unparseable_replies", 0),
+            "llm_offspring_asked": asked, "llm_as_written": counters.get("llm_as_written", 0),
+            "as_written_share": counters.get("llm_as_written", 0) / asked if asked else None}
+
+
 def fmt(x, spec=".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+
+
+def plot(rows: list[dict], ratios: list[float], path: Path) -> None:
+    """Grouped bars of held-out perplexity (finished runs), the dense model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "held_out" in r]
+    names = list(dict.fromkeys(f"{r['strategy']} {r['fidelity']}" for r in done))
+    fig, ax = plt.subplots(figsize=(2.2 + 1.2 * len(ratios) * max(1, len(names)) / 4, 4))
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, ratio in enumerate(ratios):
+            r = next((r for r in done if r["ratio"] == ratio and f"{r['strategy']} {r['fidelity']}" == name), None)
+            if r:
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
+                ys.append(r["held_out"])
+        ax.bar(xs, ys, width, label=name)
+    if done:
+        ax.axhline(done[0]["dense_held_out"], color="black", lw=1, ls="--", label="dense")
+    ax.set_xticks(range(len(ratios)), [f"β = {r}" for r in ratios])
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
@@ -169,6 +236,10 @@ def main(argv=None) -> int:
         row = {"ratio": ratio, "strategy": strategy, "fidelity": fidelity, "dir": str(out)}
         if (out / "result.json").is_file() and (out / runner.STATE).is_file():
             result, row["resumed"] = json.loads((out / "result.json").read_text()), "finished before"
+        elif a.report_only:
+            progress = partial(out)
+            rows.append({**row, "skipped": "not run"} if progress is None else {**row, "partial": True, **progress})
+            continue
         elif a.deadline is not None and time.time() - started > a.deadline:
             rows.append({**row, "skipped": "deadline"})
             continue
@@ -196,7 +267,10 @@ def main(argv=None) -> int:
                      "tokens_evaluated": c["tokens_evaluated"], "device_seconds": c["device_seconds"],
                      "evaluations": c["evaluations"], "budget_spent": c["budget_spent"],
                      "wall_seconds": c["wall_seconds"], "llm_calls": llm_cost.get("calls"),
-                     "as_written_share": llm_cost.get("as_written_share"), "rates": result["best"]["rates"]})
+                     "as_written_share": llm_cost.get("as_written_share"), "rates": result["best"]["rates"],
+                     "best_per_generation": json.loads((out / runner.STATE).read_text())["strategy"].get(
+                         "best_per_generation", []),
+                     **llm_stats(out, json.loads((out / runner.STATE).read_text())["strategy"].get("counters", {}))})
 
     print(f"\n{'β':>4} {'strategy':<14}{'fid.':<6}{'best fit':>9}{'held-out':>10}{'vs unif':>8}{'search tok':>11}"
           f"{'device-s':>9}{'LLM calls':>10}{'as written':>11}")
@@ -204,14 +278,21 @@ def main(argv=None) -> int:
         if "skipped" in r:
             print(f"{r['ratio']:>4} {r['strategy']:<14}{r['fidelity']:<6}  skipped ({r['skipped'][:60]})")
             continue
-        share = r["as_written_share"]
+        share = r.get("as_written_share")
+        if r.get("partial"):
+            print(f"{r['ratio']:>4} {r['strategy']:<14}{r['fidelity']:<6}{fmt(r['best_fitness'], '.2f'):>9}"
+                  f"{'unfinished':>18}{r['search_tokens']:>11}{r['search_device_seconds']:>9.1f}"
+                  f"{fmt(r.get('llm_calls'), 'd'):>10}{'-' if share is None else f'{share:.0%}':>11}"
+                  f"  ({r['generations_done']} generations, {r['evaluations']:.0f} evaluations)")
+            continue
         print(f"{r['ratio']:>4} {r['strategy']:<14}{r['fidelity']:<6}{fmt(r['best_fitness'], '.2f'):>9}"
               f"{fmt(r['held_out'], '.2f'):>10}{fmt(r['held_out'] / r['uniform_held_out']):>8}"
               f"{r['search_tokens']:>11}{r['search_device_seconds']:>9.1f}{fmt(r['llm_calls'], 'd'):>10}"
               f"{'-' if share is None else f'{share:.0%}':>11}")
     print("(search tok / device-s: the search's own evaluations; held-out text never seen by any search)")
 
-    get = {(r["ratio"], r["strategy"], r["fidelity"]): r for r in rows if "skipped" not in r}
+    get = {(r["ratio"], r["strategy"], r["fidelity"]): r for r in rows if "skipped" not in r and not r.get("partial")}
+    progress = {(r["ratio"], r["strategy"], r["fidelity"]): r for r in rows if "skipped" not in r}
     checks = []
 
     def check(goal, ok, text):
@@ -244,13 +325,24 @@ def main(argv=None) -> int:
     print("\nllm-evolution (LLM: %s) compared with genetic, held-out ppl at full fidelity:" % a.llm_model)
     for ratio in ratios:
         l, g = get.get((ratio, "llm-evolution", "full")), get.get((ratio, "genetic", "full"))
-        if l and g:
+        lp, gp = progress.get((ratio, "llm-evolution", "full")), progress.get((ratio, "genetic", "full"))
+        if lp and gp and (l is None or g is None):
+            # cut short: compare the best search fitness after the generations both have run
+            n = min(len(lp["best_per_generation"]), len(gp["best_per_generation"])) - 1
+            lb, gb = min(lp["best_per_generation"][:n + 1]), min(gp["best_per_generation"][:n + 1])
+            print(f"  β={ratio}: after {n} generations (llm-evolution unfinished), best search fitness "
+                  f"llm-evolution {lb:.2f} vs genetic {gb:.2f} ({lb / gb - 1:+.1%}); {lp['llm_calls']} LLM calls, "
+                  f"{lp['llm_seconds_per_call']:.0f} s a call, {lp['llm_unparseable_replies']} unparseable replies, "
+                  f"{lp['llm_as_written']} of {lp['llm_offspring_asked']} offspring used as written")
+        elif l and g:
             verdict = "better" if l["held_out"] < g["held_out"] else "not better"
             print(f"  β={ratio}: llm-evolution {l['held_out']:.2f} vs genetic {g['held_out']:.2f} "
                   f"({l['held_out'] / g['held_out'] - 1:+.1%}, {verdict}); {l['llm_calls']} LLM calls, "
                   f"{l['llm_seconds']:.0f} s of generation, {fmt(l['as_written_share'], '.0%')} used as written")
         else:
             print(f"  β={ratio}: not compared (a run is missing)")
+    if a.plot:
+        plot(rows, ratios, Path(a.plot))
     report = {"args": {k: str(v) for k, v in vars(a).items()}, "device": device, "torch": torch.__version__,
               "runs": rows, "checks": checks, "wall_seconds": round(time.time() - started, 1)}
     if a.out:
