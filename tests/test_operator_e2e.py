@@ -5,6 +5,7 @@ evaluation and finalize Jobs, against the Kubernetes emulator and moto's S3 serv
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,32 @@ def test_invalid_prunejob_is_refused_and_nothing_is_created(world, tmp_path):
     assert "ratio must lie between minRate and maxRate" in condition["message"]
     assert cluster.list("jobs", labels="selfpruner.io/prunejob=bad") == []
     assert "Invalid" in {e["reason"] for e in cluster.events("bad")}
+
+
+def test_installation_defaults_supply_the_store_and_without_them_the_prunejob_is_invalid(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    bare = json.loads(json.dumps(doc))
+    store = bare["spec"].pop("storage")
+    bare["metadata"]["name"] = "nostore"
+    apply(cluster, bare, tmp_path)
+    pj = wait_phase(cluster, "nostore", ("Invalid",), timeout=60)
+    condition = {c["type"]: c for c in pj["status"]["conditions"]}["Invalid"]
+    assert condition["message"].startswith("spec.storage: required on a cluster")
+    assert cluster.list("jobs", labels="selfpruner.io/prunejob=nostore") == []
+
+    # the chart's `defaults.storage`, as the Deployment hands it to the operator
+    operator.stop()
+    operator.env["SELFPRUNER_DEFAULTS"] = json.dumps({"storage": store})
+    operator.start()
+    bare["metadata"]["name"] = "defaulted"
+    apply(cluster, bare, tmp_path)
+    deadline = time.time() + 60
+    while not (jobs := cluster.list("jobs", labels="selfpruner.io/prunejob=defaulted")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert len(jobs) == 1, jobs  # the controller: it hands the same spec to every Job it starts
+    env = {e["name"]: e.get("value") for e in jobs[0]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert json.loads(env["SELFPRUNER_PRUNEJOB"])["spec"]["storage"] == store
+    assert env["SELFPRUNER_STORE"] == store["uri"]
+    assert "storage" not in cluster.get("prunejobs", "defaulted")["spec"]  # the user's object is left as written
+    events = {e["reason"]: e["message"] for e in cluster.events("defaulted")}
+    assert events["DefaultsApplied"] == "from the installation's defaults: storage"

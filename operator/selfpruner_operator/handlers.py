@@ -13,7 +13,7 @@ from selfpruner.cluster import manifests
 from selfpruner.cluster.kube import condition as _condition
 from selfpruner.cluster.kube import job_finished
 
-from . import metrics
+from . import defaults, metrics
 
 GROUP, VERSION, PLURAL = "selfpruner.io", "v1alpha1", "prunejobs"
 TERMINAL = ("Succeeded", "Failed", "Invalid")
@@ -21,6 +21,7 @@ IMAGE = os.environ.get("SELFPRUNER_IMAGE", "selfpruner-pruner:latest")
 SERVICE_ACCOUNT = os.environ.get("SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT", "selfpruner-controller")
 MAX_RESTARTS = int(os.environ.get("SELFPRUNER_MAX_CONTROLLER_RESTARTS", "3"))
 INTERVAL = float(os.environ.get("SELFPRUNER_RECONCILE_INTERVAL", "5"))
+DEFAULTS = defaults.load()
 
 
 def _merge_conditions(old: list, new: list) -> list:
@@ -54,7 +55,7 @@ def _start_controller(body, attempt: int, logger) -> str:
     from kubernetes import client
 
     pj = {"apiVersion": body.get("apiVersion"), "kind": body.get("kind"), "metadata": dict(body["metadata"]),
-          "spec": dict(body["spec"])}
+          "spec": defaults.apply(body["spec"], DEFAULTS)[0]}
     job = manifests.controller_job(pj, image=IMAGE, service_account=SERVICE_ACCOUNT, attempt=attempt)
     name = job["metadata"]["name"]
     if _read_job(name, body["metadata"]["namespace"]) is None:
@@ -85,9 +86,13 @@ def start(body, meta, status, patch, logger, **_):
         return
     start_time = time.perf_counter()
     try:
+        spec, from_defaults = defaults.apply(body.get("spec") or {}, DEFAULTS)
         try:
             spec_mod.parse({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
-                            "metadata": dict(meta), "spec": dict(body.get("spec") or {})})
+                            "metadata": dict(meta), "spec": spec})
+            if not spec.get("storage"):
+                raise spec_mod.UserError("spec.storage: required on a cluster (where weights, results and the "
+                                         "search state live); set it, or the chart's defaults.storage")
         except spec_mod.UserError as e:
             message = "; ".join(str(e).splitlines())
             patch.status["phase"] = "Invalid"
@@ -96,6 +101,9 @@ def start(body, meta, status, patch, logger, **_):
             metrics.record_phase(key, "Invalid")
             kopf.warn(body, reason="Invalid", message=message)
             raise kopf.PermanentError(f"invalid PruneJob: {message}")
+        if from_defaults and not status.get("controllerJob"):
+            kopf.info(body, reason="DefaultsApplied",
+                      message=f"from the installation's defaults: {', '.join(from_defaults)}")
         attempt = status.get("restarts", 0)
         name = _start_controller(body, attempt, logger)
         new_phase = "Suspended" if body["spec"].get("suspend") else (phase or "Pending")
