@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean tools
+.PHONY: setup demo test clean tools prometheus
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,15 @@ tools/bin/kubectl tools/bin/helm &:
 
 tools: tools/bin/kubectl tools/bin/helm
 
-test: setup tools/bin/kubectl
+# The real Prometheus server for tests/test_prometheus.py (Debian's package; root, as in CI). Where
+# the package's service was started (a machine running systemd), stop it: the test runs its own.
+prometheus:
+	@command -v prometheus >/dev/null || [ -x /usr/bin/prometheus ] || { \
+	  if [ "$$(id -u)" != 0 ]; then echo "no prometheus: run 'sudo make prometheus' (outside CI tests/test_prometheus.py skips)"; exit 0; fi; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
+	  && { [ ! -d /run/systemd/system ] || systemctl disable --now prometheus; }; }
+
+test: setup tools/bin/kubectl prometheus
 	$(BIN)/python -m pytest
 
 clean:

@@ -115,6 +115,20 @@ def world(tmp_path, s3_endpoint, tiny_job):  # noqa: F811
                 print((tmp_path / "operator.log").read_text()[-4000:])
 
 
+def serve_controller_metrics(kubelet: Kubelet) -> int:
+    """Give the controller pods (and only them) a free port for their search metrics; returns it.
+    In a cluster each pod has its own network and binds 9090; here pods share this machine's, so
+    the world turns SELFPRUNER_METRICS_PORT off for every pod and this puts it back for the one
+    process per PruneJob that serves it (`selfpruner controller`), as the pod's environment would."""
+    port = free_port()
+
+    def command(argv: list[str]) -> list[str]:
+        return ["env", f"SELFPRUNER_METRICS_PORT={port}", *argv] if argv[-1:] == ["controller"] else argv
+
+    kubelet.hooks["command"] = command
+    return port
+
+
 def apply(cluster: Cluster, doc: dict, tmp: Path) -> None:
     path = tmp / f"{doc['metadata']['name']}.yaml"
     path.write_text(yaml.safe_dump(doc))

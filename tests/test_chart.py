@@ -73,6 +73,8 @@ def test_every_object_is_valid_kubernetes(which):
             # prometheus-operator CRs: kubernetes-validate has no schema, so check the structure
             assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["kind"] in MONITORING_SPEC
             assert obj["metadata"]["namespace"] == NAMESPACE
+            if obj in controller_monitors(objs):
+                continue  # test_controller_pod_monitor_selects_the_controller_pods
             spec = obj["spec"]
             deploy = by_kind(objs, "Deployment")[0]
             assert spec["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
@@ -86,7 +88,8 @@ def test_features_toggle():
     default, full = render("defaults"), render("all-features")
     assert not [o for o in default if o["apiVersion"].startswith("monitoring.coreos.com/")]
     assert sorted(o["kind"] for o in full if o["apiVersion"].startswith("monitoring.coreos.com/")) == \
-        ["PodMonitor", "ServiceMonitor"]
+        ["PodMonitor", "PodMonitor", "ServiceMonitor"]
+    assert len(controller_monitors(full)) == 1
     assert not [o for o in default if o["kind"] == "ConfigMap"]
     (dash,) = by_kind(full, "ConfigMap")
     assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -166,6 +169,46 @@ def test_every_pod_is_restricted():
                 assert_restricted(obj["spec"]["template"]["spec"], f"{which}: {obj['kind']} {obj['metadata']['name']}")
     for name, job in system_jobs().items():
         assert_restricted(job["spec"]["template"]["spec"], f"system Job {name}")
+
+
+def controller_monitors(objs) -> list[dict]:
+    return [o for o in by_kind(objs, "PodMonitor") if o["metadata"]["name"] == f"{RELEASE}-selfpruner-controller"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes LabelSelector (matchLabels, matchExpressions) against a pod's labels."""
+    ops = {"In": lambda k, v: labels.get(k) in v, "NotIn": lambda k, v: labels.get(k) not in v,
+           "Exists": lambda k, v: k in labels, "DoesNotExist": lambda k, v: k not in labels}
+    return (selector.get("matchLabels", {}).items() <= labels.items()
+            and all(ops[e["operator"]](e["key"], e.get("values") or []) for e in selector.get("matchExpressions", [])))
+
+
+def test_controller_pod_monitor_selects_the_controller_pods():
+    jobs = system_jobs()
+    pod_labels = {name: job["spec"]["template"]["metadata"]["labels"] for name, job in jobs.items()}
+    (container,) = jobs["controller"]["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+    served = int({e["name"]: e.get("value") for e in container["env"]}["SELFPRUNER_METRICS_PORT"])
+    assert not controller_monitors(render("defaults"))  # off unless asked for
+    cluster_scope = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                         "--set", "metrics.controllerPodMonitor.enabled=true,metrics.podMonitor.enabled=true")
+    for objs in (render("all-features"), [d for d in yaml.safe_load_all(cluster_scope) if d]):
+        (monitor,) = controller_monitors(objs)
+        selector = monitor["spec"]["selector"]
+        assert selects(selector, pod_labels["controller"])
+        assert not selects(selector, pod_labels["evaluation"]) and not selects(selector, pod_labels["finalize"])
+        (deploy,) = by_kind(objs, "Deployment")
+        assert not selects(selector, deploy["spec"]["template"]["metadata"]["labels"])
+        (operator_monitor,) = [o for o in by_kind(objs, "PodMonitor") if o is not monitor]
+        assert not selects(operator_monitor["spec"]["selector"], pod_labels["controller"])
+        (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+        assert ports[endpoint["port"]] == served, (endpoint, ports)  # the named port is the one served
+        # controllers run where their ServiceAccount is: every such namespace, and no other
+        env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        controller_sa = env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"]
+        namespaces = [o["metadata"]["namespace"] for o in by_kind(objs, "ServiceAccount")
+                      if o["metadata"]["name"] == controller_sa]
+        assert sorted(monitor["spec"]["namespaceSelector"]["matchNames"]) == sorted(namespaces)
 
 
 def test_crd_is_the_repository_crd():
@@ -293,3 +336,25 @@ def test_observe_crds_off_leaves_no_cluster_rule_in_namespaced_scope():
                 "--set", "rbac.observeCRDs=false")
     objs = [d for d in yaml.safe_load_all(text) if d]
     assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+
+
+def test_installation_defaults_reach_the_operator_as_it_reads_them():
+    from selfpruner_operator import defaults
+
+    for which in VALUES:
+        (deploy,) = by_kind(render(which), "Deployment")
+        env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        given = yaml.safe_load(ALL_FEATURES.read_text())["defaults"] if which == "all-features" else {}
+        loaded = defaults.load({"SELFPRUNER_DEFAULTS": env["SELFPRUNER_DEFAULTS"]})
+        assert {k: v for k, v in loaded.items() if v} == given
+    # the schema's fields are the CRD's, so whatever the chart accepts a PruneJob would too
+    crd = yaml.safe_load((ROOT / "crds" / "prunejob.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["defaults"]["properties"]
+    assert schema["storage"]["properties"].keys() == spec["storage"]["properties"].keys()
+    assert schema["storage"]["properties"]["uri"]["pattern"] == spec["storage"]["properties"]["uri"]["pattern"]
+    assert schema["llm"]["properties"].keys() == set(defaults.LLM_FIELDS) <= spec["llm"]["properties"].keys()
+    for bad in ("defaults.storage.uri=minio/bucket", "defaults.llm.model=x", "defaults.storage.endpointURL=http://m"):
+        out = subprocess.run([str(HELM), "template", RELEASE, str(CHART), "--set", bad],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "defaults" in out.stderr, (bad, out.stderr[-500:])
