@@ -131,15 +131,10 @@ def job(a, src: dict, ratio: float, strategy: str, fidelity: str, out: Path) -> 
 
 def search_cost(out: Path) -> dict:
     """Tokens and device-seconds of the search itself (the report's evaluations left out)."""
-    tokens = seconds = 0.0
-    for line in (out / "history.jsonl").read_text().splitlines():
-        e = json.loads(line)
-        if not e["origin"].startswith("report:"):
-            tokens, seconds = tokens + e.get("tokens", 0), seconds + e.get("seconds", 0.0)
-    llm_s = 0.0
-    if (out / "llm_transcript.jsonl").is_file():
-        llm_s = sum(json.loads(x).get("seconds", 0.0) for x in (out / "llm_transcript.jsonl").read_text().splitlines())
-    return {"search_tokens": int(tokens), "search_device_seconds": round(seconds, 2), "llm_seconds": round(llm_s, 1)}
+    from selfpruner.search.history import History
+
+    t = History(out / "history.jsonl").totals()
+    return {"search_tokens": t["search_tokens_evaluated"], "search_device_seconds": round(t["search_device_seconds"], 2)}
 
 
 def partial(out: Path) -> dict | None:
@@ -150,24 +145,23 @@ def partial(out: Path) -> dict | None:
     if not (out / runner.STATE).is_file():
         return None
     st = json.loads((out / runner.STATE).read_text())["strategy"]
-    c = st.get("counters", {})
-    row = {"generations_done": len(st.get("best_per_generation", [])) - 1,
-           "best_per_generation": st.get("best_per_generation", []), "evaluations": st.get("spent"),
-           "best_fitness": min(st["best_per_generation"]) if st.get("best_per_generation") else None,
-           **search_cost(out), **llm_stats(out, c)}
-    return row
+    best = st.get("best_per_generation", [])
+    return {"generations_done": len(best) - 1, "best_per_generation": best, "evaluations": st.get("spent"),
+            "best_fitness": min(best) if best else None, **search_cost(out), **llm_stats(out, st.get("counters", {}))}
 
 
 def llm_stats(out: Path, counters: dict) -> dict:
-    """What the LLM did: calls, generation time, replies cut off at maxTokens, unusable replies,
-    and the share of the offspring it was asked for that were used as written."""
-    path = out / "llm_transcript.jsonl"
-    if not path.is_file():
+    """What the LLM did: calls, generation time, unusable replies, and the share of the offspring
+    it was asked for that were used as written."""
+    from selfpruner.search.history import read_jsonl
+
+    calls = read_jsonl(out / "llm_transcript.jsonl")
+    if not calls:
         return {}
-    calls = [json.loads(x) for x in path.read_text().splitlines()]
+    seconds = sum(e.get("seconds", 0.0) for e in calls)
     asked = counters.get("llm_offspring_asked", 0)
     return {"llm_calls": len(calls), "llm_completion_tokens": sum(e.get("completion_tokens", 0) for e in calls),
-            "llm_seconds_per_call": round(sum(e.get("seconds", 0.0) for e in calls) / max(1, len(calls)), 1),
+            "llm_seconds": round(seconds, 1), "llm_seconds_per_call": round(seconds / len(calls), 1),
             "llm_unparseable_replies": counters.get("llm_unparseable_replies", 0),
             "llm_offspring_asked": asked, "llm_as_written": counters.get("llm_as_written", 0),
             "as_written_share": counters.get("llm_as_written", 0) / asked if asked else None}
@@ -257,7 +251,8 @@ def main(argv=None) -> int:
                 print(f"  failed: {type(e).__name__}: {e}", flush=True)
                 rows.append({**row, "skipped": f"failed: {type(e).__name__}: {e}"})
                 continue
-        c, llm_cost = result["cost"], result["cost"].get("llm") or {}
+        c = result["cost"]
+        st = json.loads((out / runner.STATE).read_text())["strategy"]
         uni = result["baselines"]["uniform"]["held_out_perplexity"]
         rows.append({**row, "best_fitness": result["best"]["fitness"],
                      "held_out": result["best"]["held_out_perplexity"], "uniform_held_out": uni,
@@ -266,11 +261,9 @@ def main(argv=None) -> int:
                      "achieved_ratio": result["best"]["achieved_ratio"], **search_cost(out),
                      "tokens_evaluated": c["tokens_evaluated"], "device_seconds": c["device_seconds"],
                      "evaluations": c["evaluations"], "budget_spent": c["budget_spent"],
-                     "wall_seconds": c["wall_seconds"], "llm_calls": llm_cost.get("calls"),
-                     "as_written_share": llm_cost.get("as_written_share"), "rates": result["best"]["rates"],
-                     "best_per_generation": json.loads((out / runner.STATE).read_text())["strategy"].get(
-                         "best_per_generation", []),
-                     **llm_stats(out, json.loads((out / runner.STATE).read_text())["strategy"].get("counters", {}))})
+                     "wall_seconds": c["wall_seconds"], "rates": result["best"]["rates"],
+                     "best_per_generation": st.get("best_per_generation", []),
+                     **llm_stats(out, st.get("counters", {}))})
 
     print(f"\n{'β':>4} {'strategy':<14}{'fid.':<6}{'best fit':>9}{'held-out':>10}{'vs unif':>8}{'search tok':>11}"
           f"{'device-s':>9}{'LLM calls':>10}{'as written':>11}")
@@ -287,7 +280,7 @@ def main(argv=None) -> int:
             continue
         print(f"{r['ratio']:>4} {r['strategy']:<14}{r['fidelity']:<6}{fmt(r['best_fitness'], '.2f'):>9}"
               f"{fmt(r['held_out'], '.2f'):>10}{fmt(r['held_out'] / r['uniform_held_out']):>8}"
-              f"{r['search_tokens']:>11}{r['search_device_seconds']:>9.1f}{fmt(r['llm_calls'], 'd'):>10}"
+              f"{r['search_tokens']:>11}{r['search_device_seconds']:>9.1f}{fmt(r.get('llm_calls'), 'd'):>10}"
               f"{'-' if share is None else f'{share:.0%}':>11}")
     print("(search tok / device-s: the search's own evaluations; held-out text never seen by any search)")
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from chat_server import ScriptedChat
+from selfpruner.search.history import read_jsonl
 
 
 def start(spec_path: Path) -> subprocess.Popen:
@@ -19,16 +20,6 @@ def start(spec_path: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def lines(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def keys(entries):
@@ -53,12 +44,12 @@ def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
         spec, out = spec_file("killed")
         proc = start(spec)
         deadline = time.time() + 300
-        while len(lines(out / "history.jsonl")) < 7 and proc.poll() is None and time.time() < deadline:
+        while len(read_jsonl(out / "history.jsonl")) < 7 and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         assert not (out / "result.json").exists(), "the run finished before it could be killed"
-        killed_at = len(lines(out / "history.jsonl"))
+        killed_at = len(read_jsonl(out / "history.jsonl"))
         state = json.loads((out / "state.json").read_text())
         assert state["strategy"]["generation"] >= 1  # killed after the first checkpoint, mid-search
 
@@ -69,7 +60,7 @@ def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
     res = json.loads((out / "result.json").read_text())
     assert res["best"] == ref["best"]
     assert res["best_per_generation"] == ref["best_per_generation"]
-    history, ref_history = lines(out / "history.jsonl"), lines(ref_out / "history.jsonl")
+    history, ref_history = read_jsonl(out / "history.jsonl"), read_jsonl(ref_out / "history.jsonl")
     assert len(keys(history)) == len(set(keys(history))), "an evaluation was repeated"
     assert sorted(keys(history)) == sorted(keys(ref_history)), "an evaluation was lost or added"
     assert killed_at < len(history)
@@ -92,6 +83,6 @@ def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
     assert not (out / "result.json").exists()
     again = start(spec)
     assert again.wait(timeout=300) == 0, again.stderr.read()
-    history = lines(out / "history.jsonl")
+    history = read_jsonl(out / "history.jsonl")
     assert len(keys(history)) == len(set(keys(history)))
     assert json.loads((out / "result.json").read_text())["best"]["fitness"] > 0

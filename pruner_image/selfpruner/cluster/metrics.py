@@ -9,24 +9,13 @@ prefix, base units, `_total` on counters, one `prunejob` label and no per-candid
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from ..search.history import read_jsonl
+
 OFFSPRING_USES = ("as_written", "repaired", "replaced")
-
-
-def _lines(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a torn last line
-    return out
 
 
 class SearchMetrics:
@@ -77,13 +66,13 @@ class SearchMetrics:
 
     def update_from(self, out_dir: str | Path, strategy) -> None:
         out = Path(out_dir)
-        done = [e for e in _lines(out / "history.jsonl") if e.get("fitness") is not None or e.get("error")]
+        done = [e for e in read_jsonl(out / "history.jsonl") if e.get("fitness") is not None or e.get("error")]
         failed = sum(1 for e in done if e.get("error"))
         self._total(self.evaluations, len(done) - failed, "ok")
         self._total(self.evaluations, failed, "failed")
         self._total(self.device_seconds, sum(float(e.get("seconds") or 0) for e in done))
         self._total(self.tokens, sum(int(e.get("tokens") or 0) for e in done))
-        calls = _lines(out / "llm_transcript.jsonl")
+        calls = read_jsonl(out / "llm_transcript.jsonl")
         self._total(self.llm_calls, len(calls))
         self._total(self.llm_tokens, sum(int(e.get("prompt_tokens") or 0) for e in calls), "prompt")
         self._total(self.llm_tokens, sum(int(e.get("completion_tokens") or 0) for e in calls), "completion")

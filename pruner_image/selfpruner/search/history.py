@@ -14,18 +14,28 @@ from .space import SearchSpace
 from .strategy import Request, Result
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The entries of a JSON-lines file that is appended to while others read it: none when it
+    does not exist yet, and a torn last line (a crash mid-write) left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
 class History:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.entries: list[dict] = []
         self.cache: dict[tuple, dict] = {}
-        if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    e = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a crash
-                self._remember(e)
+        for e in read_jsonl(self.path):
+            self._remember(e)
 
     @staticmethod
     def key(rates, tokens: int, text: str) -> tuple:
