@@ -23,27 +23,59 @@ def completion(text: str, model: str = "scripted") -> dict:
             "usage": {"prompt_tokens": 100, "completion_tokens": 20, "total_tokens": 120}}
 
 
-def good_candidates(prompt: str, count: int, dim: int, ratio: float = 0.3) -> str:
-    """Feasible candidates (mean exactly `ratio`, in [0, 0.6], on the 0.01 grid), deterministic
-    in the prompt: pairs of blocks trade pruning from the uniform allocation."""
+def good_candidates(prompt: str, count: int, dim: int, ratio: float = 0.3, percent: bool = True,
+                    hi: int = 60) -> str:
+    """Feasible candidates (mean exactly `ratio`, in [0, hi] percent, on the 1 % grid), deterministic
+    in the prompt: pairs of blocks trade pruning from the uniform allocation. As integer percents
+    (the project's encoding) or, with `percent=False`, as fractions."""
     rng = random.Random(hashlib.sha256(prompt.encode()).hexdigest())
     cands = []
     for _ in range(count):
         units = [round(ratio * 100)] * dim
         for _ in range(4):
             i, j = rng.sample(range(dim), 2)
-            step = min(rng.randint(1, 10), 60 - units[i], units[j])
+            step = min(rng.randint(1, 10), hi - units[i], units[j])
             units[i] += step
             units[j] -= step
-        cands.append([u / 100 for u in units])
+        cands.append(units if percent else [u / 100 for u in units])
     return json.dumps({"candidates": cands})
 
 
+def good_selection(prompt: str, pairs: int, singles: int, size: int) -> str:
+    rng = random.Random(hashlib.sha256(prompt.encode()).hexdigest())
+    top = max(2, size // 2)  # a sensible LLM prefers the better half
+    return json.dumps({"crossover": [rng.sample(range(1, top + 1), 2) for _ in range(pairs)],
+                       "mutation": [rng.randint(1, top) for _ in range(singles)]})
+
+
+def default_reply(body: dict, dim: int) -> str:
+    """What a well-behaved structured-outputs server answers: a reply matching the request's
+    JSON schema when it sent one, else one read off the prompt."""
+    prompt = body["messages"][-1]["content"]
+    ratio = re.search(r"must be exactly (\d+(?:\.\d+)?)", prompt)
+    ratio = float(ratio.group(1)) / 100 if ratio else 0.3
+    schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+    if "Choose the parents" in prompt:
+        size = int(re.search(r"numbered 1 to (\d+)", prompt).group(1))
+        pairs = int(re.search(r"(\d+) pairs", prompt).group(1))
+        singles = int(re.search(r"and (\d+) candidates to mutate", prompt).group(1))
+        return good_selection(prompt, pairs, singles, size)
+    if schema is not None:
+        cands = schema["properties"]["candidates"]
+        count = cands["minItems"]
+        return good_candidates(prompt, count, cands["items"]["minItems"], ratio, hi=cands["items"]["items"]["maximum"])
+    wanted = re.search(r"Write (\d+) ", prompt)
+    count = int(wanted.group(1)) if wanted else len(re.findall(r"^\d+\. ", prompt.split("below")[-1], flags=re.MULTILINE))
+    return good_candidates(prompt, max(count, 1), dim, ratio)
+
+
 class ScriptedChat:
-    def __init__(self, script=None, dim: int = 6, delay: float = 0.0):
+    def __init__(self, script=None, dim: int = 6, delay: float = 0.0, refuse: tuple = ()):
         self.script = list(script or [])
         self.dim, self.delay = dim, delay
+        self.refuse = set(refuse)  # response_format types answered with 400, as a server without them does
         self.requests: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -64,12 +96,11 @@ class ScriptedChat:
     def _next(self, body: dict):
         with self.lock:
             self.requests.append(body)
+            if (body.get("response_format") or {}).get("type") in self.refuse:
+                return ("status", 400)
             if self.script:
                 return self.script.pop(0)
-        prompt = body["messages"][-1]["content"]
-        wanted = re.search(r"Write (\d+) ", prompt)
-        count = int(wanted.group(1)) if wanted else len(re.findall(r"^\d+\. ", prompt, flags=re.MULTILINE))
-        return ("reply", good_candidates(prompt, max(count, 1), self.dim))
+        return ("reply", default_reply(body, self.dim))
 
     def _handler(self):
         chat = self
@@ -80,7 +111,16 @@ class ScriptedChat:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                action = chat._next(body)
+                with chat.lock:
+                    chat.in_flight += 1
+                    chat.max_in_flight = max(chat.max_in_flight, chat.in_flight)
+                try:
+                    self._answer(chat._next(body))
+                finally:
+                    with chat.lock:
+                        chat.in_flight -= 1
+
+            def _answer(self, action):
                 if chat.delay:
                     time.sleep(chat.delay)
                 kind = action[0]

@@ -115,3 +115,33 @@ def tiny_job(tmp_path):
         return {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob", "metadata": {"name": name}, "spec": spec}
 
     return make
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def chat_tokenizer():
+    """A byte-level tokenizer (every byte one token, as GPT-2-style BPE with no merges) with a
+    chat template: what a constrained decoder needs of a real chat model's tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<s>": 0, "</s>": 1, **{c: i + 2 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_chat_model(seed: int = 0):
+    """A tiny random Llama over `chat_tokenizer()`'s 258 tokens, and that tokenizer."""
+    from selfpruner.model_source import Loaded
+
+    tok = chat_tokenizer()
+    return Loaded(model=tiny_model("llama-mha", seed=seed, vocab_size=len(tok)), tokenizer=tok, path="",
+                  source="tiny-chat")

@@ -1,5 +1,6 @@
-"""llm-evolution against a real local HTTP server speaking the chat-completions protocol,
-with scripted misbehaviour; parsing of replies; the transcript."""
+"""llm-evolution against a real local HTTP server speaking the chat-completions protocol
+(with structured outputs, scripted misbehaviour and refusals); parsing of replies; the
+per-origin table; the transcript."""
 
 import json
 
@@ -13,58 +14,140 @@ from selfpruner.search.llm_evolution import parse_candidates
 DIM = 6
 
 
-def llm_job(tiny_job, name, url, **extra):
-    return tiny_job(name, search={"strategy": "llm-evolution"},
+def llm_job(tiny_job, name, url, search=None, **extra):
+    return tiny_job(name, search={"strategy": "llm-evolution", **(search or {})},
                     llm={"provider": "openai", "model": "scripted", "baseURL": url, "timeoutSeconds": 0.5,
                          "maxRetries": 2, "offspringPerCall": 2, **extra})
+
+
+def transcript(doc):
+    return [json.loads(line) for line in open(doc["spec"]["output"]["path"] + "/llm_transcript.jsonl")]
 
 
 def test_search_survives_a_misbehaving_server(tiny_job):
     script = [
         ("status", 429), ("reply", good_candidates("a", 2, DIM)),  # 429 then 200: the SDK retries
-        ("reply", json.dumps({"candidates": [[0.3] * 4, [0.9, 0.9, 0.0, 0.0, 0.0, 0.0]]})),  # wrong length, out of range
-        ("status", 500), ("status", 500), ("status", 500),  # out of retries: the call fails
-        ("reply", "I think block 3 matters most."),  # garbage
-        ("reply", '{"candidates": [[0.1, 0.2, 0.3'),  # truncated JSON
-        ("sleep", 2.0, "{}"), ("sleep", 2.0, "{}"), ("sleep", 2.0, "{}"),  # timeouts
+        ("reply", json.dumps({"candidates": [[30] * 4, [90, 90, 0, 0, 0, 0]]})),  # wrong length; out of range
+        ("status", 500), ("status", 500), ("status", 500),  # selection: out of retries, the call fails
+        ("reply", "I think block 3 matters most."),  # crossovers: garbage
+        ("reply", '{"candidates": [[10, 20, 30'),  # mutations: truncated JSON
+        ("sleep", 2.0, "{}"), ("sleep", 2.0, "{}"), ("sleep", 2.0, "{}"),  # selection of generation 2: timeouts
     ]
     with ScriptedChat(script, dim=DIM) as server:
-        doc = llm_job(tiny_job, "misbehaving", server.url)
+        doc = llm_job(tiny_job, "misbehaving", server.url, concurrency=1)  # one at a time: the script's order
         result = runner.run(spec_mod.parse(doc), progress=False)
         sent = len(server.requests)
     counters = result["counters"]
     llm = result["cost"]["llm"]
-    assert llm["calls"] == 2 + 2 * 2  # initial population in 2 calls, then 2 calls a generation
+    # initial population in 2 calls, then per generation: one selection, one crossover and one mutation call
+    assert llm["calls"] == 2 + 2 * 3
+    assert llm["batches"] == 1 + 2 * 2  # the initial prompts together; per generation selection, then offspring
     assert sent == llm["calls"] + 1 + 2 + 2  # one retry after the 429, two after 500s, two after timeouts
     assert llm["failed_calls"] == 2 == counters["llm_failed_calls"]
-    assert counters["llm_unparseable_replies"] == 2
-    assert counters["llm_repaired"] >= 1 and counters["llm_replaced"] >= 1 + 2 * 2
-    assert counters["llm_as_written"] >= 2
+    assert llm["unparseable_replies"] == 2
+    assert llm["offspring_replaced"] == 1 + 2 + 2  # wrong length; garbage; truncated
+    assert llm["offspring_repaired"] == 1  # out of range: projected
+    assert llm["selections_repaired"] == 2 * 6  # both failed selections fell back to tournaments
     assert llm["offspring_asked"] == 4 + 2 * 4
-    assert 0 < llm["as_written_share"] < 1
+    assert llm["offspring_used"] == 2 + 4 - llm["offspring_duplicates"]
+    assert llm["projection_mean_abs_change"] is not None
+    origins = result["origins"]
+    assert origins["classical"]["made"] == 5 and origins["repaired"]["made"] >= 1
+    assert sum(o["made"] for o in origins.values()) == 4 + 2 * 4
     assert result["best"]["fitness"] > 0
-    transcript = [json.loads(line) for line in open(doc["spec"]["output"]["path"] + "/llm_transcript.jsonl")]
-    assert len(transcript) == llm["calls"]
-    assert sum(1 for e in transcript if e["error"]) == 2
-    assert all(e["messages"][0]["role"] == "system" for e in transcript)
+    entries = transcript(doc)
+    assert len(entries) == llm["calls"]
+    assert sum(1 for e in entries if e["error"]) == 2
+    assert all(e["messages"][0]["role"] == "system" for e in entries)
 
 
-def test_json_mode_is_dropped_when_the_server_refuses_it(tiny_job):
-    with ScriptedChat([("status", 400)], dim=DIM) as server:
-        result = runner.run(spec_mod.parse(llm_job(tiny_job, "nojson", server.url)), progress=False)
-        first, second = server.requests[0], server.requests[1]
-    assert "response_format" in first and "response_format" not in second
-    assert result["cost"]["llm"]["failed_calls"] == 0
+def test_strict_schema_is_sent_and_every_offspring_is_used(tiny_job):
+    with ScriptedChat(dim=DIM) as server:
+        doc = llm_job(tiny_job, "strict", server.url)
+        result = runner.run(spec_mod.parse(doc), progress=False)
+        bodies = list(server.requests)
+    for body in bodies:
+        rf = body["response_format"]
+        assert rf["type"] == "json_schema" and rf["json_schema"]["strict"] is True
+        schema = rf["json_schema"]["schema"]
+        if "candidates" in schema["properties"]:
+            cands = schema["properties"]["candidates"]
+            assert cands["minItems"] == cands["maxItems"] == 2
+            assert cands["items"]["minItems"] == cands["items"]["maxItems"] == DIM
+            assert cands["items"]["items"] == {"type": "integer", "minimum": 0, "maximum": 60}
+        else:
+            assert schema["properties"]["crossover"]["minItems"] == 2
+            assert schema["properties"]["mutation"]["items"] == {"type": "integer", "minimum": 1, "maximum": 4}
+    llm = result["cost"]["llm"]
+    assert llm["refused_response_formats"] == []
+    assert llm["offspring_replaced"] == llm["offspring_repaired"] == llm["unparseable_replies"] == 0
+    assert llm["selections"] == 2 * 6 and llm["selections_repaired"] == 0
+    assert llm["offspring_used"] + llm["offspring_duplicates"] == llm["offspring_asked"] == 12
+    # the server's candidates are feasible as written: projection moved nothing
+    assert llm["projection_max_abs_change"] == 0
+    assert set(result["origins"]) <= {"llm-initial", "llm-crossover", "llm-mutation", "repaired"}
+    # the summary says it too
+    assert "offspring used as written: " in runner.report.summary_table(result)
+
+
+@pytest.mark.parametrize("refuse, expected", [(("json_schema",), "json_object"),
+                                              (("json_schema", "json_object"), "text")])
+def test_response_format_falls_back_and_remembers(tiny_job, refuse, expected):
+    with ScriptedChat(dim=DIM, refuse=refuse) as server:
+        result = runner.run(spec_mod.parse(llm_job(tiny_job, "fallback", server.url, concurrency=1)), progress=False)
+        bodies = list(server.requests)
+    llm = result["cost"]["llm"]
+    assert llm["refused_response_formats"] == list(refuse)  # each refusal once: remembered
+    sent = [(b.get("response_format") or {}).get("type", "text") for b in bodies]
+    assert sent[: len(refuse)] == list(refuse)
+    assert set(sent[len(refuse):]) == {expected}
+    assert llm["failed_calls"] == 0 and llm["offspring_replaced"] == 0
+    assert all(e["response_format"] == expected for e in transcript(llm_job(tiny_job, "fallback", server.url)))
+
+
+def test_a_generation_goes_out_as_concurrent_requests(tiny_job):
+    with ScriptedChat(dim=DIM, delay=0.2) as server:
+        doc = llm_job(tiny_job, "concurrent", server.url, offspringPerCall=1, concurrency=4)
+        result = runner.run(spec_mod.parse(doc), progress=False)
+        most = server.max_in_flight
+    assert most == 4  # 4 initial prompts, then 2 + 2 offspring prompts: never more than the bound
+    entries = transcript(doc)
+    batches = {}
+    for e in entries:
+        batches.setdefault(e["batch"], []).append(e["kind"])
+    assert list(batches.values()) == [["initial"] * 4] + [["selection"], ["crossover"] * 2 + ["mutation"] * 2] * 2
+    gens = result["generations"]
+    assert len(gens) == 3 and all(g["llm_seconds"] > 0 and g["evaluation_seconds"] > 0 for g in gens)
+
+
+def test_llm_selection_is_repaired_and_can_be_turned_off(tiny_job):
+    bad = json.dumps({"crossover": [[1, 1], [9, 4]], "mutation": [0, 2]})  # repeated, out of range, zero
+    with ScriptedChat([("reply", good_candidates("a", 2, DIM)), ("reply", good_candidates("b", 2, DIM)),
+                       ("reply", bad)], dim=DIM) as server:
+        result = runner.run(spec_mod.parse(llm_job(tiny_job, "select", server.url, concurrency=1,
+                                                   search={"generations": 1})), progress=False)
+    llm = result["cost"]["llm"]
+    assert llm["selections_repaired"] == 3 and llm["selections"] == 3
+    with ScriptedChat(dim=DIM) as server:
+        result = runner.run(spec_mod.parse(llm_job(tiny_job, "tournament", server.url, selection=False)),
+                            progress=False)
+        kinds = [e["kind"] for e in transcript(llm_job(tiny_job, "tournament", server.url))]
+    assert "selection" not in kinds
+    assert result["counters"]["tournament_selections"] == 2 * 4
+    assert result["cost"]["llm"]["selections"] == 0
 
 
 @pytest.mark.parametrize(
     "text, expected",
     [
         ('{"candidates": [[0.1, 0.2], [0.3, 0.4]]}', [[0.1, 0.2], [0.3, 0.4]]),
+        ('{"candidates":[[10,20],[30,40]]}', [[10, 20], [30, 40]]),
         ('Sure! ```json\n{"candidates": [[0.1, 0.2]]}\n```', [[0.1, 0.2]]),
         ("[[0.5, 0.1]]", [[0.5, 0.1]]),
         ("[0.5, 0.1]", [[0.5, 0.1]]),
         ('{"children": [[1, 2]]}', [[1, 2]]),
+        ('{"candidates":[{"attention":[1,2],"mlp":[3,4]}]}', [{"attention": [1, 2], "mlp": [3, 4]}]),
+        ('{"attention":[1,2],"mlp":[3,4]}', [{"attention": [1, 2], "mlp": [3, 4]}]),
         ('{"candidates": [[0.1, 0.2', None),
         ('{"candidates": [[0.1, 0.2], [0.3, 0.4], [0.5', [[0.1, 0.2], [0.3, 0.4]]),  # salvaged
         ('{"candidates": [[0.1, 0.2]], "perplexity": {"x": [2', [[0.1, 0.2]]),

@@ -10,6 +10,7 @@ fidelity only.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -17,16 +18,20 @@ from . import operators
 from .strategy import Member, Request, Result, Strategy
 
 
+@dataclass
+class Offspring:
+    units: np.ndarray
+    origin: str
+    parent_fitness: float | None = None  # the better parent's fitness; None for an initial member
+
+
 class ClassicalProposer:
     """Random initial population; tournament parents; uniform crossover; level-switch mutation."""
 
-    def initial(self, strategy: "Evolution", n: int) -> list[tuple[np.ndarray, str]]:
-        out = []
-        for _ in range(n):
-            out.append((strategy.fresh(strategy.ctx.space.random(strategy.ctx.rng)), "random"))
-        return out
+    def initial(self, strategy: "Evolution", n: int) -> list[Offspring]:
+        return [Offspring(strategy.fresh(strategy.ctx.space.random(strategy.ctx.rng)), "random") for _ in range(n)]
 
-    def offspring(self, strategy: "Evolution") -> list[tuple[np.ndarray, str]]:
+    def offspring(self, strategy: "Evolution") -> list[Offspring]:
         ctx, pop = strategy.ctx, strategy.population
         fitness = [m.fitness for m in pop]
         out = []
@@ -34,10 +39,11 @@ class ClassicalProposer:
             a = pop[operators.tournament(fitness, ctx.rng)]
             b = pop[operators.tournament(fitness, ctx.rng)]
             child = operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
-            out.append((strategy.fresh(child), "crossover"))
+            out.append(Offspring(strategy.fresh(child), "crossover", min(a.fitness, b.fitness)))
         for _ in range(strategy.mutations):
             p = pop[operators.tournament(fitness, ctx.rng)]
-            out.append((strategy.fresh(operators.mutate(ctx.space, np.array(p.units), ctx.rng)), "mutation"))
+            out.append(Offspring(strategy.fresh(operators.mutate(ctx.space, np.array(p.units), ctx.rng)), "mutation",
+                                 p.fitness))
         return out
 
 
@@ -48,7 +54,7 @@ class Evolution(Strategy):
         super().__init__(ctx, **kw)
         self.proposer = proposer or ClassicalProposer()
         self.seen: set[tuple[int, ...]] = set()
-        self._pending: list[tuple[np.ndarray, str]] = []  # offspring of the generation under way
+        self._pending: list[Offspring] = []  # offspring of the generation under way
         self._phase = "propose"
 
     # -- duplicates ----------------------------------------------------------------
@@ -80,7 +86,8 @@ class Evolution(Strategy):
                 self._phase = "propose"
                 return []
         tokens = ctx.screen_tokens if self._phase == "screen" else ctx.full_tokens
-        return [Request(units=u, tokens=tokens, origin=o) for u, o in self._pending]
+        return [Request(units=o.units, tokens=tokens, origin=o.origin, parent_fitness=o.parent_fitness)
+                for o in self._pending]
 
     def tell(self, requests: list[Request], results: list[Result]) -> None:
         self.charge(results)
@@ -90,7 +97,11 @@ class Evolution(Strategy):
             keep = max(1, math.ceil(self.ctx.screen_keep * len(scored)))
             best = sorted(scored, key=lambda rr: rr[1].fitness)[:keep]
             self.count("screened", len(requests))
-            self._pending = [(req.units, req.origin) for req, _ in best]
+            kept = {id(req) for req, _ in best}
+            for req, res in zip(requests, results):
+                if id(req) not in kept:  # screened out: made, never entered
+                    self.note_offspring(req.origin, False, req.parent_fitness, None)
+            self._pending = [Offspring(req.units, req.origin, req.parent_fitness) for req, _ in best]
             self._phase = "full"
             return
         members = [Member(units=[int(x) for x in req.units], fitness=res.fitness, origin=req.origin)
@@ -98,6 +109,12 @@ class Evolution(Strategy):
         merged = self.population + members
         merged.sort(key=lambda m: m.fitness)
         self.population = merged[: self.population_size]
+        survivors = {id(m) for m in self.population}
+        by_request = dict(zip((id(r) for r, _ in scored), members))
+        for req, res in zip(requests, results):
+            member = by_request.get(id(req))
+            self.note_offspring(req.origin, member is not None and id(member) in survivors, req.parent_fitness,
+                                res.fitness)
         self.record_generation()
         self.generation += 1
         self._pending = []

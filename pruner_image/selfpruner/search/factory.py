@@ -39,8 +39,9 @@ def model_description(spec, geometry, prior: dict) -> dict:
         "model_description": (f"a {g.model_type} decoder-only language model ({spec.spec.model.source}) with "
                               f"{g.num_layers} transformer blocks, hidden size {g.hidden_size}, {g.num_heads} "
                               f"query heads in {g.num_kv_heads} KV groups, MLP width {g.intermediate_size}"),
-        "rate_layout": (f" (the first {g.num_layers} for the attention of blocks 0..{g.num_layers - 1}, then "
-                        f"{g.num_layers} for their MLPs)" if separate else f", one per block 0..{g.num_layers - 1}"),
+        "rate_layout": (f" as an object: \"attention\" lists {g.num_layers} rates for the attention of blocks 0.."
+                        f"{g.num_layers - 1} and \"mlp\" {g.num_layers} for their MLPs" if separate
+                        else f", one per block 0..{g.num_layers - 1}"),
         "mean_kind": "parameter-weighted mean" if separate else "mean",
         "block_stats": prior_mod.describe(prior) if prior else "(no calibration statistics)",
     }
@@ -53,7 +54,7 @@ def make_strategy(name: str, spec, ctx: Context, geometry=None, llm=None):
         if llm is None:
             raise ValueError("llm-evolution needs an LLM")
         proposer = LLMProposer(llm, model_description(spec, geometry, ctx.prior),
-                               per_call=spec.spec.llm.offspring_per_call)
+                               per_call=spec.spec.llm.offspring_per_call, select=spec.spec.llm.selection)
         return LLMEvolution(ctx, proposer=proposer, **kw)
     cls = {"genetic": Evolution, "random": RandomSearch, "uniform": Uniform, "owl": Owl, "evopress": EvoPress}
     if name not in cls:

@@ -1,13 +1,20 @@
 """Chat clients for the LLM that runs the evolution, and the transcript they write.
 
+Every request carries the JSON schema its reply must match (`encoding.py`), and a
+generation's requests go out together:
+
 - `OpenAIChat`: any OpenAI-compatible endpoint through the `openai` SDK (hosted APIs,
-  vLLM, llama.cpp's server ...): timeouts, retries with backoff on 429/5xx (the SDK's,
-  which honours Retry-After), JSON mode where the server accepts it.
-- `LocalChat`: a transformers chat model in-process, by default the demo's own
-  SmolLM2-135M-Instruct, so the model proposes its own pruning.
-- `Transcript`: every call's prompt, reply, token usage and error, one JSON line each;
-  on resume, calls already in the transcript are replayed instead of asked again, so a
-  resumed search sees exactly the replies the interrupted one saw.
+  vLLM, SGLang, llama.cpp's server ...). It asks for `response_format: json_schema`
+  (strict); a server that answers 400 to that is asked with `json_object`, then plain,
+  and the refusal is remembered for the rest of the run and counted. A batch is sent as
+  concurrent requests, at most `concurrency` at a time. Timeouts and retries with backoff
+  on 429/5xx are the SDK's (it honours Retry-After).
+- `LocalChat`: a transformers chat model in-process (`demo`, a GGUF file or a Hugging Face
+  folder, with its own chat template), decoding constrained to the schema with llguidance
+  (`constrained.py`), a whole batch in one `generate`.
+- `Transcript`: every call's prompt, schema, reply, token usage, error and time, one JSON
+  line each; on resume, calls already in the transcript are replayed instead of asked
+  again, so a resumed search sees exactly the replies the interrupted one saw.
 """
 
 from __future__ import annotations
@@ -15,9 +22,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+
+RESPONSE_FORMATS = ("json_schema", "json_object", "text")  # tried in this order, from the configured one
 
 
 class LLMError(Exception):
@@ -25,131 +36,211 @@ class LLMError(Exception):
 
 
 @dataclass
+class Prompt:
+    messages: list[dict]
+    schema: dict | None = None  # the reply's JSON schema
+    kind: str = ""  # initial, crossover, mutation, selection
+
+
+@dataclass
 class Reply:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    response_format: str = ""  # what the server was asked for (OpenAIChat)
+
+
+@dataclass
+class _Outcome:
+    reply: Reply | None
+    error: str | None = None
 
 
 class OpenAIChat:
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  temperature: float = 0.8, seed: int = 0, max_tokens: int = 1024, timeout: float = 60,
-                 max_retries: int = 5, json_mode: bool = True):
+                 max_retries: int = 5, response_format: str = "json_schema", concurrency: int = 8):
         from openai import OpenAI
 
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "not-needed",
                              timeout=timeout, max_retries=max_retries)
         self.model, self.temperature, self.seed = model, temperature, seed
-        self.max_tokens, self.json_mode = max_tokens, json_mode
+        self.max_tokens, self.concurrency = max_tokens, max(1, concurrency)
+        self.format = response_format
+        self.refused: list[str] = []  # response formats this server answered 400 to, in order
+        self._lock = threading.Lock()
 
-    def chat(self, messages: list[dict], call_index: int = 0) -> Reply:
+    def _response_format(self, fmt: str, schema: dict | None):
+        if fmt == "json_schema" and schema is not None:
+            return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+        if fmt in ("json_schema", "json_object"):
+            return {"type": "json_object"}
+        return None
+
+    def chat(self, prompt: Prompt, call_index: int = 0) -> Reply:
         import openai
 
-        kwargs = dict(model=self.model, messages=messages, temperature=self.temperature,
-                      seed=self.seed + call_index, max_tokens=self.max_tokens)
-        if self.json_mode:
-            kwargs["response_format"] = {"type": "json_object"}
-        try:
-            resp = self.client.chat.completions.create(**kwargs)
-        except openai.BadRequestError as e:
-            if not self.json_mode:
-                raise LLMError(f"request refused: {e}") from None
-            self.json_mode = False  # this server has no JSON mode; ask again without it
-            return self.chat(messages, call_index)
-        except (openai.APIError, openai.APITimeoutError) as e:
-            raise LLMError(f"{type(e).__name__}: {e}") from None
-        if not resp.choices:
-            raise LLMError("reply had no choices")
-        usage = resp.usage
-        return Reply(text=resp.choices[0].message.content or "",
-                     prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                     completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+        while True:
+            fmt = self.format
+            kwargs = dict(model=self.model, messages=prompt.messages, temperature=self.temperature,
+                          seed=self.seed + call_index, max_tokens=self.max_tokens)
+            rf = self._response_format(fmt, prompt.schema)
+            if rf is not None:
+                kwargs["response_format"] = rf
+            try:
+                resp = self.client.chat.completions.create(**kwargs)
+            except openai.BadRequestError as e:
+                with self._lock:
+                    if fmt == "text":
+                        raise LLMError(f"request refused: {e}") from None
+                    if self.format == fmt:  # this server does not take `fmt`: one step down, for good
+                        self.refused.append(fmt)
+                        self.format = RESPONSE_FORMATS[RESPONSE_FORMATS.index(fmt) + 1]
+                continue
+            except (openai.APIError, openai.APITimeoutError) as e:
+                raise LLMError(f"{type(e).__name__}: {e}") from None
+            if not resp.choices:
+                raise LLMError("reply had no choices")
+            usage = resp.usage
+            return Reply(text=resp.choices[0].message.content or "",
+                         prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                         completion_tokens=getattr(usage, "completion_tokens", 0) or 0, response_format=fmt)
+
+    def chat_many(self, prompts: list[Prompt], first_index: int = 0) -> list[_Outcome]:
+        def one(i: int) -> _Outcome:
+            try:
+                return _Outcome(self.chat(prompts[i], first_index + i))
+            except LLMError as e:
+                return _Outcome(None, str(e))
+
+        if self.concurrency == 1 or len(prompts) == 1:
+            return [one(i) for i in range(len(prompts))]
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
+            return list(pool.map(one, range(len(prompts))))
 
 
 class LocalChat:
-    """A local chat model. `prefill` starts the assistant's reply (e.g. with `{"candidates": [`),
-    which steers a small model into the JSON the prompt asks for; it is part of the reply."""
+    """A local chat model; `batch_size` prompts go through one `generate`."""
 
     def __init__(self, source: str = "demo", temperature: float = 0.8, seed: int = 0, max_tokens: int = 1024,
-                 device: str = "cpu", prefill: str = '{"candidates": [['):
-        from ..model_source import load
+                 device: str = "cpu", top_p: float = 0.95, batch_size: int = 32, loaded=None):
+        from ..errors import UserError
+        from .constrained import Grammars
 
-        loaded = load(source, device=device)
+        if loaded is None:
+            from ..model_source import load
+
+            loaded = load(source, device=device, dtype="bfloat16" if device.startswith("cuda") else "float32")
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
-        self.temperature, self.seed, self.max_tokens, self.prefill = temperature, seed, max_tokens, prefill
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise UserError(f"llm.model {source!r} has no chat template; use an instruction-tuned chat model")
+        self.temperature, self.seed, self.max_tokens, self.top_p = temperature, seed, max_tokens, top_p
+        self.batch_size = max(1, batch_size)
+        self.grammars = Grammars(self.tokenizer)
+        self.eos = self.grammars.ll_tokenizer.eos_token
 
-    def chat(self, messages: list[dict], call_index: int = 0) -> Reply:
+    def chat_many(self, prompts: list[Prompt], first_index: int = 0) -> list[_Outcome]:
+        out: list[_Outcome] = []
+        for start in range(0, len(prompts), self.batch_size):
+            out += self._generate(prompts[start:start + self.batch_size], first_index + start)
+        return out
+
+    def _generate(self, prompts: list[Prompt], first_index: int) -> list[_Outcome]:
         import torch
 
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt += self.prefill
-        ids = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(self.model.device)
-        torch.manual_seed(self.seed * 1_000_003 + call_index)
+        from .constrained import GrammarProcessor, max_reply_chars
+
+        tok = self.tokenizer
+        texts = [tok.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
+        side, tok.padding_side = tok.padding_side, "left"  # generation continues every row at the right
+        try:
+            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+        finally:
+            tok.padding_side = side
+        schemas = [p.schema for p in prompts]
+        budget = max(max_reply_chars(s) + 1 if s is not None else self.max_tokens for s in schemas)
+        processor = GrammarProcessor(self.grammars, schemas, self.eos, temperature=self.temperature,
+                                     top_p=self.top_p)
+        torch.manual_seed(self.seed * 1_000_003 + first_index)
         sample = self.temperature > 0
-        with torch.no_grad():
-            out = self.model.generate(
-                ids, max_new_tokens=self.max_tokens, do_sample=sample,
-                temperature=self.temperature if sample else None, top_p=0.95 if sample else None,
-                pad_token_id=self.tokenizer.eos_token_id,
-                stop_strings=["]]"], tokenizer=self.tokenizer,  # the candidate list is closed: done
-            )
-        new = out[0, ids.shape[1]:]
-        text = self.prefill + self.tokenizer.decode(new, skip_special_tokens=True)
-        return Reply(text=text, prompt_tokens=int(ids.shape[1]), completion_tokens=int(new.numel()))
+        pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
+        with torch.inference_mode():
+            # the processor does temperature and top-p after its mask, so generate's own are off
+            warpers = dict(temperature=1.0, top_p=1.0, top_k=0) if sample else {}
+            ids = self.model.generate(**enc, max_new_tokens=budget, do_sample=sample, logits_processor=[processor],
+                                      eos_token_id=self.eos, pad_token_id=pad, **warpers)
+        prompt_len = enc.input_ids.shape[1]
+        outcomes = []
+        for row in range(len(prompts)):
+            new = ids[row, prompt_len:].tolist()
+            if self.eos in new:
+                new = new[: new.index(self.eos) + 1]
+            text = tok.decode(new, skip_special_tokens=True)
+            outcomes.append(_Outcome(Reply(text=text, prompt_tokens=int(enc.attention_mask[row].sum()),
+                                           completion_tokens=len(new))))
+        return outcomes
 
 
-def prompt_hash(messages: list[dict]) -> str:
-    return hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+def prompt_hash(prompt: Prompt) -> str:
+    return hashlib.sha256(json.dumps([prompt.messages, prompt.schema], sort_keys=True).encode()).hexdigest()[:16]
 
 
+@dataclass
 class Transcript:
     """Wraps a client: numbers calls, records them, replays recorded ones on resume."""
 
-    def __init__(self, client, path: str | Path):
-        self.client, self.path = client, Path(path)
-        self.recorded: list[dict] = []
+    client: object
+    path: Path
+    recorded: list[dict] = field(default_factory=list)
+    calls: int = 0
+
+    def __post_init__(self):
+        self.path = Path(self.path)
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
                     self.recorded.append(json.loads(line))
                 except json.JSONDecodeError:
                     break  # a torn last line from a crash: ask again from here
-        self.calls = 0
-        self.stats = {"calls": 0, "failed_calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "replayed": 0}
 
     def rewind(self, calls: int) -> None:
         """Continue from a checkpoint that had made `calls` calls."""
         self.calls = calls
 
-    def chat(self, messages: list[dict], kind: str = "") -> Reply:
-        index = self.calls
-        self.calls += 1
-        key = prompt_hash(messages)
-        entry = self.recorded[index] if index < len(self.recorded) else None
-        if entry is not None and entry.get("prompt_hash") == key:
-            self.stats["replayed"] += 1
-            reply = None if entry.get("error") else Reply(entry["reply"], entry["prompt_tokens"], entry["completion_tokens"])
+    @property
+    def refused_formats(self) -> list[str]:
+        return list(getattr(self.client, "refused", []))
+
+    def chat_many(self, prompts: list[Prompt]) -> tuple[list[Reply | None], float]:
+        """Replies (None for a failed call) to `prompts`, asked as one batch, and the batch's
+        seconds (as recorded, so a resumed run reports the time the first run spent)."""
+        first = self.calls
+        self.calls += len(prompts)
+        keys = [prompt_hash(p) for p in prompts]
+        replay = all(first + i < len(self.recorded) and self.recorded[first + i].get("prompt_hash") == k
+                     for i, k in enumerate(keys))
+        if replay:
+            entries = self.recorded[first:first + len(prompts)]
         else:
-            del self.recorded[index:]
+            del self.recorded[first:]
             start = time.perf_counter()
-            try:
-                reply, error = self.client.chat(messages, call_index=index), None
-            except LLMError as e:
-                reply, error = None, str(e)
-            entry = {"call": index, "kind": kind, "prompt_hash": key, "messages": messages,
-                     "reply": reply.text if reply else None, "error": error,
-                     "prompt_tokens": reply.prompt_tokens if reply else 0,
-                     "completion_tokens": reply.completion_tokens if reply else 0,
-                     "seconds": round(time.perf_counter() - start, 3)}
-            self.recorded.append(entry)
+            outcomes = self.client.chat_many(prompts, first)
+            seconds = round(time.perf_counter() - start, 3)
+            entries = []
+            for i, (p, o) in enumerate(zip(prompts, outcomes)):
+                r = o.reply
+                entries.append({"call": first + i, "batch": first, "batch_size": len(prompts),
+                                "batch_seconds": seconds, "kind": p.kind, "prompt_hash": keys[i],
+                                "messages": p.messages, "schema": p.schema,
+                                "reply": r.text if r else None, "error": o.error,
+                                "response_format": r.response_format if r else None,
+                                "prompt_tokens": r.prompt_tokens if r else 0,
+                                "completion_tokens": r.completion_tokens if r else 0})
+            self.recorded += entries
             self._rewrite()
-        self.stats["calls"] += 1
-        self.stats["prompt_tokens"] += entry["prompt_tokens"]
-        self.stats["completion_tokens"] += entry["completion_tokens"]
-        if reply is None:
-            self.stats["failed_calls"] += 1
-            raise LLMError(entry["error"])
-        return reply
+        replies = [None if e.get("error") else Reply(e["reply"], e["prompt_tokens"], e["completion_tokens"],
+                                                     e.get("response_format") or "") for e in entries]
+        return replies, float(entries[0].get("batch_seconds", 0.0)) if entries else 0.0
 
     def _rewrite(self) -> None:
         tmp = self.path.with_suffix(".tmp")
@@ -159,12 +250,16 @@ class Transcript:
         os.replace(tmp, self.path)
 
 
-def totals(transcript: "Transcript") -> dict:
+def totals(transcript: Transcript) -> dict:
     """Usage over every call the search has made so far (replayed ones included)."""
     made = transcript.recorded[: transcript.calls]
+    batches = {e.get("batch", e.get("call")): e.get("batch_seconds", 0.0) for e in made}
     return {
         "calls": len(made),
+        "batches": len(batches),
         "failed_calls": sum(1 for e in made if e.get("error")),
         "prompt_tokens": sum(e.get("prompt_tokens", 0) for e in made),
         "completion_tokens": sum(e.get("completion_tokens", 0) for e in made),
+        "seconds": round(sum(batches.values()), 3),
+        "refused_response_formats": transcript.refused_formats,
     }

@@ -1,9 +1,15 @@
-"""Self-Pruner: the LLM writes the initial population and every generation's offspring.
+"""Self-Pruner: the LLM writes the initial population, picks the parents, and writes every
+generation's crossovers and mutations.
 
-Prompts are templates in `prompts/`. One call may return many offspring. A reply that
-cannot be parsed, has the wrong length, or breaks bounds/grid/mean is repaired by
-projection when it has the right length, or replaced by a classical operator; a
-repeated candidate is replaced by a mutation of it. All of that is counted, never fatal.
+Prompts are templates in `prompts/`; candidates travel as integer percents (`encoding.py`)
+and every request carries its reply's JSON schema, so a constrained local model or a
+structured-outputs endpoint can only write valid candidates. A generation costs two LLM
+rounds: the selection (one call), then all crossover and mutation prompts as one batch.
+What still goes wrong with an endpoint that ignores the schema is handled and counted,
+never fatal: a reply with the right shape but values off bounds or grid is projected
+(`repaired`); a missing or unusable item is replaced by the classical operator on the same
+parents (`classical`); a candidate already seen is mutated until new (`repaired`);
+an invalid parent index is replaced by a tournament pick (`llm_selection_repaired`).
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from string import Template
 import numpy as np
 
 from . import operators
-from .evolution import ClassicalProposer, Evolution
-from .llm_clients import LLMError
+from .encoding import Codec, projection_distance, selection_schema
+from .evolution import ClassicalProposer, Evolution, Offspring
 
 PROMPTS = resources.files("selfpruner.search") / "prompts"
 
@@ -32,9 +38,8 @@ NUMBER_LIST = re.compile(r"\[\s*-?\d+(?:\.\d*)?(?:\s*,\s*-?\d+(?:\.\d*)?)*\s*\]"
 def parse_candidates(text: str) -> list | None:
     """The list of candidates in a reply, or None if there is nothing usable.
 
-    Proper JSON first; failing that, every complete list of numbers in the text is
-    salvaged (small models often write good candidates and then ramble, or run out of
-    tokens mid-list)."""
+    Proper JSON first; failing that (an endpoint that ignored the schema), every complete
+    list of numbers in the text is salvaged."""
     found = _parse_json(text)
     if found is not None:
         return found
@@ -53,107 +58,190 @@ def _parse_json(text: str) -> list | None:
             data = json.loads(text[start:end + 1])
         except json.JSONDecodeError:
             continue
-        if isinstance(data, dict):
+        if isinstance(data, dict) and not {"attention", "mlp"} <= data.keys():
             data = data.get("candidates", data.get("children", data.get("mutants")))
-        if isinstance(data, list) and data and all(isinstance(c, list) for c in data):
+        elif isinstance(data, dict):
+            return [data]  # a single bare candidate with separate rates
+        if isinstance(data, list) and data and all(isinstance(c, (list, dict)) for c in data):
             return data
         if isinstance(data, list) and data and all(isinstance(v, (int, float)) for v in data):
             return [data]  # a single bare candidate
     return None
 
 
+def parse_selection(text: str) -> dict | None:
+    try:
+        data = json.loads(text.strip())
+    except json.JSONDecodeError:
+        found = _first_object(text)
+        if found is None:
+            return None
+        data = found
+    return data if isinstance(data, dict) else None
+
+
+def _first_object(text: str):
+    start, end = text.find("{"), text.rfind("}")
+    if start == -1 or end <= start:
+        return None
+    try:
+        return json.loads(text[start:end + 1])
+    except json.JSONDecodeError:
+        return None
+
+
 class LLMProposer(ClassicalProposer):
-    def __init__(self, llm, description: dict, per_call: int = 5):
+    def __init__(self, llm, description: dict, per_call: int = 1, select: bool = True):
         self.llm = llm  # a Transcript
         self.description = description
         self.per_call = per_call
+        self.select = select
 
     # -- prompts ---------------------------------------------------------------------
-    def _fill(self, name: str, strategy: Evolution, **extra) -> list[dict]:
+    def _messages(self, name: str, strategy: Evolution, **extra) -> list[dict]:
         space = strategy.ctx.space
+        codec = Codec(space)
         values = dict(self.description)
-        values.update(dim=space.dim, ratio=space.ratio, min_rate=space.lo * space.grid,
-                      max_rate=space.hi * space.grid, grid=space.grid,
-                      uniform_example=self._fmt(space, space.uniform()), **extra)
+        n = space.num_blocks
+        shape = f'{{"attention":[{n} rates],"mlp":[{n} rates]}}' if space.separate else f"[{space.dim} rates]"
+        values.update(dim=space.dim, ratio=codec.target_text, units=codec.unit_text, shape=shape,
+                      uniform_example=codec.fmt(space.uniform()), **extra)
         system = (PROMPTS / "system.txt").read_text().strip()
         return [{"role": "system", "content": system},
                 {"role": "user", "content": template(name).substitute(values).strip()}]
 
-    @staticmethod
-    def _fmt(space, units) -> str:
-        return "[" + ", ".join(f"{r:.2f}" for r in space.rates(units)) + "]"
-
-    def _population_text(self, strategy: Evolution, top: int = 5) -> str:
-        space = strategy.ctx.space
-        return "\n".join(f"{m.fitness:.3f}: {self._fmt(space, m.units)}" for m in strategy.population[:top])
+    def _population_text(self, strategy: Evolution, top: int | None = None) -> str:
+        codec = Codec(strategy.ctx.space)
+        pop = strategy.population if top is None else strategy.population[:top]
+        return "\n".join(f"{i + 1}. perplexity {m.fitness:.3f}: {codec.fmt(m.units)}" for i, m in enumerate(pop))
 
     # -- turning replies into candidates ---------------------------------------------
     def _accept(self, strategy: Evolution, raw, fallback, kind: str) -> tuple[np.ndarray, str]:
         space = strategy.ctx.space
         strategy.count("llm_offspring_asked")
-        if not isinstance(raw, list) or len(raw) != space.dim or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in raw
-        ):
+        proposal, clean = Codec(space).decode(raw) if raw is not None else (None, False)
+        if proposal is None:
             strategy.count("llm_replaced")
-            return strategy.fresh(fallback()), kind
-        proposal = np.asarray(raw, dtype=np.float64)
+            return strategy.fresh(fallback()), "classical"
         units = space.project(proposal)
+        strategy.note_projection(projection_distance(space, proposal, units))
         origin = f"llm-{kind}"
-        if np.allclose(space.rates(units), proposal, atol=1e-9):
+        if clean:
             strategy.count("llm_as_written")
         else:
             strategy.count("llm_repaired")
-            origin += "-repaired"
+            origin = "repaired"
         if space.key(units) in strategy.seen:
             strategy.count("llm_duplicates")
-            origin = f"llm-{kind}-deduplicated"
+            origin = "repaired"
+        elif clean:
+            strategy.count("llm_used")
         return strategy.fresh(units), origin
 
-    def _ask(self, strategy: Evolution, name: str, fallbacks: list, kind: str, **extra) -> list:
-        """One call for len(fallbacks) offspring; a missing or bad item i becomes fallbacks[i]()."""
-        n = len(fallbacks)
-        try:
-            reply = self.llm.chat(self._fill(name, strategy, count=n, **extra), kind=kind)
-            items = parse_candidates(reply.text) or []
-            if not items:
-                strategy.count("llm_unparseable_replies")
-        except LLMError:
-            strategy.count("llm_failed_calls")
-            items = []
-        items = (items + [None] * n)[:n]
-        return [self._accept(strategy, raw, fb, kind) for raw, fb in zip(items, fallbacks)]
+    def _ask_all(self, strategy: Evolution, jobs: list[tuple]) -> list[tuple[np.ndarray, str]]:
+        """One batch for all `jobs` = (template, kind, fallbacks, extra): each prompt asks for
+        len(fallbacks) offspring; a missing or bad item i becomes fallbacks[i]()."""
+        from .llm_clients import Prompt
 
-    # -- the proposer interface ------------------------------------------------------
-    def initial(self, strategy: Evolution, n: int) -> list[tuple[np.ndarray, str]]:
-        ctx, out = strategy.ctx, []
-        while len(out) < n:
-            k = min(self.per_call, n - len(out))
-            out += self._ask(strategy, "initial", [lambda: ctx.space.random(ctx.rng)] * k, "initial")
+        codec = Codec(strategy.ctx.space)
+        prompts = [Prompt(self._messages(name, strategy, count=len(fbs), **extra), codec.reply_schema(len(fbs)), kind)
+                   for name, kind, fbs, extra in jobs]
+        replies, seconds = self.llm.chat_many(prompts)
+        strategy.note_llm_seconds(seconds)
+        out = []
+        for (name, kind, fbs, extra), reply in zip(jobs, replies):
+            n = len(fbs)
+            if reply is None:
+                strategy.count("llm_failed_calls")
+                items = []
+            else:
+                items = parse_candidates(reply.text) or []
+                if not items:
+                    strategy.count("llm_unparseable_replies")
+            items = (items + [None] * n)[:n]
+            out += [self._accept(strategy, raw, fb, kind) for raw, fb in zip(items, fbs)]
         return out
 
-    def offspring(self, strategy: Evolution) -> list[tuple[np.ndarray, str]]:
+    # -- selection -------------------------------------------------------------------
+    def _select(self, strategy: Evolution) -> tuple[list[tuple], list]:
+        """Crossover pairs and mutation parents: chosen by the LLM (the paper) or by
+        tournament (`search.llmSelection: false`, the ablation)."""
         ctx, pop = strategy.ctx, strategy.population
         fitness = [m.fitness for m in pop]
-        pick = lambda: pop[operators.tournament(fitness, ctx.rng)]  # noqa: E731
-        population = self._population_text(strategy)
-        out = []
-        pairs = [(pick(), pick()) for _ in range(strategy.crossovers)]
+
+        def pick(avoid: int | None = None) -> int:
+            for _ in range(20):
+                i = operators.tournament(fitness, ctx.rng)
+                if i != avoid or len(pop) == 1:
+                    return i
+            return next(i for i in range(len(pop)) if i != avoid)
+
+        if not self.select:
+            strategy.count("tournament_selections", strategy.crossovers + strategy.mutations)
+            return ([(pop[pick()], pop[pick()]) for _ in range(strategy.crossovers)],
+                    [pop[pick()] for _ in range(strategy.mutations)])
+        from .llm_clients import Prompt
+
+        messages = self._messages("selection", strategy, population=self._population_text(strategy),
+                                  size=len(pop), pairs=strategy.crossovers, singles=strategy.mutations)
+        schema = selection_schema(strategy.crossovers, strategy.mutations, len(pop))
+        replies, seconds = self.llm.chat_many([Prompt(messages, schema, "selection")])
+        strategy.note_llm_seconds(seconds)
+        data = parse_selection(replies[0].text) if replies[0] is not None else None
+        if replies[0] is None:
+            strategy.count("llm_failed_calls")
+        elif data is None:
+            strategy.count("llm_unparseable_replies")
+        data = data or {}
+
+        def index(v, avoid=None) -> int:
+            ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= len(pop) and v - 1 != avoid
+            strategy.count("llm_selections" if ok else "llm_selection_repaired")
+            return v - 1 if ok else pick(avoid)
+
+        raw_pairs = data.get("crossover") if isinstance(data.get("crossover"), list) else []
+        raw_singles = data.get("mutation") if isinstance(data.get("mutation"), list) else []
+        pairs = []
+        for k in range(strategy.crossovers):
+            p = raw_pairs[k] if k < len(raw_pairs) and isinstance(raw_pairs[k], list) else [None, None]
+            p = (list(p) + [None, None])[:2]
+            a = index(p[0])
+            b = index(p[1], avoid=a)  # a repeated index would cross a parent with itself
+            pairs.append((pop[a], pop[b]))
+        singles = [pop[index(raw_singles[k] if k < len(raw_singles) else None)] for k in range(strategy.mutations)]
+        return pairs, singles
+
+    # -- the proposer interface ------------------------------------------------------
+    def initial(self, strategy: Evolution, n: int) -> list[Offspring]:
+        ctx = strategy.ctx
+        jobs = []
+        for start in range(0, n, self.per_call):
+            k = min(self.per_call, n - start)
+            jobs.append(("initial", "initial", [lambda: ctx.space.random(ctx.rng)] * k, {}))
+        return [Offspring(u, o) for u, o in self._ask_all(strategy, jobs)]
+
+    def offspring(self, strategy: Evolution) -> list[Offspring]:
+        ctx = strategy.ctx
+        codec = Codec(ctx.space)
+        pairs, singles = self._select(strategy)
+        population = self._population_text(strategy, top=5)
+        jobs, parents_of = [], []
         for start in range(0, len(pairs), self.per_call):
             chunk = pairs[start:start + self.per_call]
-            text = "\n".join(f"{i + 1}. A = {self._fmt(ctx.space, a.units)} (perplexity {a.fitness:.3f}); "
-                             f"B = {self._fmt(ctx.space, b.units)} (perplexity {b.fitness:.3f})"
+            text = "\n".join(f"{i + 1}. A = {codec.fmt(a.units)} (perplexity {a.fitness:.3f}); "
+                             f"B = {codec.fmt(b.units)} (perplexity {b.fitness:.3f})"
                              for i, (a, b) in enumerate(chunk))
             fallbacks = [lambda a=a, b=b: operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
                          for a, b in chunk]
-            out += self._ask(strategy, "crossover", fallbacks, "crossover", population=population, parents=text)
-        parents = [pick() for _ in range(strategy.mutations)]
-        for start in range(0, len(parents), self.per_call):
-            chunk = parents[start:start + self.per_call]
-            text = "\n".join(f"{i + 1}. {self._fmt(ctx.space, p.units)} (perplexity {p.fitness:.3f})"
-                             for i, p in enumerate(chunk))
+            jobs.append(("crossover", "crossover", fallbacks, {"population": population, "parents": text}))
+            parents_of += [min(a.fitness, b.fitness) for a, b in chunk]
+        for start in range(0, len(singles), self.per_call):
+            chunk = singles[start:start + self.per_call]
+            text = "\n".join(f"{i + 1}. {codec.fmt(p.units)} (perplexity {p.fitness:.3f})" for i, p in enumerate(chunk))
             fallbacks = [lambda p=p: operators.mutate(ctx.space, np.array(p.units), ctx.rng) for p in chunk]
-            out += self._ask(strategy, "mutation", fallbacks, "mutation", population=population, parents=text)
-        return out
+            jobs.append(("mutation", "mutation", fallbacks, {"population": population, "parents": text}))
+            parents_of += [p.fitness for p in chunk]
+        return [Offspring(u, o, parent) for (u, o), parent in zip(self._ask_all(strategy, jobs), parents_of)]
 
 
 class LLMEvolution(Evolution):

@@ -70,14 +70,7 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
         else:
             zero_shot = zs.run(checkpoint, spec.spec.search.zero_shot_tasks, dtype=spec.spec.model.dtype)
     counters = strategy.counters
-    asked = counters.get("llm_offspring_asked", 0)
-    llm = totals(transcript) if transcript else None
-    if llm is not None:
-        llm["offspring_asked"] = asked
-        llm["offspring_used_as_written"] = counters.get("llm_as_written", 0)
-        llm["offspring_repaired"] = counters.get("llm_repaired", 0)
-        llm["offspring_replaced"] = counters.get("llm_replaced", 0)
-        llm["as_written_share"] = counters.get("llm_as_written", 0) / asked if asked else None
+    llm = llm_summary(transcript, counters, strategy.projection) if transcript else None
     result = {
         "prunejob": spec.metadata.get("name"),
         "strategy": strategy.name,
@@ -92,6 +85,8 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
         "fitness_text": {"text": spec.spec.fitness.text, "tokens": spec.spec.fitness.tokens},
         "held_out_text": {"text": spec.spec.fitness.held_out_text, "tokens": spec.spec.fitness.held_out_tokens},
         "best_per_generation": strategy.best_per_generation,
+        "generations": strategy.generation_log,
+        "origins": origin_table(strategy.origins),
         "cost": {"wall_seconds": round(wall_seconds, 2), **evaluator.history.totals(),
                  "budget_full_evaluations": strategy.ctx.budget, "budget_spent": round(strategy.spent, 3),
                  "llm": llm},
@@ -104,6 +99,43 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     os.replace(tmp, out / "result.json")
     plot(result, out, executor.geometry.num_layers, space.separate)
     return result
+
+
+def llm_summary(transcript, counters: dict, projection: dict) -> dict:
+    """What the LLM cost and how much of what it wrote was used as written."""
+    llm = totals(transcript)
+    asked = counters.get("llm_offspring_asked", 0)
+    used = counters.get("llm_used", 0)
+    llm.update({
+        "offspring_asked": asked,
+        "offspring_used": used,  # valid as written (shape, bounds, grid) and new
+        "offspring_used_as_written": counters.get("llm_as_written", 0),
+        "offspring_repaired": counters.get("llm_repaired", 0),
+        "offspring_duplicates": counters.get("llm_duplicates", 0),
+        "offspring_replaced": counters.get("llm_replaced", 0),
+        "used_share": used / asked if asked else None,
+        "as_written_share": counters.get("llm_as_written", 0) / asked if asked else None,
+        "unparseable_replies": counters.get("llm_unparseable_replies", 0),
+        "selections": counters.get("llm_selections", 0),
+        "selections_repaired": counters.get("llm_selection_repaired", 0),
+        # projection fixes only the mean: how far it moved a candidate, mean |Δrate| over blocks
+        "projection_mean_abs_change": round(projection["sum"] / projection["n"], 5) if projection["n"] else None,
+        "projection_max_abs_change": round(projection["max"], 5) if projection["n"] else None,
+    })
+    return llm
+
+
+def origin_table(origins: dict) -> dict:
+    """Per origin: offspring made, the share that entered the next population, and the mean
+    relative improvement of their fitness over the better parent (positive: better)."""
+    table = {}
+    for name in sorted(origins):
+        o = origins[name]
+        table[name] = {"made": o["made"], "entered": o["entered"],
+                       "entered_share": round(o["entered"] / o["made"], 4) if o["made"] else None,
+                       "mean_improvement_over_parent": (round(o["improvement_sum"] / o["improvement_n"], 5)
+                                                        if o["improvement_n"] else None)}
+    return table
 
 
 def plot(result: dict, out: Path, num_blocks: int, separate: bool) -> None:
@@ -160,10 +192,17 @@ def summary_table(result: dict) -> str:
                  f"{c['device_seconds']:.1f} device-s, {c['wall_seconds']:.1f} s wall")
     if c.get("llm"):
         l = c["llm"]
-        share = l["as_written_share"]
-        lines.append(f"LLM: {l['calls']} calls ({l['failed_calls']} failed), {l['prompt_tokens']} prompt + "
-                     f"{l['completion_tokens']} completion tokens; offspring used as written: "
-                     f"{'-' if share is None else f'{share * 100:.0f}%'}")
+        share = l["used_share"]
+        lines.append(f"LLM: {l['calls']} calls in {l['batches']} batches, {l['seconds']:.1f} s ({l['failed_calls']} failed), "
+                     f"{l['prompt_tokens']} prompt + {l['completion_tokens']} completion tokens; offspring used as "
+                     f"written: {'-' if share is None else f'{share * 100:.0f}%'} of {l['offspring_asked']}")
+    if result.get("origins"):
+        lines.append("")
+        lines.append(f"{'origin':<28}{'made':>6}{'entered':>9}{'vs parent':>11}")
+        for name, o in result["origins"].items():
+            imp = o["mean_improvement_over_parent"]
+            lines.append(f"{name:<28}{o['made']:>6}{o['entered_share'] * 100:>8.0f}%"
+                         f"{'-' if imp is None else f'{imp * 100:+.1f}%':>11}")
     if result.get("checkpoint"):
         lines.append(f"checkpoint: {result['checkpoint']}")
     return "\n".join(lines)

@@ -68,12 +68,14 @@ def make_llm(spec: Section, out: Path, client=None) -> Transcript:
         if llm.provider == "openai":
             client = OpenAIChat(llm.model, base_url=llm.get("baseURL"), api_key_env=llm.api_key_env,
                                 temperature=llm.temperature, seed=llm.seed, max_tokens=llm.max_tokens,
-                                timeout=llm.timeout_seconds, max_retries=llm.max_retries, json_mode=llm.json_mode)
+                                timeout=llm.timeout_seconds, max_retries=llm.max_retries,
+                                response_format=llm.response_format, concurrency=llm.concurrency)
         else:
             from ..model_source import default_device
 
             client = LocalChat(llm.model, temperature=llm.temperature, seed=llm.seed, max_tokens=llm.max_tokens,
-                               device=default_device())
+                               device=os.environ.get("SELFPRUNER_LLM_DEVICE") or default_device(),
+                               batch_size=llm.batch_size)
     return Transcript(client, out / "llm_transcript.jsonl")
 
 

@@ -20,6 +20,7 @@ class Request:
     units: np.ndarray
     tokens: int  # fidelity
     origin: str  # who proposed it: uniform, random, crossover, mutation, llm-..., ...
+    parent_fitness: float | None = None  # the better parent's fitness (offspring only)
 
 
 @dataclass
@@ -68,6 +69,13 @@ class Strategy:
         self.best_per_generation: list[float] = []
         self.at_boundary = True
         self.counters: dict[str, int] = {}
+        # per generation: best fitness, LLM seconds and evaluation seconds (what each costs)
+        self.generation_log: list[dict] = []
+        self._llm_seconds = 0.0
+        self._evaluation_seconds = 0.0
+        # per origin: offspring made, how many entered the population, improvement over the better parent
+        self.origins: dict[str, dict] = {}
+        self.projection = {"n": 0, "sum": 0.0, "max": 0.0}  # how far projection moved LLM candidates
 
     # -- to implement ----------------------------------------------------------------
     def ask(self) -> list[Request]:
@@ -81,6 +89,24 @@ class Strategy:
         for r in results:
             if not r.cached:
                 self.spent += r.tokens / self.ctx.full_tokens
+            self._evaluation_seconds += r.seconds or 0.0
+
+    def note_llm_seconds(self, seconds: float) -> None:
+        self._llm_seconds += seconds
+
+    def note_projection(self, distance: float) -> None:
+        p = self.projection
+        p["n"] += 1
+        p["sum"] += distance
+        p["max"] = max(p["max"], distance)
+
+    def note_offspring(self, origin: str, entered: bool, parent_fitness: float | None, fitness: float | None) -> None:
+        o = self.origins.setdefault(origin, {"made": 0, "entered": 0, "improvement_sum": 0.0, "improvement_n": 0})
+        o["made"] += 1
+        o["entered"] += int(entered)
+        if parent_fitness is not None and fitness is not None and parent_fitness > 0:
+            o["improvement_sum"] += (parent_fitness - fitness) / parent_fitness
+            o["improvement_n"] += 1
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
@@ -91,6 +117,10 @@ class Strategy:
     def record_generation(self) -> None:
         best = self.best()
         self.best_per_generation.append(best.fitness if best else float("nan"))
+        self.generation_log.append({"generation": self.generation, "best": self.best_per_generation[-1],
+                                    "llm_seconds": round(self._llm_seconds, 3),
+                                    "evaluation_seconds": round(self._evaluation_seconds, 3)})
+        self._llm_seconds = self._evaluation_seconds = 0.0
 
     def state(self) -> dict:
         return {
@@ -100,6 +130,9 @@ class Strategy:
             "population": [m.__dict__ for m in self.population],
             "best_per_generation": self.best_per_generation,
             "counters": self.counters,
+            "generation_log": self.generation_log,
+            "origins": self.origins,
+            "projection": self.projection,
             "extra": self.extra_state(),
         }
 
@@ -109,6 +142,9 @@ class Strategy:
         self.population = [Member(**m) for m in state["population"]]
         self.best_per_generation = list(state["best_per_generation"])
         self.counters = dict(state["counters"])
+        self.generation_log = list(state.get("generation_log", []))
+        self.origins = {k: dict(v) for k, v in state.get("origins", {}).items()}
+        self.projection = dict(state.get("projection", self.projection))
         self.load_extra_state(state.get("extra") or {})
 
     def extra_state(self) -> dict:
