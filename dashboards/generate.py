@@ -83,20 +83,32 @@ def panels() -> list:
         series(10, "LLM offspring by use", "short",
                [query(f"sum by (prunejob, use) (increase(selfpruner_llm_offspring_total{{{PJ}}}{RI}))",
                       "{{prunejob}} {{use}}")],
-               (12, 32, 12, 8), "Offspring the LLM wrote: used as written, repaired, or replaced"),
+               (12, 32, 12, 8), "Offspring the LLM was asked for: used as written, duplicate (valid but seen), "
+                                "repaired by projection, or replaced by a classical operator"),
+        series(14, "LLM and evaluation seconds per second", "percentunit",
+               [query(rate("selfpruner_llm_seconds_total", "prunejob"), "{{prunejob}} LLM"),
+                query(rate("selfpruner_search_evaluation_device_seconds_total", "prunejob"),
+                      "{{prunejob}} evaluation", "B")],
+               (0, 40, 12, 8), "Share of wall time spent waiting for the LLM, and accelerator time in evaluations"),
+        series(15, "Offspring entering the population, by origin", "percentunit",
+               [query(f"sum by (prunejob, origin) (selfpruner_search_offspring_entered_total{{{PJ}}}) / "
+                      f"sum by (prunejob, origin) (selfpruner_search_offspring_total{{{PJ}}})",
+                      "{{prunejob}} {{origin}}")],
+               (12, 40, 12, 8), "Did the LLM help? The share of each origin's candidates that entered the population "
+                                "(LLM crossover/mutation against classical fallbacks, or genetic's own operators)"),
         # the operator
         series(11, "PruneJobs by phase", "short",
                [query("sum by (phase) (selfpruner_prunejobs)", "{{phase}}")],
-               (0, 40, 12, 8), "PruneJobs the operator knows, by phase"),
+               (0, 48, 12, 8), "PruneJobs the operator knows, by phase"),
         series(12, "Operator reconcile errors and controller restarts", "short",
                [query(f"sum(increase(selfpruner_operator_reconcile_errors_total{RI}))", "reconcile errors"),
                 query(f"sum(increase(selfpruner_operator_controller_restarts_total{RI}))",
                       "controller restarts", "B")],
-               (12, 40, 12, 8), "Reconciliations that raised an error; controller Jobs started again after a loss"),
+               (12, 48, 12, 8), "Reconciliations that raised an error; controller Jobs started again after a loss"),
         series(13, "Operator reconcile duration (p95)", "s",
                [query("histogram_quantile(0.95, sum by (le) "
                       f"(rate(selfpruner_operator_reconcile_duration_seconds_bucket{RI})))", "p95")],
-               (0, 48, 24, 8), "95th percentile of the time one reconciliation takes"),
+               (0, 56, 24, 8), "95th percentile of the time one reconciliation takes"),
     ]
 
 

@@ -60,6 +60,14 @@ def default_reply(body: dict, dim: int) -> str:
         pairs = int(re.search(r"(\d+) pairs", prompt).group(1))
         singles = int(re.search(r"and (\d+) candidates to mutate", prompt).group(1))
         return good_selection(prompt, pairs, singles, size)
+    rng = random.Random(hashlib.sha256(prompt.encode()).hexdigest())
+    if '{"take":' in prompt:
+        dim = int(re.search(r"for each of the (\d+) positions", prompt).group(1))
+        return json.dumps({"take": "".join(rng.choice("AB") for _ in range(dim))})
+    if '{"moves":' in prompt:
+        last = int(re.search(r"numbered from 0 to (\d+)", prompt).group(1))
+        return json.dumps({"moves": [[rng.randint(0, last), rng.randint(0, last), rng.randint(1, 10)]
+                                     for _ in range(rng.randint(1, 4))]})
     if schema is not None:
         cands = schema["properties"]["candidates"]
         count = cands["minItems"]

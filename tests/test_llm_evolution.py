@@ -157,3 +157,41 @@ def test_llm_selection_is_repaired_and_can_be_turned_off(tiny_job):
 )
 def test_parse_candidates(text, expected):
     assert parse_candidates(text) == expected
+
+
+def test_edit_operators_write_new_children(tiny_job):
+    """llm.operators: edits -- crossovers as a choice of parent per block, mutations as moves."""
+    with ScriptedChat(dim=DIM) as server:
+        doc = llm_job(tiny_job, "edits", server.url, operators="edits", search={"generations": 3})
+        result = runner.run(spec_mod.parse(doc), progress=False)
+        bodies = list(server.requests)
+    schemas = [b["response_format"]["json_schema"]["schema"] for b in bodies]
+    takes = [s for s in schemas if "take" in s["properties"]]
+    moves = [s for s in schemas if "moves" in s["properties"]]
+    assert len(takes) == len(moves) == 3 * 2  # one prompt per pair and per parent in edit mode
+    assert takes[0]["properties"]["take"]["pattern"] == "^[AB]{6}$"
+    move = moves[0]["properties"]["moves"]["items"]
+    assert move["prefixItems"][0] == {"type": "integer", "minimum": 0, "maximum": DIM - 1}
+    llm = result["cost"]["llm"]
+    assert llm["unparseable_replies"] == llm["offspring_repaired"] == 0
+    # a move clipped away entirely is unusable (replaced); everything else the LLM wrote is used or new
+    assert llm["offspring_used"] + llm["offspring_duplicates"] + llm["offspring_replaced"] == llm["offspring_asked"]
+    # moves never give back their parent: (almost) every mutation is new (this server's random crossovers
+    # of two close parents often are not, which is what the duplicate count is for)
+    assert result["origins"]["llm-mutation"]["made"] >= 5
+    assert result["origins"]["llm-crossover"]["made"] >= 1
+
+
+def test_moves_keep_the_mean_and_the_bounds():
+    import numpy as np
+
+    from selfpruner.search import operators
+    from selfpruner.search.space import SearchSpace
+
+    space = SearchSpace(num_blocks=4, ratio=0.3, max_rate=0.6)
+    parent = np.array([30, 30, 30, 30])
+    child = operators.apply_moves(space, parent, [(0, 1, 5), (2, 3, 40)])  # the second is clipped at 60
+    assert child.tolist() == [25, 35, 0, 60] and space.is_feasible(child)
+    assert operators.apply_moves(space, parent, [(1, 1, 5)]) is None  # moves nothing
+    child = operators.take(space, np.array([10, 50, 30, 30]), np.array([50, 10, 30, 30]), "AABB")
+    assert space.is_feasible(child)

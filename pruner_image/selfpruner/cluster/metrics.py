@@ -15,7 +15,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 from ..search.history import read_jsonl
 
-OFFSPRING_USES = ("as_written", "repaired", "replaced")
+# what became of the offspring the LLM was asked for (they add up to all of them): used as
+# written; valid but already seen (mutated until new); repaired by projection; replaced by a
+# classical operator. Each `use` is the strategy's counter `llm_<counter>`.
+OFFSPRING_USES = {"used": "used", "duplicate": "duplicates", "repaired": "repaired", "replaced": "replaced"}
 
 
 class SearchMetrics:
@@ -44,8 +47,17 @@ class SearchMetrics:
                                    "LLM replies that could not be used: unparseable replies and failed calls",
                                    pj, registry=r)
         self.llm_offspring = Counter("selfpruner_llm_offspring_total",
-                                     "Offspring the LLM was asked for, by use (as_written, repaired, replaced)",
+                                     "Offspring the LLM was asked for, by use (used, duplicate, repaired, replaced)",
                                      pj + ["use"], registry=r)
+        self.llm_seconds = Counter("selfpruner_llm_seconds_total",
+                                   "Wall seconds the search waited for the LLM", pj, registry=r)
+        # origin: who proposed a candidate (llm-initial, llm-crossover, llm-mutation, classical,
+        # repaired, random, crossover, mutation, ...): a handful of values, never a candidate
+        self.offspring = Counter("selfpruner_search_offspring_total",
+                                 "Candidates proposed and evaluated, by origin", pj + ["origin"], registry=r)
+        self.offspring_entered = Counter("selfpruner_search_offspring_entered_total",
+                                         "Candidates that entered the population, by origin", pj + ["origin"],
+                                         registry=r)
         self._last: dict[tuple, float] = {}
         # every labelled child exists from the start, so a scrape shows zeros, not gaps
         for outcome in ("ok", "failed"):
@@ -54,7 +66,7 @@ class SearchMetrics:
             self.llm_tokens.labels(prunejob, kind)
         for use in OFFSPRING_USES:
             self.llm_offspring.labels(prunejob, use)
-        for c in (self.device_seconds, self.tokens, self.llm_calls, self.llm_invalid):
+        for c in (self.device_seconds, self.tokens, self.llm_calls, self.llm_invalid, self.llm_seconds):
             c.labels(prunejob)
 
     def _total(self, counter: Counter, value: float, *labels: str) -> None:
@@ -78,8 +90,13 @@ class SearchMetrics:
         self._total(self.llm_tokens, sum(int(e.get("completion_tokens") or 0) for e in calls), "completion")
         counters = getattr(strategy, "counters", None) or {}
         self._total(self.llm_invalid, counters.get("llm_unparseable_replies", 0) + counters.get("llm_failed_calls", 0))
-        for use in OFFSPRING_USES:
-            self._total(self.llm_offspring, counters.get(f"llm_{use}", 0), use)
+        for use, counter in OFFSPRING_USES.items():
+            self._total(self.llm_offspring, counters.get(f"llm_{counter}", 0), use)
+        batches = {e.get("batch", e.get("call")): float(e.get("batch_seconds") or 0) for e in calls}
+        self._total(self.llm_seconds, sum(batches.values()))
+        for origin, o in (getattr(strategy, "origins", None) or {}).items():
+            self._total(self.offspring, o.get("made", 0), origin)
+            self._total(self.offspring_entered, o.get("entered", 0), origin)
         self.generation.labels(self.prunejob).set(strategy.generation)
         best = strategy.best()
         if best is not None and best.fitness is not None:

@@ -16,6 +16,7 @@ called with its own warpers switched off.
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -58,9 +59,14 @@ def max_reply_chars(schema: dict) -> int:
         return max(len(str(schema.get("minimum", -10**9))), len(str(schema.get("maximum", 10**9))))
     if kind == "number":
         return 24
+    if kind == "array" and "prefixItems" in schema:
+        return 2 + sum(max_reply_chars(item) + 1 for item in schema["prefixItems"])
     if kind == "array":
         n = schema.get("maxItems", 64)
         return 2 + n * (max_reply_chars(schema["items"]) + 1)
+    if kind == "string":
+        counts = [int(c) for c in re.findall(r"\{(\d+)\}", schema.get("pattern", ""))]
+        return 2 + (sum(counts) if counts else schema.get("maxLength", 254))
     if kind == "object":
         props = schema.get("properties", {})
         return 2 + sum(len(json.dumps(k)) + 2 + max_reply_chars(v) for k, v in props.items())

@@ -129,6 +129,25 @@ def selection_schema(pairs: int, singles: int, population: int) -> dict:
             "required": ["crossover", "mutation"], "additionalProperties": False}
 
 
+def moves_schema(space: SearchSpace, codec: Codec, max_moves: int = 4, max_percent: int = 10) -> dict:
+    """A mutation as edits: 1..max_moves moves [from block, to block, percent], indices 0-based."""
+    step = codec.step or 1
+    amount = ({"type": "integer", "minimum": 1, "maximum": max_percent} if step == 1 else
+              {"type": "integer", "enum": list(range(step, max_percent + 1, step)) or [step]})
+    index = {"type": "integer", "minimum": 0, "maximum": space.dim - 1}
+    move = {"type": "array", "prefixItems": [index, index, amount], "items": False, "minItems": 3, "maxItems": 3}
+    return {"type": "object",
+            "properties": {"moves": {"type": "array", "items": move, "minItems": 1, "maxItems": max_moves}},
+            "required": ["moves"], "additionalProperties": False}
+
+
+def take_schema(space: SearchSpace) -> dict:
+    """A crossover as a choice per block: a string of A and B, one letter per rate."""
+    return {"type": "object",
+            "properties": {"take": {"type": "string", "pattern": f"^[AB]{{{space.dim}}}$"}},
+            "required": ["take"], "additionalProperties": False}
+
+
 def projection_distance(space: SearchSpace, proposal: np.ndarray, units: np.ndarray) -> float:
     """How far projection moved a proposal, as the mean absolute change of a rate."""
     return float(np.mean(np.abs(space.rates(units) - proposal))) if proposal.size else math.nan

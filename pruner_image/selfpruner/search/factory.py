@@ -54,7 +54,8 @@ def make_strategy(name: str, spec, ctx: Context, geometry=None, llm=None):
         if llm is None:
             raise ValueError("llm-evolution needs an LLM")
         proposer = LLMProposer(llm, model_description(spec, geometry, ctx.prior),
-                               per_call=spec.spec.llm.offspring_per_call, select=spec.spec.llm.selection)
+                               per_call=spec.spec.llm.offspring_per_call, select=spec.spec.llm.selection,
+                               edits=spec.spec.llm.operators == "edits")
         return LLMEvolution(ctx, proposer=proposer, **kw)
     cls = {"genetic": Evolution, "random": RandomSearch, "uniform": Uniform, "owl": Owl, "evopress": EvoPress}
     if name not in cls:

@@ -1,6 +1,11 @@
 """Self-Pruner: the LLM writes the initial population, picks the parents, and writes every
 generation's crossovers and mutations.
 
+With `llm.operators: edits` a crossover is written as a choice of parent per block
+(`{"take":"ABBA..."}`) and a mutation as moves of pruning between blocks
+(`{"moves":[[from,to,percent],...]}`, the mean kept exactly), in the manner of diff-based
+LLM evolution; the paper's whole candidates (`whole`) stay the default.
+
 Prompts are templates in `prompts/`; candidates travel as integer percents (`encoding.py`)
 and every request carries its reply's JSON schema, so a constrained local model or a
 structured-outputs endpoint can only write valid candidates. A generation costs two LLM
@@ -22,7 +27,7 @@ from string import Template
 import numpy as np
 
 from . import operators
-from .encoding import Codec, projection_distance, selection_schema
+from .encoding import Codec, moves_schema, projection_distance, selection_schema, take_schema
 from .evolution import ClassicalProposer, Evolution, Offspring
 
 PROMPTS = resources.files("selfpruner.search") / "prompts"
@@ -91,11 +96,12 @@ def _first_object(text: str):
 
 
 class LLMProposer(ClassicalProposer):
-    def __init__(self, llm, description: dict, per_call: int = 1, select: bool = True):
+    def __init__(self, llm, description: dict, per_call: int = 1, select: bool = True, edits: bool = False):
         self.llm = llm  # a Transcript
         self.description = description
         self.per_call = per_call
         self.select = select
+        self.edits = edits  # crossovers as a choice of parent per block, mutations as moves
 
     # -- prompts ---------------------------------------------------------------------
     def _messages(self, name: str, strategy: Evolution, **extra) -> list[dict]:
@@ -104,7 +110,7 @@ class LLMProposer(ClassicalProposer):
         values = dict(self.description)
         n = space.num_blocks
         shape = f'{{"attention":[{n} rates],"mlp":[{n} rates]}}' if space.separate else f"[{space.dim} rates]"
-        values.update(dim=space.dim, ratio=codec.target_text, units=codec.unit_text, shape=shape,
+        values.update(dim=space.dim, last=space.dim - 1, ratio=codec.target_text, units=codec.unit_text, shape=shape,
                       uniform_example=codec.fmt(space.uniform()), **extra)
         system = (PROMPTS / "system.txt").read_text().strip()
         return [{"role": "system", "content": system},
@@ -116,10 +122,11 @@ class LLMProposer(ClassicalProposer):
         return "\n".join(f"{i + 1}. perplexity {m.fitness:.3f}: {codec.fmt(m.units)}" for i, m in enumerate(pop))
 
     # -- turning replies into candidates ---------------------------------------------
-    def _accept(self, strategy: Evolution, raw, fallback, kind: str) -> tuple[np.ndarray, str]:
+    def _accept(self, strategy: Evolution, proposal, clean: bool, fallback, kind: str) -> tuple[np.ndarray, str]:
+        """`proposal`: the rates a reply item asks for (None: unusable); `clean`: it was valid as
+        written (shape, bounds, grid). Projection then fixes the mean."""
         space = strategy.ctx.space
         strategy.count("llm_offspring_asked")
-        proposal, clean = Codec(space).decode(raw) if raw is not None else (None, False)
         if proposal is None:
             strategy.count("llm_replaced")
             return strategy.fresh(fallback()), "classical"
@@ -132,34 +139,45 @@ class LLMProposer(ClassicalProposer):
             strategy.count("llm_repaired")
             origin = "repaired"
         if space.key(units) in strategy.seen:
-            strategy.count("llm_duplicates")
-            origin = "repaired"
+            origin = "repaired"  # mutated until new by fresh()
+            if clean:
+                strategy.count("llm_duplicates")
         elif clean:
             strategy.count("llm_used")
         return strategy.fresh(units), origin
 
-    def _ask_all(self, strategy: Evolution, jobs: list[tuple]) -> list[tuple[np.ndarray, str]]:
-        """One batch for all `jobs` = (template, kind, fallbacks, extra): each prompt asks for
-        len(fallbacks) offspring; a missing or bad item i becomes fallbacks[i]()."""
+    def _whole(self, strategy: Evolution, n: int):
+        """Job parts for prompts whose reply is `n` whole candidates."""
+        codec = Codec(strategy.ctx.space)
+
+        def read(text: str) -> list:
+            items = parse_candidates(text) or []
+            return [codec.decode(raw) for raw in items] if items else []
+
+        return codec.reply_schema(n), read
+
+    def _ask_all(self, strategy: Evolution, jobs: list[dict]) -> list[tuple[np.ndarray, str]]:
+        """One batch for all `jobs`, each a dict of: template, kind, fallbacks (one per offspring
+        the prompt asks for; a missing or bad item i becomes fallbacks[i]()), extra (template
+        values), schema and read (reply text -> [(rates or None, clean)])."""
         from .llm_clients import Prompt
 
-        codec = Codec(strategy.ctx.space)
-        prompts = [Prompt(self._messages(name, strategy, count=len(fbs), **extra), codec.reply_schema(len(fbs)), kind)
-                   for name, kind, fbs, extra in jobs]
+        prompts = [Prompt(self._messages(j["template"], strategy, count=len(j["fallbacks"]), **j["extra"]),
+                          j["schema"], j["kind"]) for j in jobs]
         replies, seconds = self.llm.chat_many(prompts)
         strategy.note_llm_seconds(seconds)
         out = []
-        for (name, kind, fbs, extra), reply in zip(jobs, replies):
-            n = len(fbs)
+        for j, reply in zip(jobs, replies):
+            n = len(j["fallbacks"])
             if reply is None:
                 strategy.count("llm_failed_calls")
                 items = []
             else:
-                items = parse_candidates(reply.text) or []
+                items = j["read"](reply.text)
                 if not items:
                     strategy.count("llm_unparseable_replies")
-            items = (items + [None] * n)[:n]
-            out += [self._accept(strategy, raw, fb, kind) for raw, fb in zip(items, fbs)]
+            items = (items + [(None, False)] * n)[:n]
+            out += [self._accept(strategy, rates, clean, fb, j["kind"]) for (rates, clean), fb in zip(items, j["fallbacks"])]
         return out
 
     # -- selection -------------------------------------------------------------------
@@ -217,7 +235,9 @@ class LLMProposer(ClassicalProposer):
         jobs = []
         for start in range(0, n, self.per_call):
             k = min(self.per_call, n - start)
-            jobs.append(("initial", "initial", [lambda: ctx.space.random(ctx.rng)] * k, {}))
+            schema, read = self._whole(strategy, k)
+            jobs.append({"template": "initial", "kind": "initial", "fallbacks": [lambda: ctx.space.random(ctx.rng)] * k,
+                         "extra": {}, "schema": schema, "read": read})
         return [Offspring(u, o) for u, o in self._ask_all(strategy, jobs)]
 
     def offspring(self, strategy: Evolution) -> list[Offspring]:
@@ -226,22 +246,67 @@ class LLMProposer(ClassicalProposer):
         pairs, singles = self._select(strategy)
         population = self._population_text(strategy, top=5)
         jobs, parents_of = [], []
-        for start in range(0, len(pairs), self.per_call):
-            chunk = pairs[start:start + self.per_call]
+        per_call = 1 if self.edits else self.per_call  # an edit is about one parent (pair)
+        for start in range(0, len(pairs), per_call):
+            chunk = pairs[start:start + per_call]
             text = "\n".join(f"{i + 1}. A = {codec.fmt(a.units)} (perplexity {a.fitness:.3f}); "
                              f"B = {codec.fmt(b.units)} (perplexity {b.fitness:.3f})"
                              for i, (a, b) in enumerate(chunk))
             fallbacks = [lambda a=a, b=b: operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
                          for a, b in chunk]
-            jobs.append(("crossover", "crossover", fallbacks, {"population": population, "parents": text}))
+            job = {"template": "crossover", "kind": "crossover", "fallbacks": fallbacks,
+                   "extra": {"population": population, "parents": text}}
+            if self.edits:
+                job.update(template="crossover_edit", schema=take_schema(ctx.space), read=self._read_take(ctx, *chunk[0]))
+            else:
+                job["schema"], job["read"] = self._whole(strategy, len(chunk))
+            jobs.append(job)
             parents_of += [min(a.fitness, b.fitness) for a, b in chunk]
-        for start in range(0, len(singles), self.per_call):
-            chunk = singles[start:start + self.per_call]
+        for start in range(0, len(singles), per_call):
+            chunk = singles[start:start + per_call]
             text = "\n".join(f"{i + 1}. {codec.fmt(p.units)} (perplexity {p.fitness:.3f})" for i, p in enumerate(chunk))
             fallbacks = [lambda p=p: operators.mutate(ctx.space, np.array(p.units), ctx.rng) for p in chunk]
-            jobs.append(("mutation", "mutation", fallbacks, {"population": population, "parents": text}))
+            job = {"template": "mutation", "kind": "mutation", "fallbacks": fallbacks,
+                   "extra": {"population": population, "parents": text}}
+            if self.edits:
+                job.update(template="mutation_edit", schema=moves_schema(ctx.space, codec),
+                           read=self._read_moves(ctx, chunk[0]))
+            else:
+                job["schema"], job["read"] = self._whole(strategy, len(chunk))
+            jobs.append(job)
             parents_of += [p.fitness for p in chunk]
         return [Offspring(u, o, parent) for (u, o), parent in zip(self._ask_all(strategy, jobs), parents_of)]
+
+    # -- edits (`llm.operators: edits`) ------------------------------------------------
+    @staticmethod
+    def _read_take(ctx, a, b):
+        def read(text: str) -> list:
+            data = _first_object(text)
+            pattern = data.get("take") if isinstance(data, dict) else None
+            if not isinstance(pattern, str) or not pattern or set(pattern) - {"A", "B"}:
+                return []
+            clean = len(pattern) == ctx.space.dim
+            child = operators.take(ctx.space, np.array(a.units), np.array(b.units), pattern)
+            return [(ctx.space.rates(child), clean)]
+        return read
+
+    @staticmethod
+    def _read_moves(ctx, parent):
+        step = Codec(ctx.space).step or 1
+
+        def read(text: str) -> list:
+            data = _first_object(text)
+            moves = data.get("moves") if isinstance(data, dict) else None
+            ok = isinstance(moves, list) and moves and all(
+                isinstance(m, list) and len(m) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in m)
+                and 0 <= m[0] < ctx.space.dim and 0 <= m[1] < ctx.space.dim and m[2] > 0 for m in moves)
+            if not ok:
+                return []
+            child = operators.apply_moves(ctx.space, np.array(parent.units), [(i, j, p // step) for i, j, p in moves])
+            if child is None:  # every move was clipped away: nothing new was written
+                return [(None, False)]
+            return [(ctx.space.rates(child), all(p % step == 0 for _, _, p in moves))]
+        return read
 
 
 class LLMEvolution(Evolution):

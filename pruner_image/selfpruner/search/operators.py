@@ -40,3 +40,25 @@ def tournament(fitness: list[float], rng: np.random.Generator, size: int = 3) ->
     """Index of the best (lowest fitness) of `size` random members."""
     picks = rng.choice(len(fitness), size=min(size, len(fitness)), replace=False)
     return int(min(picks, key=lambda i: fitness[i]))
+
+
+def apply_moves(space: SearchSpace, parent: np.ndarray, moves: list) -> np.ndarray | None:
+    """An edit written by the LLM: each move (i, j, units) takes `units` grid steps of pruning
+    from block i and gives them to block j, clipped at the bounds, so the mean is kept; None
+    when no move changes anything. Weighted (separate-rate) spaces are re-projected."""
+    u = np.array(parent, dtype=np.int64)
+    for i, j, step in moves:
+        step = min(int(step), space.hi - u[j], u[i] - space.lo)
+        if i != j and step > 0:
+            u[i] -= step
+            u[j] += step
+    if np.array_equal(u, parent):
+        return None
+    return space.project(space.rates(u)) if space.separate else u
+
+
+def take(space: SearchSpace, a: np.ndarray, b: np.ndarray, pattern: str) -> np.ndarray:
+    """A crossover written by the LLM: block k's rate from parent A or B as pattern[k] says,
+    then projected back onto the constraint."""
+    choose_a = np.array([c == "A" for c in pattern[: space.dim]] + [True] * max(0, space.dim - len(pattern)))
+    return space.project(np.where(choose_a, space.rates(a), space.rates(b)))

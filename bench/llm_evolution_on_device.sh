@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Runs bench/bench_llm_evolution.py on a GPU machine as parallel processes that outlive the
+# shell that started them (a machine reached through short calls keeps working between them),
+# and packs what is there so far.
+#
+#   bench/llm_evolution_on_device.sh start     # genetic/random and the demo LLM's runs at once; the
+#                                              # runs of the second LLM start when its GGUF appears
+#   bench/llm_evolution_on_device.sh status    # one line per process log
+#   bench/llm_evolution_on_device.sh collect D # D/llm_evolution.tgz: logs, JSON, the runs' result files
+#
+# Variables: MODEL (the demo GGUF: the model pruned, and the first LLM), QWEN (the second LLM's GGUF,
+# Qwen2.5-Coder-0.5B-Instruct; its sha256 is checked), WORK, LOGS, SEEDS (0,1,2), RATIOS (0.3 0.5).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${MODEL:-/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf}
+QWEN=${QWEN:-/tmp/gguf/qwen2.5-coder-0.5b-instruct.gguf}
+QWEN_SHA=1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+WORK=${WORK:-runs/bench_llm_evolution}
+LOGS=${LOGS:-runs/bench_llm_logs}
+SEEDS=${SEEDS:-0,1,2}
+RATIOS=${RATIOS:-0.3 0.5}
+export PYTHONPATH=pruner_image${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+
+launch() {  # launch NAME ARGS...: one detached process, its log and JSON under $LOGS
+    local name=$1; shift
+    setsid nohup python3 bench/bench_llm_evolution.py --model "$MODEL" --workdir "$WORK" --seeds "$SEEDS" \
+        --out "$LOGS/$name.json" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+}
+
+case "${1:-}" in
+start)
+    mkdir -p "$WORK" "$LOGS"
+    # convert the GGUF and compute the calibration statistics once, before the parallel processes read them
+    python3 bench/bench_llm_evolution.py --model "$MODEL" --workdir "$WORK" --seeds 0 --ratios 0.3 \
+        --strategies genetic --generations 0 --out "$LOGS/warm.json" >"$LOGS/warm.log" 2>&1
+    for r in $RATIOS; do
+        launch "classical-$r" --ratios "$r" --strategies genetic,random
+        launch "smollm2-$r" --ratios "$r" --strategies llm-evolution --llm "smollm2=$MODEL"
+    done
+    # the second LLM arrives in pieces over several calls: its runs start when it is whole
+    setsid nohup "$0" wait-qwen >"$LOGS/waiter.log" 2>&1 </dev/null &
+    echo "started; logs in $LOGS"
+    ;;
+wait-qwen)
+    until [ -f "$QWEN" ] && [ "$(sha256sum "$QWEN" | cut -d' ' -f1)" = "$QWEN_SHA" ]; do sleep 10; done
+    for r in $RATIOS; do
+        launch "qwen05-$r" --ratios "$r" --strategies llm-evolution --llm "qwen05=$QWEN" --sha256 "qwen05=$QWEN_SHA"
+    done
+    set -- $RATIOS
+    launch "qwen05-tournament-$1" --ratios "$1" --strategies llm-evolution --llm "qwen05=$QWEN" --selection tournament
+    echo "qwen runs started"
+    ;;
+status)
+    for f in "$LOGS"/*.log; do
+        printf '%-30s %s\n' "$(basename "$f")" "$(grep -c '^run ' "$f" || true) runs started; last: $(tail -n 1 "$f" | cut -c1-100)"
+    done
+    echo "finished runs: $(ls "$WORK"/*/result.json 2>/dev/null | wc -l)"
+    ;;
+collect)
+    dest=${2:?collect needs a destination folder}
+    # result, state, transcript and history of every run (small), not the calibration caches
+    find "$WORK" -maxdepth 2 \( -name result.json -o -name state.json -o -name llm_transcript.jsonl \
+        -o -name history.jsonl -o -name fitness.png \) -print0 | tar -czf "$dest/llm_evolution.tgz" --null -T - "$LOGS"
+    ;;
+*)
+    echo "usage: $0 start|status|collect DEST" >&2
+    exit 2
+    ;;
+esac
