@@ -48,6 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--strategies", default="genetic,random,llm-evolution")
     p.add_argument("--selection", default="llm", help="llm, tournament or both (llm-evolution's parents)")
+    p.add_argument("--operators", default="whole", help="whole, edits or both (llm-evolution's offspring)")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
@@ -79,7 +80,8 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, selection: bool, out: Path) -> dict:
+def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, selection: bool, operators: str,
+        out: Path) -> dict:
     spec = {"model": {"source": src["model"]},
             "target": {"ratio": ratio, "minRate": 0.0, "maxRate": a.max_rate},
             "pruning": {"metric": "wanda-sp", "biasCompensation": True},
@@ -89,7 +91,7 @@ def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, s
             "search": {"strategy": strategy, "population": a.population, "generations": a.generations,
                        "crossovers": a.offspring, "mutations": a.offspring, "seed": seed, "baselines": ["uniform"]},
             "llm": {"provider": "local", "model": llm_source, "temperature": a.temperature, "seed": seed,
-                    "selection": selection},
+                    "selection": selection, "operators": operators},
             "output": {"path": str(out), "export": False}}
     return {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
             "metadata": {"name": f"bench-{strategy}"}, "spec": spec}
@@ -98,24 +100,28 @@ def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, s
 def plan(a) -> list[dict]:
     llms = dict(item.split("=", 1) for item in a.llm.split(",") if item)
     selections = {"llm": [True], "tournament": [False], "both": [True, False]}[a.selection]
+    operator_modes = {"whole": ["whole"], "edits": ["edits"], "both": ["whole", "edits"]}[a.operators]
     runs = []
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for seed in [int(s) for s in a.seeds.split(",")]:
             for strategy in a.strategies.split(","):
                 if strategy != "llm-evolution":
-                    runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": None, "selection": None})
+                    runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": None, "selection": None,
+                                 "operators": None})
                     continue
                 for name, source in llms.items():
                     for sel in selections:
-                        runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": name,
-                                     "llm_source": source, "selection": sel})
+                        for ops in operator_modes:
+                            runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": name,
+                                         "llm_source": source, "selection": sel, "operators": ops})
     return runs
 
 
 def label(run: dict) -> str:
     if run["strategy"] != "llm-evolution":
         return run["strategy"]
-    return f"llm-evolution[{run['llm']}{'' if run['selection'] else ', tournament'}]"
+    extra = ("" if run["selection"] else ", tournament") + ("" if run["operators"] == "whole" else ", edits")
+    return f"llm-evolution[{run['llm']}{extra}]"
 
 
 def summarize(run: dict, result: dict) -> dict:
@@ -225,7 +231,7 @@ def main(argv=None) -> int:
     executor, clients, rows = None, {}, []
     for run in plan(a):
         doc = job(a, src, run["ratio"], run["strategy"], run["seed"], run.get("llm_source") or "demo",
-                  bool(run["selection"]), a.workdir)
+                  bool(run["selection"]), run["operators"] or "whole", a.workdir)
         key = runner.spec_hash(spec_mod.parse(doc))
         out = a.workdir / f"r{run['ratio']}-s{run['seed']}-{label(run).replace('[', '-').replace(']', '')}-{key}"
         out = Path(str(out).replace(", ", "-").replace(" ", ""))
@@ -235,7 +241,8 @@ def main(argv=None) -> int:
             continue
         if not done:
             spec = spec_mod.parse(job(a, src, run["ratio"], run["strategy"], run["seed"],
-                                      run.get("llm_source") or "demo", bool(run["selection"]), out))
+                                      run.get("llm_source") or "demo", bool(run["selection"]),
+                                      run["operators"] or "whole", out))
             if executor is None:  # one pruned model, calibrated once, shared by every run
                 executor = runner.make_executor(spec, progress=False)
             client = None

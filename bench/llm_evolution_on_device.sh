@@ -19,7 +19,9 @@ WORK=${WORK:-runs/bench_llm_evolution}
 LOGS=${LOGS:-runs/bench_llm_logs}
 SEEDS=${SEEDS:-0,1,2}
 RATIOS=${RATIOS:-0.3 0.5}
-export PYTHONPATH=pruner_image${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1
+QWEN_SEEDS=${QWEN_SEEDS:-$SEEDS}            # the second LLM's seeds (it arrives last: fewer fit a lease)
+QWEN_EXTRAS=${QWEN_EXTRAS:-tournament edits}  # ablations of the second LLM, at the first ratio and seed
+export PYTHONPATH=pruner_image${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 launch() {  # launch NAME ARGS...: one detached process, its log and JSON under $LOGS
     local name=$1; shift
@@ -33,21 +35,39 @@ start)
     # convert the GGUF and compute the calibration statistics once, before the parallel processes read them
     python3 bench/bench_llm_evolution.py --model "$MODEL" --workdir "$WORK" --seeds 0 --ratios 0.3 \
         --strategies genetic --generations 0 --out "$LOGS/warm.json" >"$LOGS/warm.log" 2>&1
+    # one process per LLM run and seed: generation is bound by kernel launches, so many processes
+    # share the GPU well; the classical strategies are cheap and run their seeds in one process
     for r in $RATIOS; do
         launch "classical-$r" --ratios "$r" --strategies genetic,random
-        launch "smollm2-$r" --ratios "$r" --strategies llm-evolution --llm "smollm2=$MODEL"
+        for s in ${SEEDS//,/ }; do
+            launch "smollm2-$r-s$s" --ratios "$r" --seeds "$s" --strategies llm-evolution --llm "smollm2=$MODEL"
+        done
     done
+    set -- $RATIOS
+    launch "smollm2-edits-$1" --ratios "$1" --seeds "${SEEDS%%,*}" --strategies llm-evolution --llm "smollm2=$MODEL" \
+        --operators edits
     # the second LLM arrives in pieces over several calls: its runs start when it is whole
     setsid nohup "$0" wait-qwen >"$LOGS/waiter.log" 2>&1 </dev/null &
     echo "started; logs in $LOGS"
     ;;
 wait-qwen)
     until [ -f "$QWEN" ] && [ "$(sha256sum "$QWEN" | cut -d' ' -f1)" = "$QWEN_SHA" ]; do sleep 10; done
+    python3 -c "import sys; from selfpruner.model_source import load; load(sys.argv[1])" "$QWEN"  # convert once
     for r in $RATIOS; do
-        launch "qwen05-$r" --ratios "$r" --strategies llm-evolution --llm "qwen05=$QWEN" --sha256 "qwen05=$QWEN_SHA"
+        for s in ${QWEN_SEEDS//,/ }; do
+            launch "qwen05-$r-s$s" --ratios "$r" --seeds "$s" --strategies llm-evolution --llm "qwen05=$QWEN" \
+                --sha256 "qwen05=$QWEN_SHA"
+        done
     done
     set -- $RATIOS
-    launch "qwen05-tournament-$1" --ratios "$1" --strategies llm-evolution --llm "qwen05=$QWEN" --selection tournament
+    for extra in $QWEN_EXTRAS; do  # the ablations, at the first ratio and seed
+        case $extra in
+        tournament) launch "qwen05-tournament-$1" --ratios "$1" --seeds "${QWEN_SEEDS%%,*}" --strategies llm-evolution \
+                        --llm "qwen05=$QWEN" --selection tournament ;;
+        edits) launch "qwen05-edits-$1" --ratios "$1" --seeds "${QWEN_SEEDS%%,*}" --strategies llm-evolution \
+                   --llm "qwen05=$QWEN" --operators edits ;;
+        esac
+    done
     echo "qwen runs started"
     ;;
 status)

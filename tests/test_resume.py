@@ -65,6 +65,8 @@ def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
     assert sorted(keys(history)) == sorted(keys(ref_history)), "an evaluation was lost or added"
     assert killed_at < len(history)
     assert res["cost"]["llm"]["calls"] == ref["cost"]["llm"]["calls"]
+    assert res["origins"] == ref["origins"]  # the per-origin table survives the kill too
+    assert res["counters"] == ref["counters"]
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):

@@ -134,6 +134,8 @@ class LocalChat:
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         if not getattr(self.tokenizer, "chat_template", None):
             raise UserError(f"llm.model {source!r} has no chat template; use an instruction-tuned chat model")
+        if self.tokenizer.pad_token is None:  # batches are left-padded; GGUF tokenizers often name no pad token
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.temperature, self.seed, self.max_tokens, self.top_p = temperature, seed, max_tokens, top_p
         self.batch_size = max(1, batch_size)
         self.grammars = Grammars(self.tokenizer)
