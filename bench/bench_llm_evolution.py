@@ -62,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="runs/bench_llm_evolution")
     p.add_argument("--out", default=None, help="JSON of every run, the aggregates and the goal checks")
     p.add_argument("--report-only", action="store_true", help="evaluate nothing: report the finished runs")
+    p.add_argument("--plot", default=None, help="PNG: held-out perplexity, and the share of offspring entering the "
+                                                "population by origin")
     p.add_argument("--tiny", action="store_true", help="tiny random Llama, random texts, tiny budget (CPU)")
     a = p.parse_args(argv)
     if a.tiny:
@@ -216,6 +218,54 @@ def goals(groups: list[dict]) -> list[dict]:
     return checks
 
 
+def plot(rows: list[dict], groups: list[dict], path: str) -> None:
+    """Left: held-out perplexity per strategy and β (mean over seeds, ±1 sd; uniform and dense as lines).
+    Right: per origin, the share of offspring that entered the population, over every run at β = first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = sorted({g["ratio"] for g in groups})
+    names = list(dict.fromkeys(g["label"] for g in groups))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        xs, ys, es = [], [], []
+        for j, ratio in enumerate(ratios):
+            g = next((g for g in groups if g["ratio"] == ratio and g["label"] == name), None)
+            if g:
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
+                ys.append(g["held_out_mean"])
+                es.append(g["held_out_sd"])
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=f"{name}")
+    for j, ratio in enumerate(ratios):
+        g = next(g for g in groups if g["ratio"] == ratio)
+        ax.hlines(g["uniform_held_out"], j - 0.45, j + 0.45, colors="tab:red", linestyles="--",
+                  label="uniform" if j == 0 else None)
+        ax.hlines(g["dense_held_out"], j - 0.45, j + 0.45, colors="black", label="dense" if j == 0 else None)
+    ax.set_xticks(range(len(ratios)), [f"β = {r}" for r in ratios])
+    ax.set_ylabel("held-out perplexity (lower is better)")
+    ax.set_title("best candidate of each search (mean over seeds ± sd)")
+    ax.legend(fontsize=7)
+    first = [r for r in rows if r["ratio"] == ratios[0]]
+    bars = {}
+    for r in first:
+        for origin, o in r["origins"].items():
+            key = f"{r['label'].replace('llm-evolution', 'llm')}: {origin}"
+            made, entered = bars.get(key, (0, 0))
+            bars[key] = (made + o["made"], entered + o["entered"])
+    keys = sorted(bars)
+    bx.barh(range(len(keys)), [bars[k][1] / bars[k][0] for k in keys],
+            color=["tab:blue" if ": llm-" in k else "tab:gray" for k in keys])
+    bx.set_yticks(range(len(keys)), [f"{k} ({bars[k][0]})" for k in keys], fontsize=6)
+    bx.set_xlabel(f"share entering the population (β = {ratios[0]}; offspring made in brackets)")
+    bx.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
@@ -275,6 +325,8 @@ def main(argv=None) -> int:
     print("(LLM in: share of crossover/mutation offspring that entered the population; for genetic, its "
           "classical ones)")
     checks = goals(groups)
+    if a.plot and groups:
+        plot(rows, groups, a.plot)
     if a.out:
         Path(a.out).write_text(json.dumps({"args": {k: str(v) for k, v in vars(a).items()}, "runs": rows,
                                            "groups": groups, "checks": checks}, indent=2) + "\n")

@@ -1,8 +1,12 @@
 """A real HTTP server speaking the chat-completions protocol, with scripted replies.
 
-Run in-process (a thread) by tests, or as its own process (`python chat_server.py PORT
-MODE`) for tests that kill the search. Scripted responses are consumed one HTTP request
-at a time (retries included); when the script is empty a default reply is generated.
+It stands in for a structured-outputs server (vLLM, SGLang, llama.cpp), which is too heavy
+to start in every test here: when a request carries `response_format: json_schema`, the
+default reply matches that schema; `refuse` makes it answer 400 to the response formats a
+server without them refuses. Run in-process (a thread) by tests, or as its own process
+(`python chat_server.py PORT DIM`) for tests that kill the search. Scripted responses are
+consumed one HTTP request at a time (retries included); when the script is empty a default
+reply is generated.
 """
 
 from __future__ import annotations

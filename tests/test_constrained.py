@@ -125,3 +125,23 @@ def test_percent_encoding_halves_the_tokens_of_a_candidate(loaded):
     old = "[" + ", ".join(f"{r:.2f}" for r in space.rates(units)) + "]"
     new = Codec(space).fmt(units)
     assert len(tok(new).input_ids) < 0.55 * len(tok(old).input_ids)
+
+
+def test_a_hugging_face_folder_runs_the_evolution(tiny_job, tmp_path):
+    """llm.model names a folder: the model loads with its own chat template, decodes under the
+    schemas, and every offspring it writes is valid as written (used, or a counted duplicate)."""
+    from selfpruner import spec as spec_mod
+    from selfpruner.search import runner
+
+    chat = tiny_chat_model(seed=1)
+    folder = tmp_path / "tiny-chat"
+    chat.model.save_pretrained(folder)
+    chat.tokenizer.save_pretrained(folder)
+    doc = tiny_job("folder-llm", search={"strategy": "llm-evolution"},
+                   llm={"provider": "local", "model": str(folder), "temperature": 1.0})
+    result = runner.run(spec_mod.parse(doc), progress=False)
+    llm = result["cost"]["llm"]
+    assert llm["unparseable_replies"] == llm["offspring_replaced"] == llm["offspring_repaired"] == 0
+    assert llm["selections"] + llm["selections_repaired"] == 2 * (2 * 2 + 2)  # every pick accounted for
+    assert llm["offspring_used"] + llm["offspring_duplicates"] == llm["offspring_asked"] == 4 + 2 * 4
+    assert llm["batches"] == 1 + 2 * 2 and len(result["generations"]) == 3

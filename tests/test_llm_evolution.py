@@ -176,10 +176,10 @@ def test_edit_operators_write_new_children(tiny_job):
     assert llm["unparseable_replies"] == llm["offspring_repaired"] == 0
     # a move clipped away entirely is unusable (replaced); everything else the LLM wrote is used or new
     assert llm["offspring_used"] + llm["offspring_duplicates"] + llm["offspring_replaced"] == llm["offspring_asked"]
-    # moves never give back their parent: (almost) every mutation is new (this server's random crossovers
-    # of two close parents often are not, which is what the duplicate count is for)
-    assert result["origins"]["llm-mutation"]["made"] >= 5
-    assert result["origins"]["llm-crossover"]["made"] >= 1
+    # children written as edits enter the search under the LLM's origins (that a move never gives back its
+    # parent is test_moves_keep_the_mean_and_the_bounds; this server's random moves may still hit a
+    # candidate seen elsewhere, or be clipped away, which the counts above account for)
+    assert result["origins"]["llm-mutation"]["made"] >= 1 and result["origins"]["llm-crossover"]["made"] >= 1
 
 
 def test_moves_keep_the_mean_and_the_bounds():
