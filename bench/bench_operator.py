@@ -14,7 +14,7 @@ so only the operator is measured (watch event -> `start` handler -> validation -
 the Job -> status patch and event).
 
 (a) `--n` times, one after the other: POST a valid PruneJob with a unique name, then poll
-    (GET, every `--poll` seconds, 5 ms by default) until the Job `<name>-controller-0` exists.
+    (GET, every `--poll` seconds, 5 ms by default) until its first controller Job exists.
     The first `--warmup` PruneJobs are reported apart (lazy imports in the operator).
 (b) in a fresh cluster + operator, warmed up the same way: POST `--burst` PruneJobs as fast as
     `--create-threads` threads can, and list the controller Jobs (every `--poll-burst` seconds)
@@ -47,7 +47,10 @@ sys.path.insert(0, str(REPO / "tests"))
 from cluster_harness import Cluster, ClusterApiError  # noqa: E402
 from operator_world import Operator  # noqa: E402  (imports torch & pytest: test infrastructure)
 
-SPEC = {"model": {"source": "demo"}, "target": {"ratio": 0.3}}
+from selfpruner.cluster.manifests import PRUNEJOB_LABEL, child_name  # noqa: E402
+
+# a cluster PruneJob needs a store (else it is Invalid); nothing here reads it: no kubelet runs the Jobs
+SPEC = {"model": {"source": "demo"}, "target": {"ratio": 0.3}, "storage": {"uri": "s3://bench/runs"}}
 CONTROLLER_SELECTOR = "app.kubernetes.io/component=controller"
 
 
@@ -107,10 +110,10 @@ def sequential(world: World, n: int, warmup: int, poll: float, timeout: float) -
     lat, warm = [], []
     for i in range(warmup + n):
         name = f"seq-{i:03d}"
-        job = f"{name}-controller-0"
         t0 = time.perf_counter()
-        cluster.create(prunejob(name))
+        created = cluster.create(prunejob(name))
         t_created = time.perf_counter()
+        job = child_name(created, "controller-0")  # the name carries the uid the API server gave
         while cluster.get("jobs.batch", job) is None:
             if time.perf_counter() - t0 > timeout:
                 raise TimeoutError(f"{job} did not appear in {timeout}s; operator log:\n"
@@ -146,14 +149,14 @@ def burst(world: World, n: int, threads: int, poll: float, timeout: float) -> di
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         list(pool.map(post, names))
     t_posted = time.perf_counter()
-    want = {f"{name}-controller-0": name for name in names}
+    want = {name: name for name in names}  # a controller Job names its PruneJob in a label
     polls = 0
     while len(seen) < n:
         if time.perf_counter() - t0 > timeout:
             raise TimeoutError(f"only {len(seen)}/{n} controller Jobs after {timeout}s")
         now = time.perf_counter()
         for job in cluster.list("jobs.batch", labels=CONTROLLER_SELECTOR):
-            name = want.get(job["metadata"]["name"])
+            name = want.get((job["metadata"].get("labels") or {}).get(PRUNEJOB_LABEL))
             if name and name not in seen:
                 seen[name] = now
         polls += 1

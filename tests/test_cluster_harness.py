@@ -296,3 +296,27 @@ def test_deleting_a_job_kills_its_pods(cluster, kubelet):
         return True
     cluster.wait_for(all_dead, 10, message="the pods to be killed")
     assert json.loads(cluster.kubectl("get", "jobs", "-o", "json").stdout)["items"] == []
+
+
+def test_a_job_of_another_prunejob_is_never_adopted(cluster):
+    """Kube.create_job takes a 409 on its own Job as success (idempotent) and on another owner's
+    Job as an error: two searches must never share a Job."""
+    from selfpruner.cluster import manifests
+    from selfpruner.cluster.kube import JobConflict, Kube
+
+    kube = Kube("default", config_file=str(cluster.kubeconfig))
+
+    def pj(uid):
+        return {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
+                "metadata": {"name": "sweep", "namespace": "default", "uid": uid},
+                "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.3},
+                         "storage": {"uri": "s3://bucket/runs"}}}
+
+    ours, theirs = pj("11111111-aaaa-4aaa-8aaa-aaaaaaaaaaaa"), pj("22222222-bbbb-4bbb-8bbb-bbbbbbbbbbbb")
+    job = manifests.finalize_job(ours, image="img")
+    created = kube.create_job(job)
+    assert kube.create_job(job)["metadata"]["uid"] == created["metadata"]["uid"]  # ours: adopted
+    stolen = manifests.finalize_job(theirs, image="img")
+    stolen["metadata"]["name"] = job["metadata"]["name"]  # the name collision the uid in names prevents
+    with pytest.raises(JobConflict, match="belongs to another owner"):
+        kube.create_job(stolen)

@@ -119,3 +119,25 @@ def test_the_crd_is_a_valid_custom_resource_definition():
             for v in node:
                 walk(v)
     walk(version["schema"]["openAPIV3Schema"])
+
+
+def test_child_names_are_unique_per_uid_and_bounded():
+    """Two PruneJobs whose names share 40 characters (a seed sweep), or one re-created under the
+    same name (a new uid), never share a Job; every name fits a label value (63 characters)."""
+    long = "llama-2-70b-beta-0-3-wanda-sp-bias-compensation-seed-"
+    a = prunejob()
+    b = prunejob()
+    a["metadata"] = {**a["metadata"], "name": long + "1", "uid": "aaaaaaaa-0000-4000-8000-000000000001"}
+    b["metadata"] = {**b["metadata"], "name": long + "2", "uid": "bbbbbbbb-0000-4000-8000-000000000002"}
+    recreated = {**a, "metadata": {**a["metadata"], "uid": "cccccccc-0000-4000-8000-000000000003"}}
+    names = {}
+    for pj in (a, b, recreated):
+        for kind, job in all_jobs(pj).items():
+            name = job["metadata"]["name"]
+            assert len(name) <= 63 and name[0].isalnum() and name[-1].isalnum(), name
+            assert name.startswith(long[:20]), name
+            assert name not in names, f"{kind} of {pj['metadata']['uid']} shares {name} with {names[name]}"
+            names[name] = pj["metadata"]["uid"]
+    assert manifests.owned_by(all_jobs(a)["controller"], a) and not manifests.owned_by(all_jobs(a)["controller"], b)
+    # the Kubernetes client's to_dict() spelling, as the operator reads Jobs
+    assert manifests.owned_by({"metadata": {"owner_references": [{"uid": a["metadata"]["uid"]}]}}, a)

@@ -58,14 +58,32 @@ def _start_controller(body, attempt: int, logger) -> str:
           "spec": defaults.apply(body["spec"], DEFAULTS)[0]}
     job = manifests.controller_job(pj, image=IMAGE, service_account=SERVICE_ACCOUNT, attempt=attempt)
     name = job["metadata"]["name"]
-    if _read_job(name, body["metadata"]["namespace"]) is None:
+    existing = _read_job(name, body["metadata"]["namespace"])
+    if existing is None:
         try:
             _batch().create_namespaced_job(body["metadata"]["namespace"], job)
             logger.info(f"created controller Job {name}")
+            return name
         except client.exceptions.ApiException as e:
             if e.status != 409:
                 raise
+            existing = _read_job(name, body["metadata"]["namespace"])
+    if existing is not None and not manifests.owned_by(existing, pj):
+        # never adopt another PruneJob's controller: that would mix two searches' state
+        raise ChildConflict(f"controller Job {name} already exists and belongs to another PruneJob")
     return name
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by another owner's object: deterministic, never retried."""
+
+
+def _fail(body, meta, status, patch, key: str, reason: str, message: str) -> None:
+    patch.status["phase"] = "Failed"
+    patch.status["conditions"] = _merge_conditions(status.get("conditions"), [
+        _condition("Failed", "True", reason, message, meta.get("generation"))])
+    metrics.record_phase(key, "Failed")
+    kopf.warn(body, reason="Failed", message=message)
 
 
 @kopf.on.startup()
@@ -105,7 +123,11 @@ def start(body, meta, status, patch, logger, **_):
             kopf.info(body, reason="DefaultsApplied",
                       message=f"from the installation's defaults: {', '.join(from_defaults)}")
         attempt = status.get("restarts", 0)
-        name = _start_controller(body, attempt, logger)
+        try:
+            name = _start_controller(body, attempt, logger)
+        except ChildConflict as e:
+            _fail(body, meta, status, patch, key, "JobConflict", str(e))
+            raise kopf.PermanentError(str(e)) from None
         new_phase = "Suspended" if body["spec"].get("suspend") else (phase or "Pending")
         patch.status["phase"] = new_phase
         patch.status["controllerJob"] = name
@@ -140,14 +162,14 @@ def reconcile(body, meta, status, patch, logger, **_):
             return  # the controller writes the final status itself; nothing to restart
         restarts = status.get("restarts", 0)
         if restarts >= MAX_RESTARTS:
-            message = f"the controller was lost {restarts + 1} times; giving up"
-            patch.status["phase"] = "Failed"
-            patch.status["conditions"] = _merge_conditions(status.get("conditions"), [
-                _condition("Failed", "True", "ControllerLost", message, meta.get("generation"))])
-            metrics.record_phase(key, "Failed")
-            kopf.warn(body, reason="Failed", message=message)
+            _fail(body, meta, status, patch, key, "ControllerLost",
+                  f"the controller was lost {restarts + 1} times; giving up")
             return
-        name = _start_controller(body, restarts + 1, logger)
+        try:
+            name = _start_controller(body, restarts + 1, logger)
+        except ChildConflict as e:
+            _fail(body, meta, status, patch, key, "JobConflict", str(e))
+            return
         patch.status["restarts"] = restarts + 1
         patch.status["controllerJob"] = name
         metrics.controller_restarts.inc()

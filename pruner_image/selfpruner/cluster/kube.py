@@ -22,14 +22,21 @@ def condition(type_: str, status: str, reason: str, message: str, generation: in
             "lastTransitionTime": now(), "observedGeneration": generation or 0}
 
 
+class JobConflict(Exception):
+    """A Job of the name we need exists and is not ours: a deterministic failure."""
+
+
 class Kube:
-    def __init__(self, namespace: str):
+    def __init__(self, namespace: str, config_file: str | None = None):
         from kubernetes import client, config
 
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
+        if config_file:  # an explicit kubeconfig (tests; running the controller from a workstation)
+            config.load_kube_config(config_file=config_file)
+        else:
+            try:
+                config.load_incluster_config()
+            except config.ConfigException:
+                config.load_kube_config()
         self.namespace = namespace
         self.client = client
         self.api = client.ApiClient()
@@ -45,13 +52,20 @@ class Kube:
         return isinstance(e, self.client.exceptions.ApiException) and e.status == 404
 
     def create_job(self, body: dict) -> dict:
-        """Create, or return the Job of that name if it exists already (idempotent)."""
+        """Create, or return the Job of that name if it exists already and is ours (idempotent);
+        a Job of that name owned by another PruneJob is an error, never adopted."""
         try:
             return self._json(self.batch.create_namespaced_job(self.namespace, body, _preload_content=False))
         except self.client.exceptions.ApiException as e:
             if e.status != 409:
                 raise
-        return self.read_job(body["metadata"]["name"])
+        name = body["metadata"]["name"]
+        existing = self.read_job(name)
+        mine = {r["uid"] for r in body["metadata"].get("ownerReferences", [])}
+        theirs = {r.get("uid") for r in ((existing or {}).get("metadata") or {}).get("ownerReferences") or []}
+        if existing is not None and not (mine & theirs):
+            raise JobConflict(f"Job {name} already exists and belongs to another owner ({', '.join(sorted(theirs)) or 'none'})")
+        return existing
 
     def read_job(self, name: str) -> dict | None:
         try:

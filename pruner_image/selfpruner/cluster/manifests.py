@@ -24,6 +24,25 @@ def owner_reference(pj: dict) -> dict:
             "controller": True, "blockOwnerDeletion": True}
 
 
+MAX_NAME = 63  # a Job's name becomes its pods' `job-name` label value: 63 characters at most
+
+
+def child_name(pj: dict, suffix: str) -> str:
+    """`<PruneJob name, cut>-<first 8 of its uid>-<suffix>`: unique per PruneJob uid, so two
+    PruneJobs whose names share a prefix (a seed sweep), or one re-created under the same
+    name before garbage collection, never share a Job; bounded to 63 characters."""
+    meta = pj["metadata"]
+    uid = "".join(c for c in meta["uid"].lower() if c.isalnum())[:8]
+    room = MAX_NAME - len(uid) - len(suffix) - 2
+    return f"{meta['name'][:room].rstrip('-.')}-{uid}-{suffix}"
+
+
+def owned_by(job: dict, pj: dict) -> bool:
+    """Whether `job` (as read from the API) is one of this PruneJob's children."""
+    refs = (job.get("metadata") or {}).get("ownerReferences") or (job.get("metadata") or {}).get("owner_references") or []
+    return any(r.get("uid") == pj["metadata"]["uid"] for r in refs)
+
+
 def labels(pj: dict, component: str, **extra: str) -> dict:
     out = {"app.kubernetes.io/name": "selfpruner", "app.kubernetes.io/component": component,
            "app.kubernetes.io/managed-by": "selfpruner-operator", PRUNEJOB_LABEL: pj["metadata"]["name"]}
@@ -106,7 +125,7 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
         container["envFrom"] = env_from
     pod = {"serviceAccountName": service_account, "restartPolicy": "Never", "securityContext": pod_security(),
            "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}
-    name = f"{pj['metadata']['name'][:40]}-controller-{attempt}"
+    name = child_name(pj, f"controller-{attempt}")
     return _job(pj, name, "controller", pod, extra_labels={"selfpruner.io/attempt": str(attempt)})
 
 
@@ -158,7 +177,7 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch:
         ]},
     }
     del job_spec["backoffLimit"]  # with backoffLimitPerIndex the Job-wide limit stays unset
-    name = f"{pj['metadata']['name'][:40]}-b{batch}"
+    name = child_name(pj, f"b{batch}")
     job = _job(pj, name, "evaluator", pod, extra_labels={"selfpruner.io/generation": str(generation)},
                job_spec=job_spec, queue=True)
     job["spec"].pop("backoffLimit", None)
@@ -168,7 +187,7 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch:
 def finalize_job(pj: dict, *, image: str) -> dict:
     """Exports the best candidate as a pruned checkpoint into storage (GPU)."""
     pod = _evaluator_pod(pj, image=image, container_name="finalize", command=["selfpruner", "finalize"], extra_env=[])
-    job = _job(pj, f"{pj['metadata']['name'][:40]}-finalize", "finalize", pod,
+    job = _job(pj, child_name(pj, "finalize"), "finalize", pod,
                job_spec={"backoffLimit": 2, "podFailurePolicy": {"rules": [
                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}}, queue=True)
     return job
