@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import json
 
+from .manifests import owner_uids
+
 GROUP, VERSION, PLURAL = "selfpruner.io", "v1alpha1", "prunejobs"
 
 
@@ -61,9 +63,8 @@ class Kube:
                 raise
         name = body["metadata"]["name"]
         existing = self.read_job(name)
-        mine = {r["uid"] for r in body["metadata"].get("ownerReferences", [])}
-        theirs = {r.get("uid") for r in ((existing or {}).get("metadata") or {}).get("ownerReferences") or []}
-        if existing is not None and not (mine & theirs):
+        theirs = owner_uids(existing or {})
+        if existing is not None and not (owner_uids(body) & theirs):
             raise JobConflict(f"Job {name} already exists and belongs to another owner ({', '.join(sorted(theirs)) or 'none'})")
         return existing
 

@@ -37,10 +37,16 @@ def child_name(pj: dict, suffix: str) -> str:
     return f"{meta['name'][:room].rstrip('-.')}-{uid}-{suffix}"
 
 
+def owner_uids(obj: dict) -> set[str]:
+    """The owners' uids of an object as read from the API (either spelling: JSON's
+    `ownerReferences`, or the Kubernetes client's `to_dict()` `owner_references`)."""
+    meta = obj.get("metadata") or {}
+    return {r.get("uid") for r in meta.get("ownerReferences") or meta.get("owner_references") or []}
+
+
 def owned_by(job: dict, pj: dict) -> bool:
     """Whether `job` (as read from the API) is one of this PruneJob's children."""
-    refs = (job.get("metadata") or {}).get("ownerReferences") or (job.get("metadata") or {}).get("owner_references") or []
-    return any(r.get("uid") == pj["metadata"]["uid"] for r in refs)
+    return pj["metadata"]["uid"] in owner_uids(job)
 
 
 def labels(pj: dict, component: str, **extra: str) -> dict:

@@ -14,6 +14,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from ..search.history import read_jsonl
+from ..search.llm_clients import batch_seconds
 
 # what became of the offspring the LLM was asked for (they add up to all of them): used as
 # written; valid but already seen (mutated until new); repaired by projection; replaced by a
@@ -92,8 +93,7 @@ class SearchMetrics:
         self._total(self.llm_invalid, counters.get("llm_unparseable_replies", 0) + counters.get("llm_failed_calls", 0))
         for use, counter in OFFSPRING_USES.items():
             self._total(self.llm_offspring, counters.get(f"llm_{counter}", 0), use)
-        batches = {e.get("batch", e.get("call")): float(e.get("batch_seconds") or 0) for e in calls}
-        self._total(self.llm_seconds, sum(batches.values()))
+        self._total(self.llm_seconds, sum(batch_seconds(calls).values()))
         for origin, o in (getattr(strategy, "origins", None) or {}).items():
             self._total(self.offspring, o.get("made", 0), origin)
             self._total(self.offspring_entered, o.get("entered", 0), origin)

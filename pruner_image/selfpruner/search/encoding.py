@@ -129,9 +129,9 @@ def selection_schema(pairs: int, singles: int, population: int) -> dict:
             "required": ["crossover", "mutation"], "additionalProperties": False}
 
 
-def moves_schema(space: SearchSpace, codec: Codec, max_moves: int = 4, max_percent: int = 10) -> dict:
+def moves_schema(codec: Codec, max_moves: int = 4, max_percent: int = 10) -> dict:
     """A mutation as edits: 1..max_moves moves [from block, to block, percent], indices 0-based."""
-    step = codec.step or 1
+    space, step = codec.space, codec.step or 1
     amount = ({"type": "integer", "minimum": 1, "maximum": max_percent} if step == 1 else
               {"type": "integer", "enum": list(range(step, max_percent + 1, step)) or [step]})
     index = {"type": "integer", "minimum": 0, "maximum": space.dim - 1}

@@ -98,23 +98,21 @@ class Evolution(Strategy):
             best = sorted(scored, key=lambda rr: rr[1].fitness)[:keep]
             self.count("screened", len(requests))
             kept = {id(req) for req, _ in best}
-            for req, res in zip(requests, results):
+            for req in requests:
                 if id(req) not in kept:  # screened out: made, never entered
                     self.note_offspring(req.origin, False, req.parent_fitness, None)
             self._pending = [Offspring(req.units, req.origin, req.parent_fitness) for req, _ in best]
             self._phase = "full"
             return
-        members = [Member(units=[int(x) for x in req.units], fitness=res.fitness, origin=req.origin)
-                   for req, res in scored]
-        merged = self.population + members
+        members = {id(req): Member(units=[int(x) for x in req.units], fitness=res.fitness, origin=req.origin)
+                   for req, res in scored}
+        merged = self.population + list(members.values())
         merged.sort(key=lambda m: m.fitness)
         self.population = merged[: self.population_size]
         survivors = {id(m) for m in self.population}
-        by_request = dict(zip((id(r) for r, _ in scored), members))
         for req, res in zip(requests, results):
-            member = by_request.get(id(req))
-            self.note_offspring(req.origin, member is not None and id(member) in survivors, req.parent_fitness,
-                                res.fitness)
+            entered = id(req) in members and id(members[id(req)]) in survivors
+            self.note_offspring(req.origin, entered, req.parent_fitness, res.fitness)
         self.record_generation()
         self.generation += 1
         self._pending = []

@@ -165,12 +165,11 @@ class LocalChat:
                                      top_p=self.top_p)
         torch.manual_seed(self.seed * 1_000_003 + first_index)
         sample = self.temperature > 0
-        pad = tok.pad_token_id if tok.pad_token_id is not None else self.eos
         with torch.inference_mode():
             # the processor does temperature and top-p after its mask, so generate's own are off
             warpers = dict(temperature=1.0, top_p=1.0, top_k=0) if sample else {}
             ids = self.model.generate(**enc, max_new_tokens=budget, do_sample=sample, logits_processor=[processor],
-                                      eos_token_id=self.eos, pad_token_id=pad, **warpers)
+                                      eos_token_id=self.eos, pad_token_id=tok.pad_token_id, **warpers)
         prompt_len = enc.input_ids.shape[1]
         outcomes = []
         for row in range(len(prompts)):
@@ -252,10 +251,15 @@ class Transcript:
         os.replace(tmp, self.path)
 
 
+def batch_seconds(entries: list[dict]) -> dict:
+    """Each batch's wall seconds, once per batch (its calls all carry the batch's time)."""
+    return {e.get("batch", e.get("call")): float(e.get("batch_seconds") or 0.0) for e in entries}
+
+
 def totals(transcript: Transcript) -> dict:
     """Usage over every call the search has made so far (replayed ones included)."""
     made = transcript.recorded[: transcript.calls]
-    batches = {e.get("batch", e.get("call")): e.get("batch_seconds", 0.0) for e in made}
+    batches = batch_seconds(made)
     return {
         "calls": len(made),
         "batches": len(batches),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 from importlib import resources
 from string import Template
 
@@ -33,7 +34,9 @@ from .evolution import ClassicalProposer, Evolution, Offspring
 PROMPTS = resources.files("selfpruner.search") / "prompts"
 
 
+@lru_cache(maxsize=None)
 def template(name: str) -> Template:
+    """A prompt template, read once (a generation fills one per offspring)."""
     return Template((PROMPTS / f"{name}.txt").read_text())
 
 
@@ -75,13 +78,7 @@ def _parse_json(text: str) -> list | None:
 
 
 def parse_selection(text: str) -> dict | None:
-    try:
-        data = json.loads(text.strip())
-    except json.JSONDecodeError:
-        found = _first_object(text)
-        if found is None:
-            return None
-        data = found
+    data = _first_object(text)
     return data if isinstance(data, dict) else None
 
 
@@ -111,9 +108,8 @@ class LLMProposer(ClassicalProposer):
         n = space.num_blocks
         shape = f'{{"attention":[{n} rates],"mlp":[{n} rates]}}' if space.separate else f"[{space.dim} rates]"
         values.update(dim=space.dim, last=space.dim - 1, ratio=codec.target_text, units=codec.unit_text, shape=shape,
-                      uniform_example=codec.fmt(space.uniform()), **extra)
-        system = (PROMPTS / "system.txt").read_text().strip()
-        return [{"role": "system", "content": system},
+                      **extra)
+        return [{"role": "system", "content": template("system").template.strip()},
                 {"role": "user", "content": template(name).substitute(values).strip()}]
 
     def _population_text(self, strategy: Evolution, top: int | None = None) -> str:
@@ -183,7 +179,7 @@ class LLMProposer(ClassicalProposer):
     # -- selection -------------------------------------------------------------------
     def _select(self, strategy: Evolution) -> tuple[list[tuple], list]:
         """Crossover pairs and mutation parents: chosen by the LLM (the paper) or by
-        tournament (`search.llmSelection: false`, the ablation)."""
+        tournament (`llm.selection: false`, the ablation)."""
         ctx, pop = strategy.ctx, strategy.population
         fitness = [m.fitness for m in pop]
 
@@ -269,7 +265,7 @@ class LLMProposer(ClassicalProposer):
             job = {"template": "mutation", "kind": "mutation", "fallbacks": fallbacks,
                    "extra": {"population": population, "parents": text}}
             if self.edits:
-                job.update(template="mutation_edit", schema=moves_schema(ctx.space, codec),
+                job.update(template="mutation_edit", schema=moves_schema(codec),
                            read=self._read_moves(ctx, chunk[0]))
             else:
                 job["schema"], job["read"] = self._whole(strategy, len(chunk))
