@@ -3,10 +3,13 @@ values.yaml, handed to the operator as JSON in SELFPRUNER_DEFAULTS) so that a Pr
 repeat its S3 store or LLM endpoint.
 
 A PruneJob's own fields always win. `storage` is taken whole when the PruneJob has none (merging
-field by field could pair the PruneJob's bucket with another store's endpoint). For `llm`, only
-the endpoint and its key Secret are filled, and only for `provider: openai`: the API server has
-already defaulted `provider` and `model` from the CRD, so the operator cannot tell them apart
-from what the user wrote."""
+field by field could pair the PruneJob's bucket with another store's endpoint). The LLM endpoint
+is taken the same way: only for `provider: openai`, and only when the PruneJob names no
+`baseURL` of its own; then the endpoint comes with its key Secret. A PruneJob that names its own
+endpoint gets nothing from the installation, above all not its key: the controller sends the key
+as a Bearer token to whatever URL it is given. (`provider` and `model` are not filled: the API
+server has already defaulted them from the CRD, so the operator cannot tell them from what the
+user wrote.)"""
 
 from __future__ import annotations
 
@@ -35,10 +38,11 @@ def apply(spec: dict, defaults: dict) -> tuple[dict, list[str]]:
         spec["storage"] = copy.deepcopy(defaults["storage"])
         used.append("storage")
     llm = spec.get("llm") or {}
-    if llm.get("provider") == "openai":
-        for field in LLM_FIELDS:
-            if field not in llm and field in (defaults.get("llm") or {}):
-                llm[field] = copy.deepcopy(defaults["llm"][field])
+    installed = defaults.get("llm") or {}
+    if llm.get("provider") == "openai" and not llm.get("baseURL") and installed.get("baseURL"):
+        for field in LLM_FIELDS:  # the installation's endpoint, with its key if the PruneJob brings none
+            if field not in llm and field in installed:
+                llm[field] = copy.deepcopy(installed[field])
                 used.append(f"llm.{field}")
         spec["llm"] = llm
     return spec, used
