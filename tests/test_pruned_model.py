@@ -7,8 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ARCHS, tiny_model
-from selfpruner import calibration, export, importance, structure
+from conftest import ARCHS, char_tokenizer, tiny_model
+from selfpruner import calibration, export, importance, model_source, structure
+from selfpruner.errors import UserError
 from selfpruner.architecture import geometry_of
 from selfpruner.pruned_model import PrunableModel
 
@@ -142,3 +143,31 @@ def test_bias_compensation_is_exact_for_a_constant_channel(text_ids, batch):
         diff = (logits(model, batch) - dense).abs().max().item()
         pm.restore()
         assert (diff < 1e-5) == should_match, diff
+
+
+def test_a_checkpoint_from_storage_loads_our_bundled_code_never_its_own(text_ids, batch, tmp_path):
+    """A folder from a store can carry any modeling_selfpruner.py; loading it (in a pod holding
+    the store's credentials) must not run that file: the class comes from the installed package."""
+    pm, _ = prepared("llama-gqa", text_ids)
+    plan = structure.plan_from_rates(geometry_of(pm.model.config), RATE_CASES["non-uniform"])
+    pm.apply(plan, mode="slice")
+    expected = logits(pm.model, batch)
+    out = export.export(pm, char_tokenizer(), tmp_path / "ckpt", info={})
+    assert json.loads((out / "pruning.json").read_text())["loads_with"] == "trust_remote_code"
+    marker = tmp_path / "the-folder-code-ran"
+    planted = f"open({str(marker)!r}, 'w').write('pwned')\n"
+    code = (out / "modeling_selfpruner.py").read_text()
+    head = "from __future__ import annotations\n"
+    (out / "modeling_selfpruner.py").write_text(code.replace(head, head + planted, 1))
+
+    loaded = model_source.load(str(out))
+    assert not marker.exists(), "code from the model folder ran"
+    assert type(loaded.model).__module__ == "selfpruner.hf_code.modeling_selfpruner"
+    assert (logits(loaded.model, batch) - expected).abs().max() <= 1e-4
+
+    config = json.loads((out / "config.json").read_text())
+    config["architectures"] = ["SomethingElseForCausalLM"]
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="names architectures.*SelfPrunerLlamaForCausalLM"):
+        model_source.load(str(out))
+    assert not marker.exists()

@@ -398,3 +398,28 @@ def test_controller_finds_the_newest_whole_checkpoint_when_latest_is_torn(s3_end
     # the torn rewrite: new bytes landed, the marker still describes the old ones
     s3_client(s3_endpoint).put_object(Bucket=bucket, Key=layout.latest_state, Body=b'{"checkpoint": 3')
     assert _latest_checkpoint(store, layout) == 3
+
+
+def test_node_cache_keys_include_the_endpoint(tmp_path):
+    """Two PruneJobs naming the same bucket and prefix on different endpoints share a node's
+    hostPath cache: neither may be handed the other's model."""
+    cache = NodeCache(tmp_path / "cache")
+    ours = open_store("s3://models", endpoint_url="http://minio.storage:9000")
+    theirs = open_store("s3://models", endpoint_url="http://evil.example:9000")
+    assert cache.path_for(ours, "llama") != cache.path_for(theirs, "llama")
+    assert cache.path_for(ours, "llama") == cache.path_for(open_store("s3://models", endpoint_url="http://minio.storage:9000"), "llama")
+    assert cache.path_for(open_store(tmp_path / "a"), "m") != cache.path_for(open_store(tmp_path / "b"), "m")
+
+
+def test_node_cache_not_writable_says_so_in_one_line(tmp_path):
+    """A hostPath the kubelet made as root (DirectoryOrCreate) is not writable by the pods' uid
+    (10001): the first use says so, in one line, before any download."""
+    root = tmp_path / "cache"
+    root.mkdir(mode=0o755)
+    other = os.getuid() + 4242  # not the folder's owner
+    with pytest.raises(UserError, match=rf"^node cache {root} is not writable by uid {other}; .*chown {other}"):
+        NodeCache(root, uid=other)
+    root.chmod(0o777)
+    assert NodeCache(root, uid=other).root == root  # writable for all: fine
+    root.chmod(0o755)
+    assert NodeCache(root, uid=os.getuid()).root == root  # its owner: fine

@@ -2,6 +2,12 @@
 
 GGUF files are converted once into a cached safetensors folder, so later loads take a
 fraction of a second instead of a dequantisation pass.
+
+No code from a model folder ever runs here (`trust_remote_code` is never set): a folder
+may come from a store, and its loading process holds the store's credentials. One of our
+own pruned checkpoints names its class in `config.json`; that class is taken from the
+installed package (`selfpruner.hf_code`), never from the `modeling_selfpruner.py` copied
+next to the weights (that copy is for users loading the checkpoint elsewhere).
 """
 
 from __future__ import annotations
@@ -98,13 +104,35 @@ def _converted(gguf: Path, name: str | None = None) -> Path:
 
 def load_config(source: str):
     """The model's config alone: enough to refuse an unsupported model before loading it."""
-    folder, ours = resolve(source)
+    folder, _ = resolve(source)
+    return _config(folder, source)
+
+
+def _config(folder: str, source: str):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(folder, trust_remote_code=ours)
+        return AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"could not read the config of model {source}: {str(e).splitlines()[0]}") from None
+
+
+def bundled_class(config, source: str):
+    """The model class of one of our pruned checkpoints, from the installed package; None for a
+    checkpoint that loads as its plain architecture. A config naming a class we do not ship, or
+    one of another architecture than its model_type, is refused: we never fall back to the
+    folder's own code."""
+    from .hf_code import modeling_selfpruner as bundled
+
+    if getattr(config, "selfpruner_layers", None) is None:
+        return None
+    names = list(getattr(config, "architectures", None) or [])
+    expected = bundled.CLASS_FOR_MODEL_TYPE.get(config.model_type)
+    if expected is None or names != [expected]:
+        raise UserError(f"model {source}: config.json names architectures {names} for model_type "
+                        f"{config.model_type!r}; a selfpruner checkpoint of that type uses {expected or 'none'} "
+                        f"(re-export it with `selfpruner prune`)")
+    return getattr(bundled, expected)
 
 
 def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", check=None) -> Loaded:
@@ -117,8 +145,11 @@ def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", che
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=ours)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=ours)
+        config = _config(folder, source)
+        cls = bundled_class(config, source) if ours else None
+        model = (cls or AutoModelForCausalLM).from_pretrained(folder, config=config, dtype=dtype,
+                                                              trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model {source}: {str(e).splitlines()[0]}") from None
     model.to(device).eval()

@@ -159,6 +159,11 @@ class Store(ABC):
         """The URI of `key` (the root itself for ''); `open_store(store.uri(p))` is a store
         whose keys are those of this one under `p/`."""
 
+    def origin(self) -> str:
+        """Where the bytes really come from, for keys that must not mix two sources: the URI, and
+        for S3 the endpoint as well (`s3://models/llama` on two endpoints is two different models)."""
+        return self.uri()
+
     def put_json(self, key: str, obj) -> ObjectInfo:
         return self.put_bytes(key, json.dumps(obj, indent=1).encode())
 

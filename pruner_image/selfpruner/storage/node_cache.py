@@ -30,24 +30,53 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from ..errors import UserError
 from .base import ObjectNotFound, Store, check_prefix, fsync_dir
 
 STATS = ".stats.json"
 
 
+class NodeCacheError(UserError):
+    """The node cache cannot be used at all: a setup fault of the node, not of a candidate."""
+
+
+def writable_by(folder: Path, uid: int, groups: list[int]) -> bool:
+    """Whether `uid` (in `groups`) may create files in `folder`, from its mode bits (os.access
+    answers only for this process, and always yes for root)."""
+    st = folder.stat()
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return st.st_mode & 0o300 == 0o300
+    if st.st_gid in groups or st.st_gid == os.getgid() and uid == os.getuid():
+        return st.st_mode & 0o030 == 0o030
+    return st.st_mode & 0o003 == 0o003
+
+
 class NodeCache:
-    def __init__(self, root: str | os.PathLike, lock_timeout: float = -1):
-        """`lock_timeout` seconds to wait for another process's fetch (-1: for ever)."""
+    def __init__(self, root: str | os.PathLike, lock_timeout: float = -1, *, uid: int | None = None):
+        """`lock_timeout` seconds to wait for another process's fetch (-1: for ever); `uid` the
+        user the cache must be writable for (this process's)."""
         self.root = Path(root).absolute()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise NodeCacheError(f"node cache {self.root}: cannot create it ({e.strerror})") from None
+        uid = os.getuid() if uid is None else uid
+        if not writable_by(self.root, uid, os.getgroups() if uid == os.getuid() else []):
+            # a hostPath made by the kubelet as root (type DirectoryOrCreate) is not writable by our uid
+            raise NodeCacheError(f"node cache {self.root} is not writable by uid {uid}; make the node's "
+                                 f"folder writable for that uid (e.g. chown {uid} on each node)")
         self.lock_timeout = lock_timeout
         self.bytes_downloaded = 0  # by this object
         self.files_downloaded = 0
 
     def path_for(self, store: Store, prefix: str) -> Path:
-        """The cache folder of `prefix` in `store`: readable name, unique hash of the URI."""
+        """The cache folder of `prefix` in `store`: readable name, unique hash of the endpoint and
+        URI (a node cache shared by PruneJobs must not hand one of them a model fetched by another
+        from a different endpoint with the same bucket name)."""
         prefix = check_prefix(prefix).strip("/")
-        source = store.uri(prefix) if prefix else store.uri()
+        source = store.origin() + "|" + prefix
         tail = re.sub(r"[^A-Za-z0-9._-]+", "_", prefix.rsplit("/", 1)[-1] or "root").lstrip(".")[:60]
         return self.root / f"{tail or 'root'}-{hashlib.sha256(source.encode()).hexdigest()[:16]}"
 

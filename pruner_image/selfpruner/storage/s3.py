@@ -182,6 +182,9 @@ class S3Store(Store):
         path = self._full(key) if key else self.prefix
         return f"s3://{self.bucket}/{path}" if path else f"s3://{self.bucket}"
 
+    def origin(self) -> str:
+        return f"{self.endpoint_url or 'aws'}|{self.region or ''}|{self.uri()}"
+
     @contextmanager
     def _errors(self, op: str, key: str = ""):
         """Turn boto errors into ours, each naming the operation and the object."""
