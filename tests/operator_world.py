@@ -46,7 +46,8 @@ class Operator:
         self.cluster, self.logs = cluster, logs
         self.metrics_port, self.health_port = free_port(), free_port()
         self.env = {**cluster.env, "SELFPRUNER_IMAGE": IMAGE, "SELFPRUNER_METRICS_PORT": str(self.metrics_port),
-                    "SELFPRUNER_RECONCILE_INTERVAL": str(interval), "PYTHONUNBUFFERED": "1"}
+                    "SELFPRUNER_RECONCILE_INTERVAL": str(interval), "PYTHONUNBUFFERED": "1",
+                    "SELFPRUNER_POLICY": json.dumps({"allowedSecrets": ["s3-credentials"]})}
         self.proc = None
 
     def start(self) -> "Operator":

@@ -358,3 +358,21 @@ def test_installation_defaults_reach_the_operator_as_it_reads_them():
         out = subprocess.run([str(HELM), "template", RELEASE, str(CHART), "--set", bad],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and "defaults" in out.stderr, (bad, out.stderr[-500:])
+
+
+def test_the_policy_reaches_the_operator_as_it_reads_it():
+    from selfpruner_operator import policy
+
+    for which in VALUES:
+        (deploy,) = by_kind(render(which), "Deployment")
+        env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+        loaded = policy.load({"SELFPRUNER_POLICY": env["SELFPRUNER_POLICY"]})
+        if which == "all-features":
+            assert loaded == yaml.safe_load(ALL_FEATURES.read_text())["policy"]
+        else:  # the default: only the installation's Secrets and image, no hostPath
+            assert loaded == {"allowedSecrets": [], "allowedImagePrefixes": [],
+                              "nodeCache": {"enabled": False, "path": "/var/cache/selfpruner"}}
+    for bad in ("policy.nodeCache.path=relative", "policy.allowedSecret=x"):
+        out = subprocess.run([str(HELM), "template", RELEASE, str(CHART), "--set", bad],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and "policy" in out.stderr, (bad, out.stderr[-500:])

@@ -74,6 +74,33 @@ def test_invalid_prunejob_is_refused_and_nothing_is_created(world, tmp_path):
     assert "Invalid" in {e["reason"] for e in cluster.events("bad")}
 
 
+def test_prunejobs_outside_the_installation_policy_are_invalid(world, tmp_path):
+    """A PruneJob may not hand its pods a Secret the installation does not list, run them on an
+    image of its own, or mount a folder of the node: each is Invalid, and nothing is created."""
+    cluster, kubelet, operator, doc, _ = world
+    cases = {
+        "secret": ({"storage": {**doc["spec"]["storage"], "credentialsSecret": {"name": "db-password"}}},
+                   "spec.storage.credentialsSecret: Secret 'db-password' is not one this installation hands"),
+        "llm-secret": ({"llm": {"provider": "openai", "model": "m", "baseURL": "http://llm.example/v1",
+                                "apiKeySecret": {"name": "db-password", "key": "password"}}},
+                       "spec.llm.apiKeySecret: Secret 'db-password'"),
+        "image": ({"evaluator": {**doc["spec"]["evaluator"], "image": "docker.io/someone/reads-secrets:1"}},
+                  "spec.evaluator.image: 'docker.io/someone/reads-secrets:1' is not the pruner image"),
+        "hostpath": ({"evaluator": {**doc["spec"]["evaluator"], "nodeCache": "/etc"}},
+                     "spec.evaluator.nodeCache: this installation does not allow hostPath node caches"),
+    }
+    for name, (sections, message) in cases.items():
+        bad = json.loads(json.dumps(doc))
+        bad["metadata"]["name"] = f"policy-{name}"
+        bad["spec"].update(sections)
+        apply(cluster, bad, tmp_path)
+    for name, (_, message) in cases.items():
+        pj = wait_phase(cluster, f"policy-{name}", ("Invalid",), timeout=60)
+        condition = {c["type"]: c for c in pj["status"]["conditions"]}["Invalid"]
+        assert message in condition["message"], (name, condition["message"])
+        assert cluster.list("jobs", labels=f"selfpruner.io/prunejob=policy-{name}") == []
+
+
 def test_installation_defaults_supply_the_store_and_without_them_the_prunejob_is_invalid(world, tmp_path):
     cluster, kubelet, operator, doc, endpoint = world
     bare = json.loads(json.dumps(doc))

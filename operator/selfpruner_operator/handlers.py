@@ -13,7 +13,7 @@ from selfpruner.cluster import manifests
 from selfpruner.cluster.kube import condition as _condition
 from selfpruner.cluster.kube import job_finished
 
-from . import defaults, metrics
+from . import defaults, metrics, policy
 
 GROUP, VERSION, PLURAL = "selfpruner.io", "v1alpha1", "prunejobs"
 TERMINAL = ("Succeeded", "Failed", "Invalid")
@@ -22,6 +22,7 @@ SERVICE_ACCOUNT = os.environ.get("SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT", "selfp
 MAX_RESTARTS = int(os.environ.get("SELFPRUNER_MAX_CONTROLLER_RESTARTS", "3"))
 INTERVAL = float(os.environ.get("SELFPRUNER_RECONCILE_INTERVAL", "5"))
 DEFAULTS = defaults.load()
+POLICY = policy.load()
 
 
 def _merge_conditions(old: list, new: list) -> list:
@@ -111,6 +112,7 @@ def start(body, meta, status, patch, logger, **_):
             if not spec.get("storage"):
                 raise spec_mod.UserError("spec.storage: required on a cluster (where weights, results and the "
                                          "search state live); set it, or the chart's defaults.storage")
+            policy.check(spec, POLICY, DEFAULTS, IMAGE)
         except spec_mod.UserError as e:
             message = "; ".join(str(e).splitlines())
             patch.status["phase"] = "Invalid"
