@@ -331,6 +331,21 @@ EVENT_COLUMNS = [
 ]
 
 
+def _default_structural(schema: dict[str, Any], value: Any) -> Any:
+    """The API server's defaulting of a custom resource: every absent property with a `default`
+    gets it, recursing into objects (including a defaulted `{}`); `metadata` is left alone."""
+    if not isinstance(value, dict) or schema.get("type") != "object":
+        return value
+    for key, sub in (schema.get("properties") or {}).items():
+        if key == "metadata":
+            continue
+        if key not in value and "default" in sub:
+            value[key] = copy.deepcopy(sub["default"])
+        if key in value:
+            _default_structural(sub, value[key])
+    return value
+
+
 class ClusterEmulator(kmock.KubernetesEmulator):
     """kmock's emulator with the API-server semantics the operator tests need (see module doc).
 
@@ -349,6 +364,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.request_count = 0
         self.server_errors: list[str] = []     # tracebacks of 500s (a bug in the emulator)
         self.crd_resources: dict[str, list[kmock.resource]] = {}   # CRD name -> declared resources
+        self.crd_schemas: dict[kmock.resource, dict[str, Any]] = {}  # its openAPIV3Schema, for defaulting
         self.printer_columns: dict[kmock.resource, list[dict[str, Any]]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -723,6 +739,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         for k in ("labels", "annotations"):
             if k in meta and meta[k] is None:
                 del meta[k]
+        if res in self.crd_schemas:
+            _default_structural(self.crd_schemas[res], obj)
         self._normalize(res, obj)
         return obj
 
@@ -933,6 +951,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             columns = version.get("additionalPrinterColumns")
             if columns is not None:
                 self.printer_columns[res] = columns
+            schema = (version.get("schema") or {}).get("openAPIV3Schema")
+            if schema:
+                self.crd_schemas[res] = schema
             declared.append(res)
         self.crd_resources[crd["metadata"]["name"]] = declared
         status = crd.setdefault("status", {})
@@ -1274,6 +1295,7 @@ class JobRun:
         self.completion_time: str | None = None
         self.last_status: dict[str, Any] | None = None
         self.waiting_reason: dict[int, str] = {}
+        self.waiting_pod: dict[int, str] = {}             # index -> name of its Pod object while waiting
         self.all_pods: list[Pod] = []
 
     def pending_indexes(self) -> list[int]:
@@ -1306,6 +1328,7 @@ class Kubelet:
         self.cwd = str(cwd or REPO)
         self.extra_env = dict(extra_env or {})
         self.jobs: dict[str, JobRun] = {}                # by uid
+        self.unpullable: set[str] = set()                # images whose pull fails (ErrImagePull)
         self.lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -1470,6 +1493,8 @@ class Kubelet:
 
     def _account(self, run: JobRun, pod: Pod) -> None:
         """The Job controller's view of a terminated pod."""
+        self._publish(run, pod.name, pod.index, "", "Succeeded" if pod.exit_code == 0 and not pod.preempted
+                      else "Failed", {"terminated": {"exitCode": pod.exit_code or 0, "finishedAt": _now()}})
         if pod.exit_code == 0 and not pod.preempted:
             if run.indexed:
                 run.succeeded.add(pod.index)
@@ -1566,6 +1591,36 @@ class Kubelet:
 
     # -- pods -----------------------------------------------------------------------------------
 
+    def _publish(self, run: JobRun, name: str, index: int, container: str, phase: str,
+                 state: dict[str, Any]) -> None:
+        """The Pod object a kubelet reports (what `kubectl get pods` and the operator read); owned by
+        its Job, so deleting the Job deletes it."""
+        status = {"phase": phase, "conditions": [{"type": "PodScheduled", "status": "True"}],
+                  "containerStatuses": [{"name": container, "ready": phase == "Running", "restartCount": 0,
+                                         "image": "", "imageID": "", "state": state}]}
+        try:
+            if self.cluster.get("pods", name, run.namespace) is None:
+                labels = {"job-name": run.name, "controller-uid": run.uid}
+                if run.indexed:
+                    labels["batch.kubernetes.io/job-completion-index"] = str(index)
+                self.cluster.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
+                    "name": name, "namespace": run.namespace, "labels": labels,
+                    "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": run.name, "uid": run.uid,
+                                         "controller": True, "blockOwnerDeletion": True}]},
+                    "spec": {"containers": [{"name": container, "image": ""}], "nodeName": "emulated-node"}},
+                    run.namespace)
+            self.cluster.patch("pods", name, {"status": status}, run.namespace, "status")
+        except ClusterApiError as e:
+            if e.code not in (404, 409):
+                raise
+
+    def _wait_pod(self, run: JobRun, index: int, container: str, reason: str, message: str) -> None:
+        name = run.waiting_pod.setdefault(index, f"{run.name}-{index}-{uuid.uuid4().hex[:5]}")
+        if run.waiting_reason.get(index) != reason + message:
+            self._publish(run, name, index, container, "Pending", {"waiting": {"reason": reason, "message": message}})
+        run.waiting_reason[index] = reason + message
+        run.retry_at[index] = time.monotonic() + 0.2
+
     def _start(self, run: JobRun, job: dict[str, Any], index: int) -> None:
         template = ((job.get("spec") or {}).get("template") or {})
         pod_spec = template.get("spec") or {}
@@ -1575,13 +1630,18 @@ class Kubelet:
             return
         container = containers[0]
         pod = Pod(run, index, run.attempts[index])
+        if container.get("image") in self.unpullable:   # ErrImagePull: keep waiting, as a kubelet does
+            self._wait_pod(run, index, container.get("name", ""), "ErrImagePull",
+                           f'failed to pull image "{container.get("image")}": not found')
+            return
         try:
             env = self._env(run, pod, container, template)
         except LookupError as e:             # CreateContainerConfigError: keep waiting, as a kubelet does
-            run.waiting_reason[index] = str(e)
-            run.retry_at[index] = time.monotonic() + 0.2
+            self._wait_pod(run, index, container.get("name", ""), "CreateContainerConfigError", str(e))
             return
         run.waiting_reason.pop(index, None)
+        if index in run.waiting_pod:
+            pod.name = run.waiting_pod.pop(index)
         argv = list(container.get("command") or []) + list(container.get("args") or [])
         argv = [self._expand(a, env) for a in argv]
         argv = list(self.command_map(argv))
@@ -1603,6 +1663,8 @@ class Kubelet:
                 return
         run.pods[index] = pod
         run.all_pods.append(pod)
+        self._publish(run, pod.name, index, container.get("name", ""), "Running",
+                      {"running": {"startedAt": _now()}})
 
     @staticmethod
     def _expand(arg: str, env: Mapping[str, str]) -> str:

@@ -47,7 +47,8 @@ class Operator:
         self.metrics_port, self.health_port = free_port(), free_port()
         self.env = {**cluster.env, "SELFPRUNER_IMAGE": IMAGE, "SELFPRUNER_METRICS_PORT": str(self.metrics_port),
                     "SELFPRUNER_RECONCILE_INTERVAL": str(interval), "PYTHONUNBUFFERED": "1",
-                    "SELFPRUNER_POLICY": json.dumps({"allowedSecrets": ["s3-credentials"]})}
+                    "SELFPRUNER_POLICY": json.dumps({"allowedSecrets": ["s3-credentials", "absent-secret"]}),
+                    "SELFPRUNER_CONTROLLER_START_TIMEOUT": "4"}
         self.proc = None
 
     def start(self) -> "Operator":

@@ -109,7 +109,8 @@ def test_operator_deployment():
         assert "--liveness=http://0.0.0.0:8080/healthz" in cmd
         env = {e["name"]: e["value"] for e in c["env"]}
         assert {"SELFPRUNER_IMAGE", "SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT", "SELFPRUNER_MAX_CONTROLLER_RESTARTS",
-                "SELFPRUNER_RECONCILE_INTERVAL", "SELFPRUNER_METRICS_PORT"} <= env.keys()
+                "SELFPRUNER_RECONCILE_INTERVAL", "SELFPRUNER_METRICS_PORT", "SELFPRUNER_CONTROLLER_START_TIMEOUT",
+                "SELFPRUNER_POLICY", "SELFPRUNER_DEFAULTS"} <= env.keys()
         assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         assert ports["metrics"] == 9090 and ports["liveness"] == 8080
@@ -233,6 +234,8 @@ CLIENT_METHODS = {
     "read_namespaced_job": ("batch", "jobs", "get"),
     "list_namespaced_job": ("batch", "jobs", "list"),
     "patch_namespaced_job": ("batch", "jobs", "patch"),
+    "delete_namespaced_job": ("batch", "jobs", "delete"),
+    "list_namespaced_pod": ("", "pods", "list"),
     "get_namespaced_custom_object": ("selfpruner.io", "prunejobs", "get"),
     "patch_namespaced_custom_object": ("selfpruner.io", "prunejobs", "patch"),
     "patch_namespaced_custom_object_status": ("selfpruner.io", "prunejobs/status", "patch"),
@@ -258,6 +261,10 @@ KOPF_CLUSTER = {
     # --all-namespaces; with exact --namespace names it falls back to them when forbidden.
 }
 
+# Both create Jobs whose owner reference sets blockOwnerDeletion (manifests.owner_reference); with the
+# OwnerReferencesPermissionEnforcement admission plugin that takes `update` on the owner's finalizers.
+BLOCK_OWNER_DELETION = {("selfpruner.io", "prunejobs/finalizers", "update")}
+
 
 def code_permissions(path: Path) -> set:
     methods = set(CALL.findall(path.read_text()))
@@ -272,7 +279,8 @@ CONTROLLER_CODE = ROOT / "pruner_image" / "selfpruner" / "cluster" / "kube.py"
 
 
 def test_code_scan_finds_the_calls():
-    assert code_permissions(OPERATOR_CODE) == {("batch", "jobs", v) for v in ("create", "get", "list", "patch")}
+    assert code_permissions(OPERATOR_CODE) == {("batch", "jobs", v) for v in ("create", "get", "list", "patch", "delete")} \
+        | {("", "pods", "list")}
     assert code_permissions(CONTROLLER_CODE) == {
         ("batch", "jobs", "create"), ("batch", "jobs", "get"), ("selfpruner.io", "prunejobs", "get"),
         ("selfpruner.io", "prunejobs/status", "patch"), ("", "events", "create")}
@@ -315,14 +323,14 @@ def test_rbac_is_exactly_what_the_code_calls(which):
     pod = deploy["spec"]["template"]["spec"]
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
     operator = grants(objs, NAMESPACE, pod["serviceAccountName"])
-    namespaced = code_permissions(OPERATOR_CODE) | KOPF_NAMESPACED
+    namespaced = code_permissions(OPERATOR_CODE) | KOPF_NAMESPACED | BLOCK_OWNER_DELETION
     if which == "defaults":  # rbac.scope=cluster
         assert operator == {None: namespaced | KOPF_CLUSTER}
         watched = [NAMESPACE]
     else:  # rbac.scope=namespaced, two namespaces
         watched = ["ml-research", "ml-prod"]
         assert operator == {None: KOPF_CLUSTER, **{ns: namespaced for ns in watched}}
-    controller_needs = code_permissions(CONTROLLER_CODE)
+    controller_needs = code_permissions(CONTROLLER_CODE) | BLOCK_OWNER_DELETION
     for ns in watched:
         assert grants(objs, ns, env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"]) == {ns: controller_needs}
     # nothing else is bound to anyone

@@ -128,3 +128,19 @@ def test_a_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeyp
               "--device", "cpu"])
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+
+
+def test_prune_defaults_are_a_prunejobs(tiny_job):
+    """`selfpruner prune` and `selfpruner run` build the same checkpoint from the same rates: the
+    flags' defaults are the CRD's (bias compensation was off for wanda-sp in one, on in the other)."""
+    from selfpruner import spec as spec_mod
+    from selfpruner.cli import build_parser
+
+    args = build_parser().parse_args(["prune", "--model", "m", "--ratio", "0.3", "--output", "o"])
+    spec = spec_mod.parse({"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob", "metadata": {"name": "d"},
+                           "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.3}}}).spec
+    p, c = spec["pruning"], spec["calibration"]
+    assert (args.metric, args.bias_compensation, args.head_mode, args.mlp_multiple) == \
+        (p["metric"], p["biasCompensation"], p["headMode"], p["mlpMultiple"])
+    assert (args.calibration_text, args.calibration_windows, args.calibration_seq_len) == \
+        (c["text"], c["windows"], c["seqLen"])

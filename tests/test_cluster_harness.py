@@ -320,3 +320,61 @@ def test_a_job_of_another_prunejob_is_never_adopted(cluster):
     stolen["metadata"]["name"] = job["metadata"]["name"]  # the name collision the uid in names prevents
     with pytest.raises(JobConflict, match="belongs to another owner"):
         kube.create_job(stolen)
+
+
+def test_waiting_for_a_job_counts_only_the_time_it_runs(cluster, kubelet):
+    """A Job suspended (by the user, or by Kueue while it waits for quota) is not timed; once it
+    runs past the timeout the controller gives up with a final verdict, not a lost controller."""
+    import threading
+
+    from selfpruner.cluster import manifests
+    from selfpruner.cluster.failures import Verdict, classify
+    from selfpruner.cluster.k8s_executor import KubernetesExecutor
+    from selfpruner.cluster.kube import Kube
+
+    kube = Kube("default", config_file=str(cluster.kubeconfig))
+    pj = {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
+          "metadata": {"name": "slow", "namespace": "default", "uid": "33333333-cccc-4ccc-8ccc-cccccccccccc"},
+          "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.3}, "storage": {"uri": "s3://b/runs"},
+                   "evaluator": {"activeDeadlineSeconds": 600}}}
+    job = manifests.finalize_job(pj, image="img")
+    assert job["spec"]["activeDeadlineSeconds"] == 600  # Kubernetes' own limit, which skips suspended time
+    job["spec"]["suspend"] = True
+    job["spec"]["template"]["spec"]["containers"][0]["command"] = ["python", "-c", "import time; time.sleep(60)"]
+    job["spec"]["template"]["spec"]["containers"][0]["env"] = []
+    job["spec"]["template"]["spec"]["containers"][0].pop("envFrom", None)
+    name = kube.create_job(job)["metadata"]["name"]
+    executor = KubernetesExecutor(pj, store=None, kube=kube, image="img", poll=0.05, timeout=1.0)
+    outcome: dict = {}
+
+    def wait():
+        try:
+            executor._wait(name, lambda: False)
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            outcome["error"] = e
+        outcome["at"] = time.monotonic()
+
+    thread = threading.Thread(target=wait, daemon=True)
+    started = time.monotonic()
+    thread.start()
+    time.sleep(2.5)  # suspended for longer than the timeout: not counted
+    assert thread.is_alive(), outcome
+    cluster.patch("jobs.batch", name, {"spec": {"suspend": False}})
+    resumed = time.monotonic()
+    thread.join(30)
+    assert isinstance(outcome.get("error"), Verdict), outcome
+    assert classify(outcome["error"])[0] == "JobTimeout"
+    assert 0.9 <= outcome["at"] - resumed < 10 and outcome["at"] - started > 3
+
+
+def test_custom_resources_get_the_crds_defaults_on_create(cluster, tmp_path):
+    """As a real API server does: what a PruneJob leaves out comes back with the CRD's defaults
+    (so every reader of the object sees one defaulted spec, not its own fallbacks)."""
+    cluster.kubectl("apply", "-f", "crds/prunejob.yaml")
+    cluster.create({"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob", "metadata": {"name": "bare"},
+                    "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.3},
+                             "pruning": {"metric": "flap"}}})
+    spec = cluster.get("prunejobs", "bare")["spec"]
+    assert spec["pruning"] == {"metric": "flap", "biasCompensation": True, "headMode": "per-group", "mlpMultiple": 8}
+    assert spec["llm"]["provider"] == "local" and spec["evaluator"]["activeDeadlineSeconds"] == 21600
+    assert spec["target"]["ratio"] == 0.3 and spec["suspend"] is False

@@ -109,3 +109,68 @@ def test_not_yaml(tmp_path):
     path.write_text("spec: [unclosed")
     with pytest.raises(spec.UserError, match="not valid YAML"):
         spec.load(path)
+
+
+HEAD = "apiVersion: selfpruner.io/v1alpha1\nkind: PruneJob\n"
+BOMB = HEAD + "metadata: {name: bomb}\nx0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"x{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]\n"
+    for i in range(1, 10)) + "spec: {model: {source: demo}, target: {ratio: 0.3}}\n"
+GOOD_SPEC = "spec:\n  model: {source: demo}\n  target: {ratio: 0.3}\n"
+BAD_INPUT = {
+    "alias bomb": (BOMB, "expands to more than"),
+    "20000 levels": (HEAD + "metadata: {name: deep}\nspec: " + "[" * 20000 + "]" * 20000 + "\n", "nested"),
+    "metadata a list": (HEAD + "metadata: [a, b]\n" + GOOD_SPEC, "metadata: must be a mapping with a name, got list"),
+    "metadata null": (HEAD + "metadata:\n" + GOOD_SPEC, "metadata: must be a mapping with a name, got nothing"),
+    "grid nan": (HEAD + "metadata: {name: n}\nspec:\n  model: {source: demo}\n  target: {ratio: 0.3, grid: .nan}\n",
+                 "spec.target.grid: nan is not a number Kubernetes accepts"),
+    "past int64": (HEAD + "metadata: {name: n}\nspec:\n  model: {source: demo}\n  target: {ratio: 0.3}\n"
+                   "  search: {seed: 99999999999999999999}\n", "spec.search.seed: 99999999999999999999 is past the 64-bit"),
+    "duplicate key": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  target: {ratio: 0.5}\n", "duplicate key 'target'"),
+    "inf temperature": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  llm: {temperature: .inf}\n",
+                        "spec.llm.temperature: inf is not a number"),
+    "nan timeout": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  llm: {timeoutSeconds: .nan}\n",
+                    "spec.llm.timeoutSeconds: nan"),
+    "population 1e30": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  search: {population: 1e30}\n",
+                        "spec.search.population"),
+    "population huge": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  search: {population: 100000000}\n",
+                        "spec.search.population: 100000000 is greater than the maximum"),
+    "output a file": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  output: {path: OUTFILE}\n", "is a file; give a folder"),
+    "bucket only": (HEAD + "metadata: {name: n}\nspec:\n  model: {source: 's3://bucket'}\n  target: {ratio: 0.3}\n",
+                    "names a bucket, not a model folder"),
+    "bad quantity": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  evaluator: {memory: 32 GB}\n",
+                     "spec.evaluator.memory: '32 GB' is not a Kubernetes quantity"),
+    "bad queue": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  queueName: 'team queue!'\n",
+                  "spec.queueName: 'team queue!' is not a label value"),
+    "bad node selector": (HEAD + "metadata: {name: n}\n" + GOOD_SPEC + "  evaluator: {nodeSelector: {gpu: 'a b'}}\n",
+                          "spec.evaluator.nodeSelector.gpu: 'a b' is not a label value"),
+}
+
+
+def test_bad_input_gets_one_line_each_and_never_hangs(tmp_path):
+    """Each case is a real `selfpruner validate` process: no traceback, no hang, one line."""
+    (tmp_path / "a-file").write_text("x")
+    procs = {}
+    for i, (name, (text, _)) in enumerate(BAD_INPUT.items()):
+        path = tmp_path / f"case{i}.yaml"
+        path.write_text(text.replace("OUTFILE", str(tmp_path / "a-file")))
+        procs[name] = subprocess.Popen([sys.executable, "-m", "selfpruner.cli", "validate", str(path)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = err.strip().splitlines()
+        assert proc.returncode == 2 and "Traceback" not in err, (name, err[-2000:])
+        # one line per problem (1e30 is both not an integer and above the maximum: two)
+        assert 1 <= len(lines) <= 2 and all(line.startswith("selfpruner: error: ") for line in lines), (name, lines)
+        assert BAD_INPUT[name][1] in lines[0], (name, lines)
+
+
+def test_a_yaml_12_exponent_is_a_number(tmp_path):
+    """kubectl reads `5e-3` as a number; PyYAML alone reads it as a string (and the schema would
+    refuse a valid PruneJob)."""
+    from selfpruner.yaml_input import load_all
+
+    (doc,) = load_all("a: 5e-3\nb: 10\nc: '5e-3'\nd: 1.5\n", "x")
+    assert doc == {"a": 0.005, "b": 10, "c": "5e-3", "d": 1.5}
+    path = tmp_path / "grid.yaml"
+    path.write_text(HEAD + "metadata: {name: n}\nspec:\n  model: {source: demo}\n  target: {ratio: 0.3, grid: 5e-3}\n")
+    assert spec.load(path).spec.target.grid == 0.005

@@ -29,6 +29,20 @@ def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}batch-size", type=int, default=1)
 
 
+def crd_default(section: str) -> dict:
+    """A spec section as the CRD defaults it when a PruneJob leaves it out."""
+    from . import spec as spec_mod
+
+    node = spec_mod.schema()["properties"]["spec"]["properties"][section]
+    return spec_mod.apply_defaults(node, {})
+
+
+def crd_enum(section: str, field: str) -> list[str]:
+    from . import spec as spec_mod
+
+    return list(spec_mod.schema()["properties"]["spec"]["properties"][section]["properties"][field]["enum"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="selfpruner", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -40,18 +54,21 @@ def build_parser() -> argparse.ArgumentParser:
     rates.add_argument("--ratio", type=float, help="uniform rate for every block")
     prune.add_argument("--output", required=True, help="folder for the pruned checkpoint")
     prune.add_argument("--force", action="store_true", help="replace a non-empty output folder")
-    prune.add_argument("--metric", default="wanda-sp", choices=("wanda-sp", "flap", "magnitude"))
+    # defaults are the CRD's (a PruneJob's spec.pruning and spec.calibration): one source for both
+    pruning, calibration = crd_default("pruning"), crd_default("calibration")
+    prune.add_argument("--metric", default=pruning["metric"], choices=crd_enum("pruning", "metric"))
     comp = prune.add_mutually_exclusive_group()
-    comp.add_argument("--bias-compensation", dest="bias_compensation", action="store_true", default=None,
-                      help="add the pruned channels' mean contribution to the output bias (default: on for flap)")
+    comp.add_argument("--bias-compensation", dest="bias_compensation", action="store_true",
+                      default=pruning["biasCompensation"],
+                      help="add the pruned channels' mean contribution to the output bias (default: on, as in a PruneJob)")
     comp.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
-    prune.add_argument("--head-mode", default="per-group", choices=("per-group", "kv-group"),
+    prune.add_argument("--head-mode", default=pruning["headMode"], choices=crd_enum("pruning", "headMode"),
                        help="remove the same query heads in every KV group, or whole KV groups")
-    prune.add_argument("--mlp-multiple", type=int, default=8,
+    prune.add_argument("--mlp-multiple", type=int, default=pruning["mlpMultiple"],
                        help="keep MLP channels in multiples of this (default 8: unaligned widths run slower on GPUs)")
-    prune.add_argument("--calibration-text", default="demo:calibration")
-    prune.add_argument("--calibration-windows", type=int, default=32)
-    prune.add_argument("--calibration-seq-len", type=int, default=512)
+    prune.add_argument("--calibration-text", default=calibration["text"])
+    prune.add_argument("--calibration-windows", type=int, default=calibration["windows"])
+    prune.add_argument("--calibration-seq-len", type=int, default=calibration["seqLen"])
     prune.add_argument("--eval", action="store_true", help="also print dense and pruned perplexity")
     _add_eval(prune, prefix="eval-")
     prune.add_argument("--json", action="store_true", help="print the summary as JSON")

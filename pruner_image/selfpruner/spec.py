@@ -9,6 +9,7 @@ defaults. Every problem is reported, one line each, naming the field path.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -70,7 +71,7 @@ def _strict(node: dict) -> dict:
     return node
 
 
-def _apply_defaults(node: dict, value):
+def apply_defaults(node: dict, value):
     """Fill in defaults the way the API server does: for absent fields with a default,
     recursing into objects (a defaulted `{}` gets its own fields' defaults too)."""
     if not isinstance(value, dict) or node.get("type") != "object":
@@ -79,7 +80,7 @@ def _apply_defaults(node: dict, value):
         if key not in value and "default" in sub:
             value[key] = copy.deepcopy(sub["default"])
         if key in value:
-            value[key] = _apply_defaults(sub, value[key])
+            value[key] = apply_defaults(sub, value[key])
     return value
 
 
@@ -147,9 +148,63 @@ def _cel(rule: str, value) -> bool:
     return bool(_program(rule).evaluate({"self": json_to_cel(value)}))
 
 
+QUANTITY_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?\d+)?$")
+LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+
+
+def _label_key_ok(key: str) -> bool:
+    prefix, _, name = key.rpartition("/")
+    return (0 < len(name) <= 63 and bool(LABEL_NAME_RE.match(name))
+            and (not prefix or (len(prefix) <= 253 and bool(SUBDOMAIN_RE.match(prefix)))))
+
+
+def _cluster_problems(spec: dict) -> list[str]:
+    """Values the API server would refuse once they are in a Job: caught before any Job is made."""
+    problems = []
+    ev = spec.get("evaluator") or {}
+    for key in ("cpu", "memory"):
+        value = str(ev.get(key, ""))
+        if not QUANTITY_RE.match(value):
+            problems.append(f"spec.evaluator.{key}: {value!r} is not a Kubernetes quantity (e.g. 4, 500m, 32Gi)")
+    queue = spec.get("queueName")
+    if queue is not None and (len(queue) > 63 or not LABEL_VALUE_RE.match(queue)):
+        problems.append(f"spec.queueName: {queue!r} is not a label value (63 characters at most, letters, digits, "
+                        "'-', '_', '.', alphanumeric at both ends)")
+    pc = ev.get("priorityClassName")
+    if pc and (len(pc) > 253 or not SUBDOMAIN_RE.match(pc)):
+        problems.append(f"spec.evaluator.priorityClassName: {pc!r} is not a valid name (lower-case DNS subdomain)")
+    for key, value in (ev.get("nodeSelector") or {}).items():
+        if not _label_key_ok(str(key)):
+            problems.append(f"spec.evaluator.nodeSelector: {key!r} is not a label key")
+        if isinstance(value, str) and (len(value) > 63 or not LABEL_VALUE_RE.match(value)):
+            problems.append(f"spec.evaluator.nodeSelector.{key}: {value!r} is not a label value")
+    return problems
+
+
+def _place_problems(spec: dict) -> list[str]:
+    problems = []
+    source = str((spec.get("model") or {}).get("source") or "")
+    if source.startswith("s3://") and not source[len("s3://"):].partition("/")[2].strip("/"):
+        problems.append(f"spec.model.source: {source} names a bucket, not a model folder in it; "
+                        "give s3://bucket/prefix")
+    if not spec.get("storage"):  # a local run writes under output.path
+        out = Path((spec.get("output") or {}).get("path") or "runs").expanduser()
+        if out.exists() and not out.is_dir():
+            problems.append(f"spec.output.path: {out} is a file; give a folder")
+        else:
+            parent = out
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                problems.append(f"spec.output.path: cannot create or write {out} ({parent} is not writable)")
+    return problems
+
+
 def _rule_problems(doc: dict) -> list[str]:
     """What neither the schema nor CEL can say well."""
-    problems = []
+    problems = _cluster_problems(doc["spec"]) + _place_problems(doc["spec"])
     name = doc.get("metadata", {}).get("name")
     if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 63:
         problems.append("metadata.name: required; lower-case letters, digits and '-', at most 63 characters")
@@ -170,7 +225,12 @@ def parse(doc) -> Section:
         problems.append(f"apiVersion: must be {API_VERSION}, got {doc.get('apiVersion')!r}")
     if doc.get("kind") != KIND:
         problems.append(f"kind: must be {KIND}, got {doc.get('kind')!r}")
-    doc = _apply_defaults(schema(), copy.deepcopy(doc))
+    if not isinstance(doc.get("metadata"), dict):
+        raise SpecErrors(problems + [f"metadata: must be a mapping with a name, got "
+                                     f"{type(doc.get('metadata')).__name__ if doc.get('metadata') is not None else 'nothing'}"])
+    if not isinstance(doc.get("spec"), dict):
+        raise SpecErrors(problems + ["spec: must be a mapping (model, target, ...)"])
+    doc = apply_defaults(schema(), copy.deepcopy(doc))
     problems += _schema_problems(doc)
     problems += [p.lstrip(".") for p in _cel_problems(schema(), doc, "")]
     try:
@@ -189,10 +249,9 @@ def load(path: str | Path) -> Section:
         raise UserError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not readable: {e}") from None
-    try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    from .yaml_input import load_all
+
+    docs = load_all(text, str(path))
     if len(docs) != 1:
         raise UserError(f"{path}: expected one PruneJob document, found {len(docs)}")
     try:

@@ -65,10 +65,19 @@ derives the same set from the sources and compares.
 - apiGroups: ["selfpruner.io"]
   resources: ["prunejobs/status"]
   verbs: ["patch"]
-# handlers.py: create_namespaced_job, read_namespaced_job, list_namespaced_job, patch_namespaced_job.
+# handlers.py: create_namespaced_job, read_namespaced_job, list_namespaced_job, patch_namespaced_job,
+# delete_namespaced_job (a finished PruneJob's unfinished Jobs).
 - apiGroups: ["batch"]
   resources: ["jobs"]
-  verbs: ["create", "get", "list", "patch"]
+  verbs: ["create", "get", "list", "patch", "delete"]
+# handlers.py: list_namespaced_pod (why a controller pod does not start).
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+# its Jobs' owner references block the PruneJob's deletion (OwnerReferencesPermissionEnforcement).
+- apiGroups: ["selfpruner.io"]
+  resources: ["prunejobs/finalizers"]
+  verbs: ["update"]
 # kopf: kopf.info/kopf.warn and handler progress become Events (POST only).
 - apiGroups: [""]
   resources: ["events"]

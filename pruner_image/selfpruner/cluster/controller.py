@@ -11,14 +11,19 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 from pathlib import Path
 
 from .. import spec as spec_mod
 from ..search import runner
 from ..storage import ObjectNotFound, StorageError, open_store
+from . import failures, status
+from .failures import Verdict
 from .k8s_executor import KubernetesExecutor
-from .kube import Kube, condition
+from .kube import Kube
 from .layout import STATE_FILES, Layout
+
+condition = status.condition
 
 
 def store_for(spec) -> object:
@@ -26,17 +31,36 @@ def store_for(spec) -> object:
     return open_store(storage["uri"], endpoint_url=storage.get("endpointURL"), region=storage.get("region"))
 
 
-class TooManyFailures(Exception):
-    pass
-
-
 def main() -> int:
+    """Run the search; a final failure is reported and ends the pod cleanly (exit 0: nothing to
+    restart), a transient one fails the pod so that the operator starts a resuming controller."""
     doc = json.loads(os.environ["SELFPRUNER_PRUNEJOB"])
+    kube = Kube(doc["metadata"].get("namespace") or os.environ.get("SELFPRUNER_NAMESPACE", "default"))
+    try:
+        return run(doc, kube)
+    except Exception as e:
+        verdict = failures.classify(e)
+        traceback.print_exc()
+        if verdict is None:
+            print("selfpruner controller: a transient failure; the operator starts another controller, "
+                  "which resumes from storage", file=sys.stderr)
+            raise
+        report_failure(kube, doc, *verdict)
+        return 0
+
+
+def report_failure(kube: Kube, doc: dict, reason: str, message: str) -> None:
+    name = doc["metadata"]["name"]
+    pj = kube.read_prunejob(name) or doc
+    kube.patch_status(name, status.failed(reason, message, pj["metadata"].get("generation")))
+    kube.event(pj, status.FAILED, f"{reason}: {message}", type_="Warning")
+
+
+def run(doc: dict, kube: Kube) -> int:
     job = spec_mod.parse(doc)
     if "storage" not in job.spec:
         raise spec_mod.UserError("spec.storage: a cluster run needs spec.storage.uri (s3://bucket/prefix)")
     name, uid = doc["metadata"]["name"], doc["metadata"]["uid"]
-    kube = Kube(doc["metadata"].get("namespace") or os.environ.get("SELFPRUNER_NAMESPACE", "default"))
     store = store_for(job)
     layout = Layout(uid)
     if not store.exists(layout.spec):
@@ -86,17 +110,10 @@ def main() -> int:
                                  **({"bestFitness": best.fitness} if best else {})})
         failed = totals["failed_evaluations"]
         if failed > max_failed:
-            raise TooManyFailures(f"{failed} evaluations failed for good, more than "
-                                  f"spec.evaluator.maxFailedEvaluations ({max_failed})")
+            raise Verdict("TooManyFailedEvaluations", f"{failed} evaluations failed for good, more than "
+                                                      f"spec.evaluator.maxFailedEvaluations ({max_failed})")
 
-    try:
-        result = runner.run(job, executor=executor, out_dir=work, progress=False, on_checkpoint=on_checkpoint)
-    except TooManyFailures as e:
-        # a final verdict, not a lost controller: say so and end cleanly (no restart)
-        kube.patch_status(name, {"phase": "Failed", "conditions": [
-            condition("Failed", "True", "TooManyFailedEvaluations", str(e), generation)]})
-        kube.event(pj, "Failed", str(e), type_="Warning")
-        return 0
+    result = runner.run(job, executor=executor, out_dir=work, progress=False, on_checkpoint=on_checkpoint)
     for file in ("result.json", "fitness.png", "rates.png", *STATE_FILES):
         if (work / file).is_file():
             store.put_file(layout.output(file), work / file)
@@ -111,12 +128,16 @@ def main() -> int:
                  "llmTokens": llm.get("prompt_tokens", 0) + llm.get("completion_tokens", 0)},
         "conditions": [condition("Running", "False", "SearchFinished", "the search finished", generation),
                        condition("Succeeded", "True", "CheckpointWritten",
-                                 f"best held-out perplexity {result['best']['held_out_perplexity']:.3f}; "
+                                 f"best held-out perplexity {_number(result['best'].get('held_out_perplexity'))}; "
                                  f"checkpoint {result.get('checkpoint')}", generation)],
     })
-    kube.event(pj, "Succeeded", f"search finished: best fitness {result['best']['fitness']:.3f}, "
+    kube.event(pj, "Succeeded", f"search finished: best fitness {_number(result['best'].get('fitness'))}, "
                                 f"checkpoint {result.get('checkpoint')}")
     return 0
+
+
+def _number(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
 
 
 def _latest_checkpoint(store, layout: Layout) -> int:

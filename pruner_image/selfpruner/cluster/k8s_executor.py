@@ -3,8 +3,14 @@
 A batch of candidates becomes tasks in object storage and one Indexed Job whose pods
 each evaluate a shard and write one result object per candidate. Results are keyed by
 content, so after a controller restart the candidates already evaluated are read back,
-a batch asked again finds its Job (named by a hash of its tasks), and nothing is
-evaluated twice. A shard whose pods keep failing is recorded as failed evaluations.
+a batch asked again finds its Job (named by a hash of all its tasks, done or not: a
+restarted controller asking the same batch adopts the Job still running, and its pods skip
+the candidates done already), and nothing is evaluated twice. A shard whose pods keep
+failing is recorded as failed evaluations.
+
+Time waiting for a Job counts only while it runs: not while it is suspended (by the user, or
+by Kueue while it waits for quota). Each Job has its own `activeDeadlineSeconds`, which
+Kubernetes measures the same way.
 """
 
 from __future__ import annotations
@@ -12,18 +18,21 @@ from __future__ import annotations
 import time
 
 from ..architecture import Geometry
-from ..errors import UserError
 from ..executors.base import EvalOutcome, EvalTask
 from . import manifests
+from .failures import Verdict
 from .kube import job_finished
 from .layout import Layout, batch_id, task_id
 
 
 class KubernetesExecutor:
-    def __init__(self, prunejob: dict, store, kube, image: str, *, poll: float = 1.0, timeout: float = 24 * 3600):
+    def __init__(self, prunejob: dict, store, kube, image: str, *, poll: float = 1.0, timeout: float | None = None):
+        """`timeout`: seconds a Job may run (suspended time not counted) before the controller gives
+        up on it; by default a minute past the Jobs' own activeDeadlineSeconds."""
         self.pj, self.store, self.kube, self.image = prunejob, store, kube, image
         self.layout = Layout(prunejob["metadata"]["uid"])
-        self.poll, self.timeout = poll, timeout
+        self.poll = poll
+        self.timeout = timeout if timeout is not None else manifests.active_deadline(prunejob) + 60
         self.generation = 0
         self.geometry: Geometry | None = None
         self.prior: dict = {}
@@ -31,11 +40,11 @@ class KubernetesExecutor:
     # -- preparation: geometry, calibration statistics, prior (once per PruneJob) ------
     def prepare(self) -> None:
         if not self.store.exists(self.layout.prepared):
-            self._run_batch("prep", [[{"prepare": True}]], wanted=[], on_result=None,
-                            ready=lambda: self.store.exists(self.layout.prepared))
+            job = self._run_batch("prep", [[{"prepare": True}]], wanted=[], on_result=None,
+                                  ready=lambda: self.store.exists(self.layout.prepared))
             if not self.store.exists(self.layout.prepared):
-                raise UserError("the preparation Job failed: the model could not be loaded or calibrated; "
-                                "see the evaluator pod's log")
+                raise Verdict("PrepareFailed", f"the preparation Job failed{_why(job)}: the model could not be "
+                                               f"loaded or calibrated (its pod's log says why)")
         prepared = self.store.get_json(self.layout.prepared)
         self.geometry = Geometry(**prepared["geometry"])
         self.prior = prepared["prior"]
@@ -55,19 +64,21 @@ class KubernetesExecutor:
             else:
                 missing.append(i)
         if missing:
+            # named and sharded by the whole request, not by what is missing now: a controller that
+            # restarts mid-batch asks the same request and so finds the Job that is still running
             parallel = (self.pj["spec"].get("evaluator") or {}).get("parallelism", 1)
-            shards = _split([i for i in missing], max(1, min(parallel, len(missing))))
-            batch = batch_id([ids[i] for i in missing])
+            shards = _split(list(range(len(tasks))), max(1, min(parallel, len(tasks))))
+            batch = batch_id(ids)
             shard_tasks = [[{**items[i], "id": ids[i]} for i in shard] for shard in shards]
 
             def arrived(i: int) -> None:
                 outcomes[i] = self._outcome(ids[i])
                 done(i, outcomes[i])
 
-            self._run_batch(batch, shard_tasks, wanted=[(i, ids[i]) for i in missing], on_result=arrived)
+            job = self._run_batch(batch, shard_tasks, wanted=[(i, ids[i]) for i in missing], on_result=arrived)
             for i in missing:
                 if outcomes[i] is None:
-                    outcomes[i] = EvalOutcome(None, 0, 0.0, None, "evaluation failed after its retries")
+                    outcomes[i] = EvalOutcome(None, 0, 0.0, None, f"evaluation failed after its retries{_why(job)}")
                     done(i, outcomes[i])
         return outcomes
 
@@ -76,9 +87,10 @@ class KubernetesExecutor:
         if not self.store.exists(self.layout.finalize_done):
             self.store.put_json(self.layout.finalize_task, {"rates": rates, "info": info})
             job = self._create(manifests.finalize_job(self.pj, image=self.image))
-            self._wait(job["metadata"]["name"], lambda: self.store.exists(self.layout.finalize_done))
+            job = self._wait(job["metadata"]["name"], lambda: self.store.exists(self.layout.finalize_done))
             if not self.store.exists(self.layout.finalize_done):
-                raise UserError("the finalize Job failed: no checkpoint was written; see its pod's log")
+                raise Verdict("FinalizeFailed", f"the finalize Job failed{_why(job)}: no checkpoint was written "
+                                                f"(its pod's log says why)")
         return self.store.get_json(self.layout.finalize_done)["checkpoint"]
 
     # -- internals --------------------------------------------------------------------
@@ -98,9 +110,9 @@ class KubernetesExecutor:
         r = self.store.get_json(self.layout.result(tid))
         return EvalOutcome(r["fitness"], r["tokens"], r["seconds"], r.get("achieved_ratio"), r.get("error"))
 
-    def _run_batch(self, batch: str, shard_tasks: list[list[dict]], wanted, on_result, ready=None) -> None:
+    def _run_batch(self, batch: str, shard_tasks: list[list[dict]], wanted, on_result, ready=None) -> dict | None:
         """Write the shards, create (or find) the batch's Job, and hand over results as they
-        arrive; returns when every wanted result is in or the Job has finished."""
+        arrive; returns (the Job as last read) when every wanted result is in or the Job has finished."""
         for index, tasks in enumerate(shard_tasks):
             key = self.layout.shard(batch, index)
             if not self.store.exists(key):
@@ -119,20 +131,39 @@ class KubernetesExecutor:
                         on_result(i)
             return not pending
 
-        self._wait(job["metadata"]["name"], ready or collect)
+        return self._wait(job["metadata"]["name"], ready or collect)
 
-    def _wait(self, name: str, ready) -> None:
-        """Until `ready()` (all results in) or the Job has finished or is gone."""
-        deadline = time.time() + self.timeout
-        while time.time() < deadline:
+    def _wait(self, name: str, ready) -> dict | None:
+        """Until `ready()` (all results in) or the Job has finished or is gone; only time while the
+        Job runs counts towards the timeout."""
+        active, last, job = 0.0, time.monotonic(), None
+        while active < self.timeout:
             if ready():
-                return
+                return job
             job = self.kube.read_job(name)
             if job is None or job_finished(job):
                 ready()
-                return
+                return job
             time.sleep(self.poll)
-        raise UserError(f"Job {name} did not finish within {self.timeout:.0f} s")
+            now = time.monotonic()
+            if _running(job):
+                active += now - last
+            last = now
+        raise Verdict("JobTimeout", f"Job {name} ran {active:.0f} s without finishing (suspended time not counted); "
+                                    f"its activeDeadlineSeconds should have ended it")
+
+
+def _running(job: dict) -> bool:
+    """Admitted and not suspended (Kueue keeps a queued Job suspended; startTime is set once it runs)."""
+    return not (job.get("spec") or {}).get("suspend") and bool((job.get("status") or {}).get("startTime"))
+
+
+def _why(job: dict | None) -> str:
+    """' (reason: message)' of a failed Job, from its Failed condition."""
+    for c in ((job or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Failed" and c.get("status") == "True":
+            return f" ({c.get('reason', '')}: {c.get('message', '')})"
+    return ""
 
 
 def _split(items: list, n: int) -> list[list]:

@@ -6,22 +6,10 @@ Objects travel as plain dicts (`_preload_content=False`), the same dicts
 
 from __future__ import annotations
 
-import datetime
 import json
 
 from .manifests import owner_uids
-
-GROUP, VERSION, PLURAL = "selfpruner.io", "v1alpha1", "prunejobs"
-
-
-def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def condition(type_: str, status: str, reason: str, message: str, generation: int | None) -> dict:
-    """A status condition as Kubernetes writes them (the operator and the controller share it)."""
-    return {"type": type_, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": now(), "observedGeneration": generation or 0}
+from .status import GROUP, PLURAL, VERSION, merge_conditions, now
 
 
 class JobConflict(Exception):
@@ -86,6 +74,12 @@ class Kube:
             raise
 
     def patch_status(self, name: str, status: dict) -> None:
+        """Merge `status` into the PruneJob's; conditions merge by type with those there (a merge
+        patch would replace the whole list, dropping the operator's)."""
+        if "conditions" in status:
+            live = self.read_prunejob(name) or {}
+            status = {**status, "conditions": merge_conditions((live.get("status") or {}).get("conditions"),
+                                                               status["conditions"])}
         self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, self.namespace, PLURAL, name,
                                                           {"status": status})
 

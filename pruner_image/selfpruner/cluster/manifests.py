@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import json
 
-API_VERSION = "selfpruner.io/v1alpha1"
+from .status import API_VERSION, KIND
 EXIT_UNEVALUABLE = 42  # a worker's exit code for "this shard's candidates cannot be evaluated"
 RUN_AS_USER = 10001
 METRICS_PORT = 9090  # the controller's search metrics (workers report through it)
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-PRUNEJOB_LABEL = "selfpruner.io/prunejob"
+PRUNEJOB_LABEL = "selfpruner.io/prunejob"  # the PruneJob's name, cut to a label value (for people)
+UID_LABEL = "selfpruner.io/uid"  # the PruneJob's uid (for selecting its children exactly)
+COMPONENT_LABEL = "app.kubernetes.io/component"
 
 
 def owner_reference(pj: dict) -> dict:
     meta = pj["metadata"]
-    return {"apiVersion": API_VERSION, "kind": "PruneJob", "name": meta["name"], "uid": meta["uid"],
+    return {"apiVersion": API_VERSION, "kind": KIND, "name": meta["name"], "uid": meta["uid"],
             "controller": True, "blockOwnerDeletion": True}
 
 
@@ -49,9 +51,19 @@ def owned_by(job: dict, pj: dict) -> bool:
     return pj["metadata"]["uid"] in owner_uids(job)
 
 
+def label_value(text: str) -> str:
+    """A label value: 63 characters at most, alphanumeric at both ends."""
+    return text[:63].rstrip("-_.")
+
+
+def children_selector(pj: dict) -> str:
+    return f"{UID_LABEL}={pj['metadata']['uid']}"
+
+
 def labels(pj: dict, component: str, **extra: str) -> dict:
-    out = {"app.kubernetes.io/name": "selfpruner", "app.kubernetes.io/component": component,
-           "app.kubernetes.io/managed-by": "selfpruner-operator", PRUNEJOB_LABEL: pj["metadata"]["name"]}
+    out = {"app.kubernetes.io/name": "selfpruner", COMPONENT_LABEL: component,
+           "app.kubernetes.io/managed-by": "selfpruner-operator",
+           PRUNEJOB_LABEL: label_value(pj["metadata"]["name"]), UID_LABEL: pj["metadata"]["uid"]}
     out.update(extra)
     return out
 
@@ -105,6 +117,14 @@ def _job(pj: dict, name: str, component: str, pod_spec: dict, *, extra_labels: d
     if queue and spec.get("suspend"):
         body["spec"]["suspend"] = True
     return body
+
+
+DEFAULT_ACTIVE_DEADLINE = 21600
+
+
+def active_deadline(pj: dict) -> int:
+    """Seconds one evaluation or finalize Job may run (Kubernetes does not count suspended time)."""
+    return int((pj["spec"].get("evaluator") or {}).get("activeDeadlineSeconds", DEFAULT_ACTIVE_DEADLINE))
 
 
 def controller_job(pj: dict, *, image: str, service_account: str, attempt: int = 0) -> dict:
@@ -174,6 +194,7 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch:
                                     {"name": "SELFPRUNER_BATCH", "value": batch}])
     job_spec = {
         "completionMode": "Indexed", "completions": shards, "parallelism": min(ev.get("parallelism", 1), shards),
+        "activeDeadlineSeconds": active_deadline(pj),
         "backoffLimitPerIndex": ev.get("backoffLimitPerIndex", 2), "backoffLimit": None,
         "podFailurePolicy": {"rules": [
             # a preempted or evicted pod is not the candidate's fault: retry without spending the budget
@@ -194,6 +215,6 @@ def finalize_job(pj: dict, *, image: str) -> dict:
     """Exports the best candidate as a pruned checkpoint into storage (GPU)."""
     pod = _evaluator_pod(pj, image=image, container_name="finalize", command=["selfpruner", "finalize"], extra_env=[])
     job = _job(pj, child_name(pj, "finalize"), "finalize", pod,
-               job_spec={"backoffLimit": 2, "podFailurePolicy": {"rules": [
+               job_spec={"backoffLimit": 2, "activeDeadlineSeconds": active_deadline(pj), "podFailurePolicy": {"rules": [
                    {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]}}, queue=True)
     return job

@@ -4,8 +4,13 @@ A worker evaluates one shard of a batch (its `JOB_COMPLETION_INDEX`) and writes 
 result object per candidate as soon as it has it, so a pod that dies loses at most the
 candidate under way. The model comes from object storage into the node-local cache
 once per node; the calibration statistics are computed once per PruneJob (the
-preparation task) and shared through storage. Exit code `EXIT_UNEVALUABLE` tells the
-Job that this shard cannot be evaluated (the pod failure policy fails the index).
+preparation task) and shared through storage.
+
+A candidate that cannot be evaluated (its error, or an exception while evaluating it) is
+recorded as its result, with the error text, and the worker carries on with the shard: one bad
+candidate costs only itself. Exit code `EXIT_UNEVALUABLE` is for a pod that cannot evaluate
+anything for a reason a retry would not change (the model cannot be loaded, the node cache is
+unusable): the pod failure policy then fails the index at once, without retries.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 
 from .. import corpus
 from .. import spec as spec_mod
-from ..executors.base import EvalTask
+from ..errors import UserError
+from ..executors.base import EvalOutcome, EvalTask
 from ..paths import cache_dir
 from ..search import runner
 from ..storage import open_store
@@ -79,19 +85,27 @@ def worker() -> int:
     store, opts = _stores(spec)
     index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
     shard = store.get_json(layout.shard(os.environ["SELFPRUNER_BATCH"], index))
-    executor = _executor(spec, store, layout, opts)
-    if any(t.get("prepare") for t in shard["tasks"]):
+    preparing = any(t.get("prepare") for t in shard["tasks"])
+    todo = [t for t in shard["tasks"] if preparing or not store.exists(layout.result(t["id"]))]
+    if not todo:
+        return 0  # done by an earlier attempt, or by the Job of a controller that was restarted
+    try:
+        executor = _executor(spec, store, layout, opts)
+    except UserError as e:
+        print(f"selfpruner worker: cannot evaluate anything: {e}", file=sys.stderr)
+        return EXIT_UNEVALUABLE
+    if preparing:
         for path in cache_dir("calibration").glob("*.safetensors"):
             store.put_file(f"{layout.calibration}/{path.name}", path)
         store.put_json(layout.prepared, {"geometry": asdict(executor.geometry), "prior": executor.prior})
         return 0
-    for task in shard["tasks"]:
-        if store.exists(layout.result(task["id"])):
-            continue  # done by an earlier attempt of this index
-        outcome = executor.evaluate([EvalTask(rates=task["rates"], tokens=task["tokens"], text=task["text"])])[0]
+    for task in todo:
+        try:
+            outcome = executor.evaluate([EvalTask(rates=task["rates"], tokens=task["tokens"], text=task["text"])])[0]
+        except Exception as e:  # this candidate, not the pod: record it and carry on with the shard
+            outcome = EvalOutcome(None, 0, 0.0, None, f"{type(e).__name__}: {e}")
         if outcome.error:
             print(f"selfpruner worker: candidate {task['id']} cannot be evaluated: {outcome.error}", file=sys.stderr)
-            return EXIT_UNEVALUABLE
         store.put_json(layout.result(task["id"]), asdict(outcome))
     return 0
 

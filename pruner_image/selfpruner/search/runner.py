@@ -30,13 +30,16 @@ def output_dir(spec: Section) -> Path:
 
 
 SEARCH_FIELDS = ("model", "target", "pruning", "calibration", "fitness", "search", "llm")
+# how the LLM is reached, not what it is asked: these may change mid-run (the CRD lets them; its
+# transition rule on spec.llm holds every other field fixed, and a test checks the two agree)
+LLM_CALL_FIELDS = ("apiKeySecret", "apiKeyEnv", "baseURL", "timeoutSeconds", "maxRetries", "concurrency")
 
 
 def spec_hash(spec: Section) -> str:
     """What a resumed run must share with the one that wrote the state: the fields that
     decide the search's result (not where it is written, nor how the cluster runs it)."""
     s = {k: v for k, v in spec["spec"].items() if k in SEARCH_FIELDS}
-    s["llm"] = {k: v for k, v in (s.get("llm") or {}).items() if k not in ("apiKeySecret", "apiKeyEnv", "baseURL")}
+    s["llm"] = {k: v for k, v in (s.get("llm") or {}).items() if k not in LLM_CALL_FIELDS}
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
 
 
