@@ -270,6 +270,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
     from selfpruner import spec as spec_mod
+    from selfpruner.executors.for_spec import make_executor
     from selfpruner.search import runner
     from selfpruner.search.llm_clients import LocalChat
 
@@ -294,7 +295,7 @@ def main(argv=None) -> int:
                                       run.get("llm_source") or "demo", bool(run["selection"]),
                                       run["operators"] or "whole", out))
             if executor is None:  # one pruned model, calibrated once, shared by every run
-                executor = runner.make_executor(spec, progress=False)
+                executor = make_executor(spec, progress=False)
             client = None
             if run["strategy"] == "llm-evolution":
                 name, source = run["llm"], run["llm_source"]

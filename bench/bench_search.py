@@ -205,6 +205,7 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     import torch
     from selfpruner import spec as spec_mod
+    from selfpruner.executors.for_spec import make_executor
     from selfpruner.search import runner
     from selfpruner.search.llm_clients import LocalChat
 
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
             continue
         else:
             if executor is None:  # one model, calibrated once, shared by every run
-                executor = runner.make_executor(spec, progress=False)
+                executor = make_executor(spec, progress=False)
             if strategy == "llm-evolution" and llm is None:
                 llm = LocalChat(a.llm_model, temperature=spec.spec.llm.temperature, seed=spec.spec.llm.seed,
                                 max_tokens=a.llm_max_tokens, device=device)

@@ -423,3 +423,12 @@ def test_node_cache_not_writable_says_so_in_one_line(tmp_path):
     assert NodeCache(root, uid=other).root == root  # writable for all: fine
     root.chmod(0o755)
     assert NodeCache(root, uid=os.getuid()).root == root  # its owner: fine
+
+
+def test_the_worker_does_not_import_the_search_loop():
+    """A GPU worker evaluates candidates; it builds its executor from the spec, not from the
+    search loop (nor the LLM clients the loop drives)."""
+    code = ("import sys; import selfpruner.cluster.worker; "
+            "loaded = [m for m in sys.modules if m.startswith('selfpruner.search')]; "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -27,7 +27,7 @@ from .. import spec as spec_mod
 from ..errors import UserError
 from ..executors.base import EvalOutcome, EvalTask
 from ..paths import cache_dir
-from ..search import runner
+from ..executors.for_spec import make_executor
 from ..storage import open_store
 from .layout import Layout
 from .manifests import EXIT_UNEVALUABLE
@@ -72,7 +72,7 @@ def _executor(spec, store, layout, opts):
         path = Path(tempfile.mkdtemp()) / "calibration.txt"
         path.write_text(_local_text(spec.spec.calibration.text, opts))
         spec.spec["calibration"]["text"] = str(path)
-    return runner.make_executor(spec, progress=False, model=_local_model(spec, opts), texts=texts)
+    return make_executor(spec, progress=False, model=_local_model(spec, opts), texts=texts)
 
 
 def worker() -> int:

@@ -15,10 +15,10 @@ import os
 import time
 from pathlib import Path
 
-from .. import engine
 from ..errors import UserError
 from ..spec import Section, budget as spec_budget
-from . import factory, report
+from ..executors.for_spec import make_executor
+from . import factory, finish, report
 from .history import Evaluator, History
 from .llm_clients import LocalChat, OpenAIChat, Transcript, totals
 
@@ -41,28 +41,6 @@ def spec_hash(spec: Section) -> str:
     s = {k: v for k, v in spec["spec"].items() if k in SEARCH_FIELDS}
     s["llm"] = {k: v for k, v in (s.get("llm") or {}).items() if k not in LLM_CALL_FIELDS}
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def engine_settings(spec: Section) -> engine.PruneSettings:
-    p, c = spec.spec.pruning, spec.spec.calibration
-    return engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, head_mode=p.head_mode,
-                                mlp_multiple=p.mlp_multiple, calibration_text=c.text,
-                                calibration_windows=c.windows, calibration_seq_len=c.seq_len)
-
-
-def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None):
-    """The in-process executor; `model` and `texts` override where the model and the
-    texts are read from (a worker pod passes the node-cache copy of an s3:// model)."""
-    from .. import corpus
-    from ..executors.local import LocalExecutor
-
-    f = spec.spec.fitness
-    if texts is None:
-        texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
-    devices = os.environ.get("SELFPRUNER_DEVICES")
-    return LocalExecutor(model or spec.spec.model.source, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
-                         seq_len=f.seq_len, batch_size=f.batch_size, devices=devices.split(",") if devices else None,
-                         progress=progress)
 
 
 def make_llm(spec: Section, out: Path, client=None) -> Transcript:
@@ -142,5 +120,5 @@ def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True,
     best = strategy.best()
     if best is None:
         raise UserError("every evaluation failed; see the errors in history.jsonl")
-    return report.finish(spec, out, strategy, space, evaluator, executor, transcript,
+    return finish.finish(spec, out, strategy, space, evaluator, executor, transcript,
                          wall_seconds=wall + time.time() - started)

@@ -1,0 +1,31 @@
+"""The in-process executor a PruneJob spec describes: its pruning settings, model and texts.
+Shared by a local run and the cluster's GPU workers, which must not need the search loop."""
+
+from __future__ import annotations
+
+import os
+
+from .. import engine
+from ..spec import Section
+
+
+def engine_settings(spec: Section) -> engine.PruneSettings:
+    p, c = spec.spec.pruning, spec.spec.calibration
+    return engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, head_mode=p.head_mode,
+                                mlp_multiple=p.mlp_multiple, calibration_text=c.text,
+                                calibration_windows=c.windows, calibration_seq_len=c.seq_len)
+
+
+def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None):
+    """The in-process executor; `model` and `texts` override where the model and the
+    texts are read from (a worker pod passes the node-cache copy of an s3:// model)."""
+    from .. import corpus
+    from .local import LocalExecutor
+
+    f = spec.spec.fitness
+    if texts is None:
+        texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
+    devices = os.environ.get("SELFPRUNER_DEVICES")
+    return LocalExecutor(model or spec.spec.model.source, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
+                         seq_len=f.seq_len, batch_size=f.batch_size, devices=devices.split(",") if devices else None,
+                         progress=progress)

@@ -1,0 +1,79 @@
+"""The last step of a search: the best candidate and the baselines measured on the held-out text,
+the checkpoint exported, zero-shot tasks run, and `result.json` and the plots written."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..structure import Rates
+from .baselines import Owl, Uniform
+from .report import llm_summary, origin_table, plot
+
+
+def _baseline_units(name: str, strategy):
+    cls = {"uniform": Uniform, "owl": Owl}[name]
+    return cls(strategy.ctx).allocation()
+
+
+def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wall_seconds: float) -> dict:
+    f = spec.spec.fitness
+    best = strategy.best()
+    candidates = {"best": space.to_rates(best.units).to_json()}
+    for name in spec.spec.search.baselines:
+        candidates[name] = space.to_rates(_baseline_units(name, strategy)).to_json()
+    dense = Rates.uniform(0.0, executor.geometry.num_layers).to_json()
+    items = [(dense, f.tokens, "fitness", "dense")]
+    items += [(r, f.tokens, "fitness", name) for name, r in candidates.items()]
+    items += [(dense, f.held_out_tokens, "heldout", "dense")]
+    items += [(r, f.held_out_tokens, "heldout", name) for name, r in candidates.items()]
+    entries = evaluator.run([(r, t, x, f"report:{n}") for r, t, x, n in items], generation=strategy.generation)
+    numbers: dict[str, dict] = {}
+    for (rates, tokens, text, name), (entry, _) in zip(items, entries):
+        numbers.setdefault(name, {"rates": rates})[text] = entry["fitness"]
+        numbers[name]["achieved_ratio"] = entry.get("achieved_ratio")
+    checkpoint = None
+    if spec.spec.output.export:
+        info = {"source_model": spec.spec.model.source, "rates": candidates["best"],
+                "metric": spec.spec.pruning.metric, "fitness": numbers["best"]["fitness"],
+                "held_out_perplexity": numbers["best"]["heldout"], "prunejob": spec.metadata.get("name")}
+        checkpoint = executor.export(candidates["best"], str(out / "checkpoint"), info)
+    zero_shot = {}
+    if spec.spec.search.zero_shot_tasks:
+        from . import zero_shot as zs
+
+        if checkpoint is None:
+            zero_shot = {"skipped": "spec.output.export is false: there is no checkpoint to evaluate"}
+        else:
+            zero_shot = zs.run(checkpoint, spec.spec.search.zero_shot_tasks, dtype=spec.spec.model.dtype)
+    counters = strategy.counters
+    llm = llm_summary(transcript, counters, strategy.projection) if transcript else None
+    result = {
+        "prunejob": spec.metadata.get("name"),
+        "strategy": strategy.name,
+        "target_ratio": space.ratio,
+        "best": {"rates": candidates["best"], "fitness": numbers["best"]["fitness"],
+                 "held_out_perplexity": numbers["best"]["heldout"],
+                 "achieved_ratio": numbers["best"]["achieved_ratio"], "origin": best.origin},
+        "dense": {"fitness": numbers["dense"]["fitness"], "held_out_perplexity": numbers["dense"]["heldout"]},
+        "baselines": {name: {"fitness": numbers[name]["fitness"], "held_out_perplexity": numbers[name]["heldout"],
+                             "achieved_ratio": numbers[name]["achieved_ratio"], "rates": numbers[name]["rates"]}
+                      for name in spec.spec.search.baselines},
+        "fitness_text": {"text": spec.spec.fitness.text, "tokens": spec.spec.fitness.tokens},
+        "held_out_text": {"text": spec.spec.fitness.held_out_text, "tokens": spec.spec.fitness.held_out_tokens},
+        "best_per_generation": strategy.best_per_generation,
+        "generations": strategy.generation_log,
+        "origins": origin_table(strategy.origins),
+        "cost": {"wall_seconds": round(wall_seconds, 2), **evaluator.history.totals(),
+                 "budget_full_evaluations": strategy.ctx.budget, "budget_spent": round(strategy.spent, 3),
+                 "llm": llm},
+        "counters": counters,
+        "checkpoint": checkpoint,
+        "zero_shot": zero_shot,
+    }
+    tmp = out / "result.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out / "result.json")
+    plot(result, out, executor.geometry.num_layers, space.separate)
+    return result
