@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed", "Invalid")
+from selfpruner.cluster.status import PHASES
 
 prunejobs = Gauge("selfpruner_prunejobs", "PruneJobs by phase", ["phase"])
 reconcile_errors = Counter("selfpruner_operator_reconcile_errors_total", "Reconciliations that raised an error")

@@ -18,8 +18,6 @@ import yaml
 
 from .errors import UserError
 
-API_VERSION = "selfpruner.io/v1alpha1"
-KIND = "PruneJob"
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 
@@ -42,10 +40,20 @@ def crd() -> dict:
     return yaml.safe_load(crd_path().read_text())
 
 
+def _served() -> dict:
+    return next(v for v in crd()["spec"]["versions"] if v.get("storage"))
+
+
+# the API group, version, kind and phases: read from the CRD, written nowhere else
+GROUP, VERSION = crd()["spec"]["group"], _served()["name"]
+PLURAL, KIND = crd()["spec"]["names"]["plural"], crd()["spec"]["names"]["kind"]
+API_VERSION = f"{GROUP}/{VERSION}"
+PHASES = tuple(_served()["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"]["phase"]["enum"])
+
+
 def schema() -> dict:
     """The openAPIV3Schema of the served version."""
-    version = next(v for v in crd()["spec"]["versions"] if v.get("storage"))
-    return version["schema"]["openAPIV3Schema"]
+    return _served()["schema"]["openAPIV3Schema"]
 
 
 class Section(dict):

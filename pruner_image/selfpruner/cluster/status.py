@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import datetime
 
-GROUP, VERSION, PLURAL, KIND = "selfpruner.io", "v1alpha1", "prunejobs", "PruneJob"
-API_VERSION = f"{GROUP}/{VERSION}"
+from ..spec import API_VERSION, GROUP, KIND, PHASES, PLURAL, VERSION  # noqa: F401  (re-exported)
 
 PENDING, RUNNING, SUSPENDED = "Pending", "Running", "Suspended"
 SUCCEEDED, FAILED, INVALID = "Succeeded", "Failed", "Invalid"
 TERMINAL = (SUCCEEDED, FAILED, INVALID)
+assert set(TERMINAL) | {PENDING, RUNNING, SUSPENDED} <= set(PHASES), "phases the CRD does not list"
 
 
 def now() -> str:
