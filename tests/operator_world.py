@@ -1,5 +1,5 @@
 """The world the operator tests run in: the Kubernetes emulator with a fake kubelet
-(tests/cluster_harness.py), moto's S3 server holding the tiny model, and our real
+(tests/k8s/), moto's S3 server holding the tiny model, and our real
 operator as a kopf process. Only the cluster and S3 are stand-ins."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from cluster_harness import Cluster, Kubelet, find_kubectl
+from k8s import Cluster, Kubelet, find_kubectl
 from s3_server import make_bucket, s3_endpoint  # noqa: F401  (a pytest fixture)
 from selfpruner import corpus, evaluate
 from selfpruner.storage import open_store

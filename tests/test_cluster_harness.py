@@ -1,4 +1,4 @@
-"""Smoke tests of the test-side cluster (tests/cluster_harness.py): kubectl, the kubernetes client,
+"""Smoke tests of the test-side cluster (tests/k8s/): kubectl, the kubernetes client,
 kopf and the fake kubelet against kmock's emulator. See tests/README.md."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from cluster_harness import Cluster, ClusterApiError, Kubelet, find_kubectl
+from k8s import Cluster, ClusterApiError, Kubelet, find_kubectl
 
 pytestmark = pytest.mark.skipif(find_kubectl() is None, reason="no kubectl: run `make tools/bin/kubectl`")
 
