@@ -141,3 +141,23 @@ def test_child_names_are_unique_per_uid_and_bounded():
     assert manifests.owned_by(all_jobs(a)["controller"], a) and not manifests.owned_by(all_jobs(a)["controller"], b)
     # the Kubernetes client's to_dict() spelling, as the operator reads Jobs
     assert manifests.owned_by({"metadata": {"owner_references": [{"uid": a["metadata"]["uid"]}]}}, a)
+
+
+def test_a_document_that_skipped_defaulting_gets_the_crds_defaults():
+    """The Jobs' settings come from the CRD's defaults (one source), also for a document that did not
+    pass through an API server, never from fallbacks of their own."""
+    raw = {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
+           "metadata": {"name": "raw", "namespace": "ml", "uid": "2f0c7a8e-1111-4222-8333-944455556667"},
+           "spec": {"model": {"source": "s3://models/llama"}, "target": {"ratio": 0.3},
+                    "storage": {"uri": "s3://selfpruner/runs"},
+                    "llm": {"provider": "openai", "model": "m", "apiKeySecret": {"name": "llm", "key": "token"}}}}
+    ev = spec_mod.parse(raw).spec["evaluator"]
+    job = manifests.evaluation_job(raw, generation=0, shards=3, image=IMAGE, batch="0123abcd45")
+    pod = job["spec"]["template"]["spec"]["containers"][0]
+    assert pod["resources"]["requests"]["memory"] == ev["memory"]
+    assert pod["resources"]["limits"]["nvidia.com/gpu"] == ev["gpusPerPod"]
+    assert job["spec"]["backoffLimitPerIndex"] == ev["backoffLimitPerIndex"]
+    assert job["spec"]["activeDeadlineSeconds"] == ev["activeDeadlineSeconds"]
+    controller = manifests.controller_job(raw, image=IMAGE, service_account="sa")
+    env = {e["name"] for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert spec_mod.parse(raw).spec["llm"]["apiKeyEnv"] in env

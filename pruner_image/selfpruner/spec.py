@@ -92,6 +92,12 @@ def apply_defaults(node: dict, value):
     return value
 
 
+def defaulted_spec(spec: dict) -> dict:
+    """A copy of `spec` with the CRD's defaults filled in, as the API server stores it: readers use
+    this instead of fallbacks of their own (one source of defaults)."""
+    return apply_defaults(schema()["properties"]["spec"], copy.deepcopy(dict(spec)))
+
+
 def _path(error) -> str:
     parts = []
     for p in error.absolute_path:

@@ -81,7 +81,7 @@ def run(doc: dict, kube: Kube) -> int:
         condition("Running", "True", "SearchRunning", "the controller is running the search", generation)]})
     executor.prepare()
 
-    max_failed = (job.spec.get("evaluator") or {}).get("maxFailedEvaluations", 10)
+    max_failed = job.spec["evaluator"]["maxFailedEvaluations"]
     metrics = None
     if os.environ.get("SELFPRUNER_METRICS_PORT"):
         try:  # metrics must never break a search

@@ -66,7 +66,7 @@ class KubernetesExecutor:
         if missing:
             # named and sharded by the whole request, not by what is missing now: a controller that
             # restarts mid-batch asks the same request and so finds the Job that is still running
-            parallel = (self.pj["spec"].get("evaluator") or {}).get("parallelism", 1)
+            parallel = manifests.evaluator(self.pj)["parallelism"]
             shards = _split(list(range(len(tasks))), max(1, min(parallel, len(tasks))))
             batch = batch_id(ids)
             shard_tasks = [[{**items[i], "id": ids[i]} for i in shard] for shard in shards]

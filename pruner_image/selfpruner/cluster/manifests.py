@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from ..spec import defaulted_spec
 from .status import API_VERSION, KIND
 EXIT_UNEVALUABLE = 42  # a worker's exit code for "this shard's candidates cannot be evaluated"
 RUN_AS_USER = 10001
@@ -119,12 +120,15 @@ def _job(pj: dict, name: str, component: str, pod_spec: dict, *, extra_labels: d
     return body
 
 
-DEFAULT_ACTIVE_DEADLINE = 21600
+def evaluator(pj: dict) -> dict:
+    """spec.evaluator with the CRD's defaults (the API server's defaulting, applied again for a
+    document that did not pass through it)."""
+    return defaulted_spec(pj["spec"])["evaluator"]
 
 
 def active_deadline(pj: dict) -> int:
     """Seconds one evaluation or finalize Job may run (Kubernetes does not count suspended time)."""
-    return int((pj["spec"].get("evaluator") or {}).get("activeDeadlineSeconds", DEFAULT_ACTIVE_DEADLINE))
+    return int(evaluator(pj)["activeDeadlineSeconds"])
 
 
 def controller_job(pj: dict, *, image: str, service_account: str, attempt: int = 0) -> dict:
@@ -138,9 +142,9 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
                              {"name": "SELFPRUNER_METRICS_PORT", "value": str(METRICS_PORT)}]
     storage_env, env_from = _storage_env(pj)
     env += storage_env
-    llm = spec.get("llm") or {}
+    llm = defaulted_spec(spec)["llm"]
     if llm.get("apiKeySecret"):
-        env.append({"name": llm.get("apiKeyEnv", "OPENAI_API_KEY"),
+        env.append({"name": llm["apiKeyEnv"],
                     "valueFrom": {"secretKeyRef": {"name": llm["apiKeySecret"]["name"],
                                                    "key": llm["apiKeySecret"]["key"]}}})
     container = {"name": "controller", "image": image, "command": ["selfpruner", "controller"], "env": env,
@@ -156,12 +160,11 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
 
 
 def _evaluator_pod(pj: dict, *, image: str, container_name: str, command: list[str], extra_env: list) -> dict:
-    spec = pj["spec"]
-    ev = spec.get("evaluator") or {}
+    ev = evaluator(pj)
     storage_env, env_from = _storage_env(pj)
-    resources = {"requests": {"cpu": str(ev.get("cpu", "4")), "memory": str(ev.get("memory", "32Gi"))},
-                 "limits": {"memory": str(ev.get("memory", "32Gi"))}}
-    gpus = ev.get("gpusPerPod", 1)
+    resources = {"requests": {"cpu": str(ev["cpu"]), "memory": str(ev["memory"])},
+                 "limits": {"memory": str(ev["memory"])}}
+    gpus = ev["gpusPerPod"]
     if gpus:
         resources["limits"]["nvidia.com/gpu"] = gpus
         resources["requests"]["nvidia.com/gpu"] = gpus
@@ -188,14 +191,14 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch:
     """One Indexed Job per batch of candidates (a generation's screening round, its full
     round, ...); index i evaluates shard i of the batch, read from and written back to
     storage. `batch` is a hash of the batch's tasks: the same request gets the same Job."""
-    ev = pj["spec"].get("evaluator") or {}
+    ev = evaluator(pj)
     pod = _evaluator_pod(pj, image=image, container_name="worker", command=["selfpruner", "worker"],
                          extra_env=[{"name": "SELFPRUNER_GENERATION", "value": str(generation)},
                                     {"name": "SELFPRUNER_BATCH", "value": batch}])
     job_spec = {
-        "completionMode": "Indexed", "completions": shards, "parallelism": min(ev.get("parallelism", 1), shards),
+        "completionMode": "Indexed", "completions": shards, "parallelism": min(ev["parallelism"], shards),
         "activeDeadlineSeconds": active_deadline(pj),
-        "backoffLimitPerIndex": ev.get("backoffLimitPerIndex", 2), "backoffLimit": None,
+        "backoffLimitPerIndex": ev["backoffLimitPerIndex"], "backoffLimit": None,
         "podFailurePolicy": {"rules": [
             # a preempted or evicted pod is not the candidate's fault: retry without spending the budget
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},

@@ -6,13 +6,14 @@ import numpy as np
 
 from .. import prior as prior_mod
 from ..errors import UserError
+from ..spec import schema
 from .baselines import EvoPress, Owl, RandomSearch, Uniform
 from .evolution import Evolution
 from .llm_evolution import LLMEvolution, LLMProposer
 from .space import SearchSpace
 from .strategy import Context
 
-STRATEGIES = ("llm-evolution", "genetic", "random", "uniform", "owl", "evopress")
+STRATEGIES = tuple(schema()["properties"]["spec"]["properties"]["search"]["properties"]["strategy"]["enum"])
 
 
 def make_space(spec, geometry) -> SearchSpace:

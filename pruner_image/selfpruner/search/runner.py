@@ -20,7 +20,7 @@ from ..spec import Section, budget as spec_budget
 from ..executors.for_spec import make_executor
 from . import factory, finish, report
 from .history import Evaluator, History
-from .llm_clients import LocalChat, OpenAIChat, Transcript, totals
+from .llm_clients import LocalChat, OpenAIChat, Transcript
 
 STATE = "state.json"
 
