@@ -20,12 +20,20 @@ import os
 LLM_FIELDS = ("baseURL", "apiKeySecret")
 
 
-def load(environ=os.environ) -> dict:
-    text = environ.get("SELFPRUNER_DEFAULTS") or "{}"
+def json_env(environ, name: str, value: str) -> dict:
+    """A chart value handed to the operator as JSON in an environment variable; a bad one stops the
+    operator at startup with one line naming the chart value to fix."""
     try:
-        defaults = json.loads(text)
+        data = json.loads(environ.get(name) or "{}")
     except json.JSONDecodeError as e:
-        raise SystemExit(f"SELFPRUNER_DEFAULTS is not JSON ({e}); fix the chart's `defaults` value") from None
+        raise SystemExit(f"{name} is not JSON ({e}); fix the chart's `{value}` value") from None
+    if not isinstance(data, dict):
+        raise SystemExit(f"{name} must be a JSON object; fix the chart's `{value}` value")
+    return data
+
+
+def load(environ=os.environ) -> dict:
+    defaults = json_env(environ, "SELFPRUNER_DEFAULTS", "defaults")
     if not isinstance(defaults, dict) or not all(isinstance(defaults.get(k, {}), dict) for k in ("storage", "llm")):
         raise SystemExit('SELFPRUNER_DEFAULTS must be {"storage": {...}, "llm": {...}}; fix the chart\'s `defaults`')
     return defaults

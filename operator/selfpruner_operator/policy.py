@@ -18,23 +18,17 @@ A refusal is the PruneJob's phase `Invalid`, with every reason in one line.
 
 from __future__ import annotations
 
-import json
 import os
 
 from selfpruner.errors import UserError
+
+from .defaults import json_env
 
 DEFAULT_NODE_CACHE = "/var/cache/selfpruner"
 
 
 def load(environ=os.environ) -> dict:
-    text = environ.get("SELFPRUNER_POLICY") or "{}"
-    try:
-        policy = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"SELFPRUNER_POLICY is not JSON ({e}); fix the chart's `policy` value") from None
-    if not isinstance(policy, dict):
-        raise SystemExit("SELFPRUNER_POLICY must be a JSON object; fix the chart's `policy` value")
-    return policy
+    return json_env(environ, "SELFPRUNER_POLICY", "policy")
 
 
 def secrets_named(spec: dict) -> list[tuple[str, str]]:
