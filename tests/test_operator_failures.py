@@ -138,6 +138,38 @@ def test_a_restarted_controller_adopts_the_batch_still_running(world, tmp_path):
     assert len(children(cluster, pj, "evaluator")) == len(batches)
 
 
+def test_a_failed_prunejob_gives_back_the_gpus_of_its_running_jobs(world, tmp_path):
+    """A controller lost for good leaves its evaluation Job running (here: a shard held back); the
+    PruneJob fails, and the operator deletes that Job and so its pods."""
+    cluster, kubelet, operator, doc, endpoint = world
+    operator.stop()
+    operator.env["SELFPRUNER_MAX_CONTROLLER_RESTARTS"] = "0"  # the first loss is final
+    operator.start()
+    hold = tmp_path / "hold"
+    hold.touch()
+    kubelet.override_env["SELFPRUNER_TEST_HOLD"] = str(hold)
+    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", HELD_SECOND_SHARD, *argv[1:]]
+                                             if argv[-1] == "worker" else argv)
+    apply(cluster, doc, tmp_path)
+    pj = wait(lambda: cluster.get("prunejobs", "e2e"), what="the PruneJob")
+
+    def held():
+        for job in children(cluster, pj, "evaluator"):
+            if not job["metadata"]["name"].endswith("bprep") and kubelet.processes(job["metadata"]["name"]):
+                return job["metadata"]["name"]
+        return None
+
+    job_name = wait(held, 120, "an evaluation pod held back")
+    controller = cluster.get("prunejobs", "e2e")["status"]["controllerJob"]
+    os.kill(next(iter(wait(lambda: kubelet.processes(controller), what="the controller").values())), signal.SIGKILL)
+    pj = wait_phase(cluster, "e2e", ("Failed", "Succeeded"), timeout=60)
+    assert failed_condition(pj)["reason"] == "ControllerLost", pj["status"]
+    wait(lambda: cluster.get("jobs", job_name) is None, 30, "the running evaluation Job to be deleted")
+    wait(lambda: not kubelet.processes(job_name), 30, "its pods to be killed")
+    assert "ChildrenStopped" in {e["reason"] for e in cluster.events("e2e")}
+    hold.unlink()
+
+
 ONE_BAD_CANDIDATE = """
 import os, sys
 from selfpruner.executors import local
