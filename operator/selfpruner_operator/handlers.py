@@ -129,8 +129,9 @@ def _waiting(job_name: str, namespace: str) -> tuple[str, str] | None:
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, **_):
-    # only warnings become Events from logs: kopf logs every timer run at INFO, which would post an
-    # Event per PruneJob per interval, for ever; our Normal events are posted explicitly (_event)
+    # only warnings become Events from logs: a handler's INFO lines (and, in kopf versions that post
+    # them, each timer run's) would otherwise be Events per PruneJob per interval; our Normal events
+    # are posted explicitly (_event)
     settings.posting.level = logging.WARNING
     port = os.environ.get("SELFPRUNER_METRICS_PORT")
     if port:
