@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_search import build_tiny  # noqa: E402  (the same tiny model and texts)
+from bench_search import goal_checker, sources  # noqa: E402  (the same tiny model, texts and verdicts)
 
 LLM_ORIGINS = ("llm-initial", "llm-crossover", "llm-mutation")
 CLASSICAL_OFFSPRING = ("crossover", "mutation")  # genetic's offspring
@@ -185,11 +185,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def goals(groups: list[dict]) -> list[dict]:
-    checks = []
-
-    def check(goal, ok, text):
-        checks.append({"goal": goal, "met": ok, "detail": text})
-        print(f"  [{'n/a' if ok is None else 'met' if ok else 'MISSED'}] {text}")
+    checks, check = goal_checker()
 
     print("\nGoal 1: >= 95 % of LLM offspring used, no unparseable reply (per LLM and β)")
     for g in groups:
@@ -275,8 +271,7 @@ def main(argv=None) -> int:
     from selfpruner.search.llm_clients import LocalChat
 
     a.workdir.mkdir(parents=True, exist_ok=True)
-    src = (build_tiny(a.workdir / "_tiny") if a.tiny else
-           {"model": a.model, "calibration": "demo:calibration", "fitness": "demo:fitness", "heldout": "demo:heldout"})
+    src = sources(a)
     wanted = dict(item.split("=", 1) for item in a.sha256.split(",") if item)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     executor, clients, rows = None, {}, []

@@ -109,6 +109,24 @@ def build_tiny(folder: Path) -> dict:
     return {"model": str(folder / "model"), **{n: str(p) for n, p in paths.items()}}
 
 
+def sources(a) -> dict:
+    """The model and texts of the runs: the tiny model (--tiny) or the demo's."""
+    if a.tiny:
+        return build_tiny(a.workdir / "_tiny")
+    return {"model": a.model, "calibration": "demo:calibration", "fitness": "demo:fitness", "heldout": "demo:heldout"}
+
+
+def goal_checker():
+    """(checks, check): check(goal, met, text) prints a goal's verdict and records it in checks."""
+    checks: list[dict] = []
+
+    def check(goal, ok, text):
+        checks.append({"goal": goal, "met": ok, "detail": text})
+        print(f"  [{'n/a' if ok is None else 'met' if ok else 'MISSED'}] {text}")
+
+    return checks, check
+
+
 def job(a, src: dict, ratio: float, strategy: str, fidelity: str, out: Path) -> dict:
     fitness = {"text": src["fitness"], "seqLen": a.seq_len, "tokens": a.tokens, "batchSize": a.batch_size,
                "heldOutText": src["heldout"], "heldOutTokens": a.held_out_tokens}
@@ -211,8 +229,7 @@ def main(argv=None) -> int:
 
     started = time.time()
     a.workdir.mkdir(parents=True, exist_ok=True)
-    src = (build_tiny(a.workdir / "_tiny") if a.tiny else
-           {"model": a.model, "calibration": "demo:calibration", "fitness": "demo:fitness", "heldout": "demo:heldout"})
+    src = sources(a)
     ratios = [float(r) for r in a.ratios.split(",")]
     strategies = [s for s in a.strategies.split(",") if s]
     if a.tiny and not a.tiny_llm and "llm-evolution" in strategies:
@@ -287,11 +304,7 @@ def main(argv=None) -> int:
 
     get = {(r["ratio"], r["strategy"], r["fidelity"]): r for r in rows if "skipped" not in r and not r.get("partial")}
     progress = {(r["ratio"], r["strategy"], r["fidelity"]): r for r in rows if "skipped" not in r}
-    checks = []
-
-    def check(goal, ok, text):
-        checks.append({"goal": goal, "met": ok, "detail": text})
-        print(f"  [{'n/a' if ok is None else 'met' if ok else 'MISSED'}] {text}")
+    checks, check = goal_checker()
 
     print("\nGoal 1: the searched allocation beats uniform, owl and random (held-out ppl, equal budget)")
     for ratio in ratios:

@@ -6,8 +6,6 @@ PruneJob posts no Event per reconciliation. Cluster: the emulator with a fake ku
 
 from __future__ import annotations
 
-import copy
-import json
 import os
 import signal
 import sys
@@ -15,7 +13,6 @@ import time
 
 from operator_world import IMAGE, apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
-from selfpruner.storage import open_store
 from test_operator_faults import output, renamed, runs_store, wait
 
 pytestmark = needs_kubectl
@@ -96,13 +93,25 @@ os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
 """
 
 
-def test_a_restarted_controller_adopts_the_batch_still_running(world, tmp_path):
-    cluster, kubelet, operator, doc, endpoint = world
+def hold_second_shard(kubelet, tmp_path):
+    """Shard 1 of every evaluation batch waits while the returned file exists."""
     hold = tmp_path / "hold"
     hold.touch()
     kubelet.override_env["SELFPRUNER_TEST_HOLD"] = str(hold)
     kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", HELD_SECOND_SHARD, *argv[1:]]
                                              if argv[-1] == "worker" else argv)
+    return hold
+
+
+def kill_controller(cluster, kubelet, name):
+    """SIGKILL the PruneJob's current controller process (a lost pod)."""
+    controller = cluster.get("prunejobs", name)["status"]["controllerJob"]
+    os.kill(next(iter(wait(lambda: kubelet.processes(controller), what="the controller").values())), signal.SIGKILL)
+
+
+def test_a_restarted_controller_adopts_the_batch_still_running(world, tmp_path):
+    cluster, kubelet, operator, doc, endpoint = world
+    hold = hold_second_shard(kubelet, tmp_path)
     apply(cluster, doc, tmp_path)
     pj = wait(lambda: cluster.get("prunejobs", "e2e"), what="the PruneJob")
 
@@ -114,8 +123,7 @@ def test_a_restarted_controller_adopts_the_batch_still_running(world, tmp_path):
         return None
 
     wait(half_done, 120, "an evaluation batch half done")
-    controller = cluster.get("prunejobs", "e2e")["status"]["controllerJob"]
-    os.kill(next(iter(wait(lambda: kubelet.processes(controller), what="the controller").values())), signal.SIGKILL)
+    kill_controller(cluster, kubelet, "e2e")
     # the new controller resumes while the old batch still runs; only then the held shard goes on
     wait(lambda: cluster.get("prunejobs", "e2e")["status"].get("restarts") == 1, 60, "a new controller")
     replacement = cluster.get("prunejobs", "e2e")["status"]["controllerJob"]
@@ -145,11 +153,7 @@ def test_a_failed_prunejob_gives_back_the_gpus_of_its_running_jobs(world, tmp_pa
     operator.stop()
     operator.env["SELFPRUNER_MAX_CONTROLLER_RESTARTS"] = "0"  # the first loss is final
     operator.start()
-    hold = tmp_path / "hold"
-    hold.touch()
-    kubelet.override_env["SELFPRUNER_TEST_HOLD"] = str(hold)
-    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", HELD_SECOND_SHARD, *argv[1:]]
-                                             if argv[-1] == "worker" else argv)
+    hold = hold_second_shard(kubelet, tmp_path)
     apply(cluster, doc, tmp_path)
     pj = wait(lambda: cluster.get("prunejobs", "e2e"), what="the PruneJob")
 
@@ -160,8 +164,7 @@ def test_a_failed_prunejob_gives_back_the_gpus_of_its_running_jobs(world, tmp_pa
         return None
 
     job_name = wait(held, 120, "an evaluation pod held back")
-    controller = cluster.get("prunejobs", "e2e")["status"]["controllerJob"]
-    os.kill(next(iter(wait(lambda: kubelet.processes(controller), what="the controller").values())), signal.SIGKILL)
+    kill_controller(cluster, kubelet, "e2e")
     pj = wait_phase(cluster, "e2e", ("Failed", "Succeeded"), timeout=60)
     assert failed_condition(pj)["reason"] == "ControllerLost", pj["status"]
     wait(lambda: cluster.get("jobs", job_name) is None, 30, "the running evaluation Job to be deleted")

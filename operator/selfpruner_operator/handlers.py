@@ -98,7 +98,7 @@ def _stop_children(meta, logger, components=("evaluator", "finalize")) -> int:
     from kubernetes import client
 
     batch, stopped = _batch(), 0
-    for job in batch.list_namespaced_job(meta["namespace"], label_selector=f"{manifests.UID_LABEL}={meta['uid']}").items:
+    for job in batch.list_namespaced_job(meta["namespace"], label_selector=manifests.children_selector(meta)).items:
         done = any(c.type in ("Complete", "Failed") and c.status == "True" for c in (job.status.conditions or []))
         if done or (job.metadata.labels or {}).get(manifests.COMPONENT_LABEL) not in components:
             continue
@@ -285,8 +285,7 @@ def suspend_changed(body, meta, new, logger, **_):
     from kubernetes import client
 
     batch = _batch()
-    selector = f"{manifests.UID_LABEL}={meta['uid']}"
-    for job in batch.list_namespaced_job(meta["namespace"], label_selector=selector).items:
+    for job in batch.list_namespaced_job(meta["namespace"], label_selector=manifests.children_selector(meta)).items:
         component = (job.metadata.labels or {}).get(manifests.COMPONENT_LABEL)
         if component in ("evaluator", "finalize") and not (job.status and job.status.completion_time):
             try:

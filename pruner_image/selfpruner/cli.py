@@ -29,14 +29,6 @@ def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}batch-size", type=int, default=1)
 
 
-def crd_default(section: str) -> dict:
-    """A spec section as the CRD defaults it when a PruneJob leaves it out."""
-    from . import spec as spec_mod
-
-    node = spec_mod.schema()["properties"]["spec"]["properties"][section]
-    return spec_mod.apply_defaults(node, {})
-
-
 def crd_enum(section: str, field: str) -> list[str]:
     from . import spec as spec_mod
 
@@ -55,7 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--output", required=True, help="folder for the pruned checkpoint")
     prune.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     # defaults are the CRD's (a PruneJob's spec.pruning and spec.calibration): one source for both
-    pruning, calibration = crd_default("pruning"), crd_default("calibration")
+    from .spec import defaulted_spec
+
+    defaults = defaulted_spec({})
+    pruning, calibration = defaults["pruning"], defaults["calibration"]
     prune.add_argument("--metric", default=pruning["metric"], choices=crd_enum("pruning", "metric"))
     comp = prune.add_mutually_exclusive_group()
     comp.add_argument("--bias-compensation", dest="bias_compensation", action="store_true",

@@ -139,13 +139,13 @@ def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", che
     """Load model and tokenizer; `check(config)` runs first and may refuse the model."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    if check is not None:
-        check(load_config(source))
     folder, ours = resolve(source)
+    config = _config(folder, source)
+    if check is not None:
+        check(config)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        config = _config(folder, source)
         cls = bundled_class(config, source) if ours else None
         model = (cls or AutoModelForCausalLM).from_pretrained(folder, config=config, dtype=dtype,
                                                               trust_remote_code=False)

@@ -79,7 +79,7 @@ def _strict(node: dict) -> dict:
     return node
 
 
-def apply_defaults(node: dict, value):
+def _apply_defaults(node: dict, value):
     """Fill in defaults the way the API server does: for absent fields with a default,
     recursing into objects (a defaulted `{}` gets its own fields' defaults too)."""
     if not isinstance(value, dict) or node.get("type") != "object":
@@ -88,14 +88,14 @@ def apply_defaults(node: dict, value):
         if key not in value and "default" in sub:
             value[key] = copy.deepcopy(sub["default"])
         if key in value:
-            value[key] = apply_defaults(sub, value[key])
+            value[key] = _apply_defaults(sub, value[key])
     return value
 
 
 def defaulted_spec(spec: dict) -> dict:
     """A copy of `spec` with the CRD's defaults filled in, as the API server stores it: readers use
     this instead of fallbacks of their own (one source of defaults)."""
-    return apply_defaults(schema()["properties"]["spec"], copy.deepcopy(dict(spec)))
+    return _apply_defaults(schema()["properties"]["spec"], copy.deepcopy(dict(spec)))
 
 
 def _path(error) -> str:
@@ -244,7 +244,7 @@ def parse(doc) -> Section:
                                      f"{type(doc.get('metadata')).__name__ if doc.get('metadata') is not None else 'nothing'}"])
     if not isinstance(doc.get("spec"), dict):
         raise SpecErrors(problems + ["spec: must be a mapping (model, target, ...)"])
-    doc = apply_defaults(schema(), copy.deepcopy(doc))
+    doc = _apply_defaults(schema(), copy.deepcopy(doc))
     problems += _schema_problems(doc)
     problems += [p.lstrip(".") for p in _cel_problems(schema(), doc, "")]
     try:

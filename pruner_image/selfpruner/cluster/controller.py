@@ -23,8 +23,6 @@ from .k8s_executor import KubernetesExecutor
 from .kube import Kube
 from .layout import STATE_FILES, Layout
 
-condition = status.condition
-
 
 def store_for(spec) -> object:
     storage = spec.spec["storage"]
@@ -77,8 +75,8 @@ def run(doc: dict, kube: Kube) -> int:
     executor = KubernetesExecutor(doc, store, kube, image)
     pj = kube.read_prunejob(name) or doc
     generation = pj["metadata"].get("generation")
-    kube.patch_status(name, {"phase": "Running", "conditions": [
-        condition("Running", "True", "SearchRunning", "the controller is running the search", generation)]})
+    kube.patch_status(name, {"phase": status.RUNNING, "conditions": [
+        status.condition(status.RUNNING, "True", "SearchRunning", "the controller is running the search", generation)]})
     executor.prepare()
 
     max_failed = job.spec["evaluator"]["maxFailedEvaluations"]
@@ -120,18 +118,18 @@ def run(doc: dict, kube: Kube) -> int:
     c = result["cost"]
     llm = c.get("llm") or {}
     kube.patch_status(name, {
-        "phase": "Succeeded", "generation": len(result["best_per_generation"]),
+        "phase": status.SUCCEEDED, "generation": len(result["best_per_generation"]),
         "evaluations": c["evaluations"], "bestFitness": result["best"]["fitness"],
         "achievedRatio": result["best"]["achieved_ratio"], "checkpointURI": result.get("checkpoint"),
         "cost": {"deviceSeconds": c["device_seconds"], "tokensEvaluated": c["tokens_evaluated"],
                  "llmCalls": llm.get("calls", 0),
                  "llmTokens": llm.get("prompt_tokens", 0) + llm.get("completion_tokens", 0)},
-        "conditions": [condition("Running", "False", "SearchFinished", "the search finished", generation),
-                       condition("Succeeded", "True", "CheckpointWritten",
+        "conditions": [status.condition(status.RUNNING, "False", "SearchFinished", "the search finished", generation),
+                       status.condition(status.SUCCEEDED, "True", "CheckpointWritten",
                                  f"best held-out perplexity {_number(result['best'].get('held_out_perplexity'))}; "
                                  f"checkpoint {result.get('checkpoint')}", generation)],
     })
-    kube.event(pj, "Succeeded", f"search finished: best fitness {_number(result['best'].get('fitness'))}, "
+    kube.event(pj, status.SUCCEEDED, f"search finished: best fitness {_number(result['best'].get('fitness'))}, "
                                 f"checkpoint {result.get('checkpoint')}")
     return 0
 

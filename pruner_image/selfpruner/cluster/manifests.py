@@ -57,8 +57,9 @@ def label_value(text: str) -> str:
     return text[:63].rstrip("-_.")
 
 
-def children_selector(pj: dict) -> str:
-    return f"{UID_LABEL}={pj['metadata']['uid']}"
+def children_selector(meta: dict) -> str:
+    """The label selector of a PruneJob's Jobs (from its metadata): by uid, exact."""
+    return f"{UID_LABEL}={meta['uid']}"
 
 
 def labels(pj: dict, component: str, **extra: str) -> dict:
@@ -197,7 +198,7 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch:
                                     {"name": "SELFPRUNER_BATCH", "value": batch}])
     job_spec = {
         "completionMode": "Indexed", "completions": shards, "parallelism": min(ev["parallelism"], shards),
-        "activeDeadlineSeconds": active_deadline(pj),
+        "activeDeadlineSeconds": ev["activeDeadlineSeconds"],
         "backoffLimitPerIndex": ev["backoffLimitPerIndex"], "backoffLimit": None,
         "podFailurePolicy": {"rules": [
             # a preempted or evicted pod is not the candidate's fault: retry without spending the budget

@@ -48,7 +48,7 @@ def writable_by(folder: Path, uid: int, groups: list[int]) -> bool:
         return True
     if st.st_uid == uid:
         return st.st_mode & 0o300 == 0o300
-    if st.st_gid in groups or st.st_gid == os.getgid() and uid == os.getuid():
+    if st.st_gid in groups:
         return st.st_mode & 0o030 == 0o030
     return st.st_mode & 0o003 == 0o003
 
@@ -63,7 +63,8 @@ class NodeCache:
         except OSError as e:
             raise NodeCacheError(f"node cache {self.root}: cannot create it ({e.strerror})") from None
         uid = os.getuid() if uid is None else uid
-        if not writable_by(self.root, uid, os.getgroups() if uid == os.getuid() else []):
+        groups = [os.getgid(), *os.getgroups()] if uid == os.getuid() else []
+        if not writable_by(self.root, uid, groups):
             # a hostPath made by the kubelet as root (type DirectoryOrCreate) is not writable by our uid
             raise NodeCacheError(f"node cache {self.root} is not writable by uid {uid}; make the node's "
                                  f"folder writable for that uid (e.g. chown {uid} on each node)")
