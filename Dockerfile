@@ -33,15 +33,16 @@ FROM pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime AS pruner
 # Pods run with a read-only root filesystem and an emptyDir on /tmp: every cache goes there
 # (HF hub, matplotlib and triton follow HOME).
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp SELFPRUNER_CACHE=/tmp/selfpruner-cache
+    HOME=/tmp SELFPRUNER_CACHE=/tmp/selfpruner-cache SELFPRUNER_TASK_DATA=/opt/selfpruner/tasks
 # torch stays the base image's CUDA build: a constraint pins it to the installed version, so pip
 # keeps it (it already satisfies torch>=2.4), and fails rather than swaps in a PyPI wheel if some
 # dependency ever wants another torch. --no-deps would instead leave the other deps to a hand-kept list.
 RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     pip install --no-cache-dir pip==25.3 \
  && python -c 'import importlib.metadata as m; print("torch==" + m.version("torch"))' > /tmp/torch.txt \
- && pip install --no-cache-dir -c /tmp/torch.txt "$(echo /wheels/selfpruner-*.whl)[engine,cluster]" \
+ && pip install --no-cache-dir -c /tmp/torch.txt "$(echo /wheels/selfpruner-*.whl)[engine,cluster,eval]" \
  && rm /tmp/torch.txt \
+ && python -c 'from selfpruner import zero_shot; zero_shot.data_dir()' \
  && groupadd --gid 10001 selfpruner \
  && useradd --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin selfpruner
 USER 10001:10001

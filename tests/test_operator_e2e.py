@@ -19,8 +19,13 @@ from selfpruner.storage import open_store
 pytestmark = needs_kubectl
 
 
-def test_prunejob_end_to_end(world, tmp_path):
+def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
     cluster, kubelet, operator, doc, endpoint = world
+    # the finalize Job also scores the zero-shot tasks (its pods' cache sees the session's task data)
+    doc["spec"]["search"].update(zeroShotTasks=["arc_easy"], zeroShotLimit=2)
+    pod_tasks = tmp_path / "pod-cache" / "tasks"
+    pod_tasks.mkdir(parents=True, exist_ok=True)
+    (pod_tasks / _shared_task_data.name).symlink_to(_shared_task_data, target_is_directory=True)
     apply(cluster, doc, tmp_path)
     pj = wait_phase(cluster, "e2e", ("Succeeded", "Failed", "Invalid"))
     status = pj["status"]
@@ -55,6 +60,9 @@ def test_prunejob_end_to_end(world, tmp_path):
     ppl = evaluate.perplexity(model, ids, seq_len=fitness["seqLen"], max_tokens=fitness["tokens"])
     assert ppl.perplexity == pytest.approx(result["best"]["fitness"], rel=1e-4)
     assert status["bestFitness"] == pytest.approx(result["best"]["fitness"])
+    zero_shot = result["zero_shot"]
+    assert {"dense", "best"} <= set(zero_shot["table"]["rows"]), zero_shot
+    assert zero_shot["models"]["best"]["arc_easy"]["documents"] == 2
 
     text = operator.metrics()
     assert 'selfpruner_prunejobs{phase="Succeeded"} 1.0' in text

@@ -80,10 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="(in a cluster) evaluate this pod's shard of candidates")
     sub.add_parser("finalize", help="(in a cluster) export the best candidate into storage")
 
-    ev = sub.add_parser("eval", help="perplexity of a model on a text")
+    ev = sub.add_parser("eval", help="perplexity of a model on a text, or its zero-shot accuracy (--tasks)")
     _add_model(ev)
     _add_eval(ev)
-    ev.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...}')
+    ev.add_argument("--tasks", default=None,
+                    help="zero-shot tasks through lm-eval, offline: 'paper' (the seven) or a comma list of "
+                         "boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa")
+    ev.add_argument("--limit", type=int, default=None, help="with --tasks: the first N documents of each task")
+    ev.add_argument("--backend", default="hf", choices=("hf", "vllm"),
+                    help="with --tasks: transformers in this process (default) or vLLM (the serve extra)")
+    ev.add_argument("--output", default=None, help="with --tasks: also write the scores and the table as JSON here")
+    ev.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...} (or the scores)')
+    ev.set_defaults(batch_size=None)  # 1 for perplexity, 8 for zero-shot tasks
     return parser
 
 
@@ -140,17 +148,44 @@ def _ids(tokenizer, text: str):
 def cmd_eval(args) -> int:
     from . import evaluate, model_source
 
-    for name in ("seq_len", "tokens", "batch_size"):
+    for name in ("seq_len", "tokens", "batch_size", "limit"):
         _positive("--" + name.replace("_", "-"), getattr(args, name))
+    if args.tasks is not None:
+        return _zero_shot(args)
     text = _read_text(args.text)  # a bad text file should not cost a model load
     loaded = model_source.load(args.model, dtype=args.dtype, device=args.device or model_source.default_device())
     ids = _ids(loaded.tokenizer, text)
     result = evaluate.perplexity(loaded.model, ids, seq_len=args.seq_len, max_tokens=args.tokens,
-                                 batch_size=args.batch_size, progress=not args.json)
+                                 batch_size=args.batch_size or 1, progress=not args.json)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
         print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens of {args.text}")
+    return 0
+
+
+def _zero_shot(args) -> int:
+    from pathlib import Path
+
+    from . import model_source, zero_shot
+
+    tasks = zero_shot.parse_tasks(args.tasks)  # a wrong task name should not cost a model load
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    device = args.device or model_source.default_device()
+    batch = args.batch_size or 8
+    if args.backend == "vllm":
+        folder, _ = model_source.resolve(args.model)
+        scores = zero_shot.evaluate(None, None, tasks, limit=args.limit, batch_size=batch, device=device,
+                                    backend="vllm", checkpoint=folder)
+    else:
+        loaded = model_source.load(args.model, dtype=args.dtype, device=device)
+        scores = zero_shot.evaluate(loaded.model, loaded.tokenizer, tasks, limit=args.limit, batch_size=batch,
+                                    device=device)
+    result = {"model": args.model, "limit": args.limit, **zero_shot.summary({args.model: scores}, args.limit)}
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result) if args.json else zero_shot.markdown(result["table"]))
     return 0
 
 

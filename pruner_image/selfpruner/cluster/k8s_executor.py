@@ -82,16 +82,19 @@ class KubernetesExecutor:
                     done(i, outcomes[i])
         return outcomes
 
-    def export(self, rates, out_dir: str, info: dict) -> str:
-        """The finalize Job writes the checkpoint into storage; returns its URI."""
+    def finalize(self, rates, out_dir: str | None, info: dict, zero_shot_request: dict | None = None) -> dict:
+        """The finalize Job writes the checkpoint into storage (`out_dir` only says whether to)
+        and runs the zero-shot tasks; returns its checkpoint's URI and the scores."""
         if not self.store.exists(self.layout.finalize_done):
-            self.store.put_json(self.layout.finalize_task, {"rates": rates, "info": info})
+            self.store.put_json(self.layout.finalize_task, {"rates": rates, "info": info, "export": out_dir is not None,
+                                                            "zero_shot": zero_shot_request})
             job = self._create(manifests.finalize_job(self.pj, image=self.image))
             job = self._wait(job["metadata"]["name"], lambda: self.store.exists(self.layout.finalize_done))
             if not self.store.exists(self.layout.finalize_done):
                 raise Verdict("FinalizeFailed", f"the finalize Job failed{_why(job)}: no checkpoint was written "
                                                 f"(its pod's log says why)")
-        return self.store.get_json(self.layout.finalize_done)["checkpoint"]
+        done = self.store.get_json(self.layout.finalize_done)
+        return {"checkpoint": done.get("checkpoint"), "zero_shot": done.get("zero_shot") or {}}
 
     # -- internals --------------------------------------------------------------------
     def _create(self, body: dict) -> dict:

@@ -120,11 +120,14 @@ def finalize() -> int:
     task = store.get_json(layout.finalize_task)
     executor = _executor(spec, store, layout, opts)
     out = Path(tempfile.mkdtemp()) / "checkpoint"
-    executor.export(task["rates"], str(out), task["info"])
-    for path in sorted(out.rglob("*")):
-        if path.is_file():
-            store.put_file(f"{layout.checkpoint}/{path.relative_to(out)}", path)
-    uri = store.uri(layout.checkpoint)
-    store.put_json(layout.finalize_done, {"checkpoint": uri})
+    done = executor.finalize(task["rates"], str(out) if task.get("export", True) else None, task["info"],
+                             task.get("zero_shot"))
+    uri = None
+    if done["checkpoint"] is not None:
+        for path in sorted(out.rglob("*")):
+            if path.is_file():
+                store.put_file(f"{layout.checkpoint}/{path.relative_to(out)}", path)
+        uri = store.uri(layout.checkpoint)
+    store.put_json(layout.finalize_done, {"checkpoint": uri, "zero_shot": done["zero_shot"]})
     shutil.rmtree(out.parent, ignore_errors=True)
     return 0

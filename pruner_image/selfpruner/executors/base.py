@@ -31,4 +31,8 @@ class Executor(Protocol):
         so the caller can record it before the next (nothing is lost to a crash)."""
         ...
 
-    def export(self, rates: dict | list, out_dir: str, info: dict) -> str: ...
+    def finalize(self, rates: dict | list, out_dir: str | None, info: dict,
+                 zero_shot_request: dict | None = None) -> dict:
+        """Export `rates` into `out_dir` (None: no checkpoint) and run the zero-shot tasks
+        (`zero_shot.request`); returns {"checkpoint": path or URI or None, "zero_shot": {...}}."""
+        ...

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .. import corpus, engine, evaluate, export, prior, structure
+from .. import corpus, engine, evaluate, export, prior, structure, zero_shot
 from ..architecture import geometry_of
 from .base import EvalOutcome, EvalTask
 
@@ -89,14 +89,44 @@ class LocalExecutor:
         futures = [self._pool.submit(job, i, t) for i, t in enumerate(tasks)]
         return [f.result() for f in futures]
 
+    def _plan(self, rates):
+        s = self.workers[0].eng.settings
+        return structure.plan_from_rates(self.geometry, structure.Rates.parse(rates, self.geometry.num_layers),
+                                         head_mode=s.head_mode, mlp_multiple=s.mlp_multiple)
+
     def export(self, rates, out_dir: str, info: dict) -> str:
         w = self.workers[0]
-        s = w.eng.settings
-        plan = structure.plan_from_rates(self.geometry, structure.Rates.parse(rates, self.geometry.num_layers),
-                                         head_mode=s.head_mode, mlp_multiple=s.mlp_multiple)
+        plan = self._plan(rates)
         with w.lock:
             w.eng.pm.apply(plan)
             try:
                 return str(export.export(w.eng.pm, w.eng.loaded.tokenizer, out_dir, info=info, force=True))
             finally:
                 w.eng.pm.restore()
+
+    def zero_shot(self, request: dict) -> dict:
+        """lm-eval's scores of each named candidate, applied (sliced) to the loaded model,
+        as `zero_shot.request` asks; a failure is recorded, never raised (the search's
+        results are already in hand)."""
+        w = self.workers[0]
+        try:
+            scores = {}
+            for name, rates in request["candidates"].items():
+                plan = self._plan(rates)
+                with w.lock:
+                    w.eng.pm.apply(plan)
+                    try:
+                        scores[name] = zero_shot.evaluate(w.eng.loaded.model, w.eng.loaded.tokenizer, request["tasks"],
+                                                          limit=request.get("limit"),
+                                                          batch_size=request.get("batch_size", 8), device=w.device)
+                    finally:
+                        w.eng.pm.restore()
+        except Exception as e:  # noqa: BLE001 - reported in result.json, the checkpoint is kept
+            first = (str(e).splitlines() or [""])[0]
+            return {"error": f"zero-shot tasks could not run: {type(e).__name__}: {first}", "tasks": request["tasks"]}
+        return zero_shot.summary(scores, request.get("limit"))
+
+    def finalize(self, rates, out_dir: str | None, info: dict, zero_shot_request: dict | None = None) -> dict:
+        checkpoint = self.export(rates, out_dir, info) if out_dir else None
+        scores = self.zero_shot(zero_shot_request) if zero_shot_request else {}
+        return {"checkpoint": checkpoint, "zero_shot": scores}

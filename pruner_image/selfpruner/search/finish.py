@@ -7,6 +7,7 @@ import json
 import os
 from pathlib import Path
 
+from .. import zero_shot as zs
 from ..structure import Rates
 from .baselines import Owl, Uniform
 from .report import llm_summary, origin_table, plot
@@ -33,20 +34,19 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     for (rates, tokens, text, name), (entry, _) in zip(items, entries):
         numbers.setdefault(name, {"rates": rates})[text] = entry["fitness"]
         numbers[name]["achieved_ratio"] = entry.get("achieved_ratio")
-    checkpoint = None
-    if spec.spec.output.export:
+    checkpoint, zero_shot = None, {}
+    search = spec.spec.search
+    request = None
+    if search.zero_shot_tasks:
+        named = {"dense": dense, **candidates}
+        request = zs.request(search.zero_shot_tasks, named, limit=search.get("zeroShotLimit"))
+    if spec.spec.output.export or request:
         info = {"source_model": spec.spec.model.source, "rates": candidates["best"],
                 "metric": spec.spec.pruning.metric, "fitness": numbers["best"]["fitness"],
                 "held_out_perplexity": numbers["best"]["heldout"], "prunejob": spec.metadata.get("name")}
-        checkpoint = executor.export(candidates["best"], str(out / "checkpoint"), info)
-    zero_shot = {}
-    if spec.spec.search.zero_shot_tasks:
-        from . import zero_shot as zs
-
-        if checkpoint is None:
-            zero_shot = {"skipped": "spec.output.export is false: there is no checkpoint to evaluate"}
-        else:
-            zero_shot = zs.run(checkpoint, spec.spec.search.zero_shot_tasks, dtype=spec.spec.model.dtype)
+        out_dir = str(out / "checkpoint") if spec.spec.output.export else None
+        done = executor.finalize(candidates["best"], out_dir, info, request)
+        checkpoint, zero_shot = done["checkpoint"], done["zero_shot"]
     counters = strategy.counters
     llm = llm_summary(transcript, counters, strategy.projection) if transcript else None
     result = {

@@ -132,6 +132,15 @@ def summary_table(result: dict) -> str:
             imp = o["mean_improvement_over_parent"]
             lines.append(f"{name:<28}{o['made']:>6}{o['entered_share'] * 100:>8.0f}%"
                          f"{'-' if imp is None else f'{imp * 100:+.1f}%':>11}")
+    zs = result.get("zero_shot") or {}
+    if zs.get("table"):
+        from ..zero_shot import markdown
+
+        limit = zs["table"].get("limit")
+        lines += ["", "zero-shot accuracy (%)" + (f", first {limit} documents per task" if limit else "") + ":",
+                  markdown(zs["table"])]
+    elif zs.get("error"):
+        lines += ["", zs["error"]]
     if result.get("checkpoint"):
         lines.append(f"checkpoint: {result['checkpoint']}")
     return "\n".join(lines)
