@@ -89,14 +89,14 @@ class LocalExecutor:
         futures = [self._pool.submit(job, i, t) for i, t in enumerate(tasks)]
         return [f.result() for f in futures]
 
-    def _plan(self, rates):
+    def plan(self, rates):
         s = self.workers[0].eng.settings
         return structure.plan_from_rates(self.geometry, structure.Rates.parse(rates, self.geometry.num_layers),
                                          head_mode=s.head_mode, mlp_multiple=s.mlp_multiple)
 
     def export(self, rates, out_dir: str, info: dict) -> str:
         w = self.workers[0]
-        plan = self._plan(rates)
+        plan = self.plan(rates)
         with w.lock:
             w.eng.pm.apply(plan)
             try:
@@ -112,7 +112,7 @@ class LocalExecutor:
         try:
             scores = {}
             for name, rates in request["candidates"].items():
-                plan = self._plan(rates)
+                plan = self.plan(rates)
                 with w.lock:
                     w.eng.pm.apply(plan)
                     try:
