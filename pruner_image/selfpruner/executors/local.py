@@ -37,9 +37,7 @@ class _Worker:
     def run(self, task: EvalTask) -> EvalOutcome:
         with self.lock:
             try:
-                rates = structure.Rates.parse(task.rates, self.geometry.num_layers)
-                s = self.eng.settings
-                plan = structure.plan_from_rates(self.geometry, rates, head_mode=s.head_mode, mlp_multiple=s.mlp_multiple)
+                plan = self.plan(task.rates)
                 self._sync()
                 start = time.perf_counter()
                 self.eng.pm.apply(plan)
@@ -52,6 +50,11 @@ class _Worker:
                 return EvalOutcome(None, 0, 0.0, None, f"{type(e).__name__}: {e}")
             finally:
                 self.eng.pm.restore()
+
+    def plan(self, rates):
+        s = self.eng.settings
+        return structure.plan_from_rates(self.geometry, structure.Rates.parse(rates, self.geometry.num_layers),
+                                         head_mode=s.head_mode, mlp_multiple=s.mlp_multiple)
 
     def _sync(self) -> None:
         if self.device.startswith("cuda"):
@@ -90,9 +93,7 @@ class LocalExecutor:
         return [f.result() for f in futures]
 
     def plan(self, rates):
-        s = self.workers[0].eng.settings
-        return structure.plan_from_rates(self.geometry, structure.Rates.parse(rates, self.geometry.num_layers),
-                                         head_mode=s.head_mode, mlp_multiple=s.mlp_multiple)
+        return self.workers[0].plan(rates)
 
     def export(self, rates, out_dir: str, info: dict) -> str:
         w = self.workers[0]
