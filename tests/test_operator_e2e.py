@@ -64,6 +64,12 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
     assert {"dense", "best"} <= set(zero_shot["table"]["rows"]), zero_shot
     assert zero_shot["models"]["best"]["arc_easy"]["documents"] == 2
 
+    # the operator counts a phase when its reconcile timer sees it, and that run also marks the
+    # children stopped: wait for that mark, not for a guess at the timer's next tick
+    deadline = time.time() + 30
+    while not (cluster.get("prunejobs", "e2e")["status"].get("childrenStopped")) and time.time() < deadline:
+        time.sleep(0.1)
+    assert cluster.get("prunejobs", "e2e")["status"].get("childrenStopped"), "the operator never saw Succeeded"
     text = operator.metrics()
     assert 'selfpruner_prunejobs{phase="Succeeded"} 1.0' in text
     assert "selfpruner_operator_reconcile_duration_seconds_count" in text
