@@ -18,7 +18,7 @@ import torch
 
 from .corpus import text_fingerprint
 from .errors import UserError
-from .paths import cache_dir
+from .paths import cache_dir, temporary_name
 
 
 @dataclass
@@ -57,9 +57,9 @@ class CalibrationStats:
             tensors[f"{i}.attention.sum"], tensors[f"{i}.attention.sum_sq"] = a.total, a.total_sq
             tensors[f"{i}.mlp.sum"], tensors[f"{i}.mlp.sum_sq"] = m.total, m.total_sq
         meta = {"key": self.key, "count": str(self.attention[0].count), "layers": str(len(self.attention))}
-        tmp = path.with_suffix(".tmp")
+        tmp = temporary_name(path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-        tmp.rename(path)
+        tmp.replace(path)
 
     @staticmethod
     def load(path: Path) -> "CalibrationStats":

