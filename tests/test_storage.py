@@ -425,6 +425,15 @@ def test_node_cache_not_writable_says_so_in_one_line(tmp_path):
     assert NodeCache(root, uid=os.getuid()).root == root  # its owner: fine
 
 
+def test_the_controller_does_not_import_torch():
+    """The controller pod runs the search loop and submits Jobs; the model runs in the workers.
+    Without torch and transformers it starts in a fraction of a second and needs far less memory
+    (a local LLM as the search's operator imports them when it loads)."""
+    code = ("import sys; import selfpruner.cluster.controller; "
+            "heavy = {'torch', 'transformers', 'selfpruner.engine'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_the_worker_does_not_import_the_search_loop():
     """A GPU worker evaluates candidates; it builds its executor from the spec, not from the
     search loop (nor the LLM clients the loop drives)."""

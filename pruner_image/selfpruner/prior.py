@@ -7,22 +7,26 @@ Wanda score |W_ij|·||x_j|| exceeds M times the block's mean score (OWL, M = 5).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from .calibration import CalibrationStats
+if TYPE_CHECKING:  # the search loop imports describe() without torch (the cluster's controller)
+    from .calibration import CalibrationStats
 
 
-@torch.no_grad()
 def block_statistics(model, stats: CalibrationStats, m: float = 5.0) -> dict:
+    import torch
+
     outliers, norms = [], []
-    for i, layer in enumerate(model.get_decoder().layers):
-        scores = []
-        for weight, s in ((layer.self_attn.o_proj.weight, stats.attention[i]), (layer.mlp.down_proj.weight, stats.mlp[i])):
-            scores.append((weight.detach().double().abs().cpu() * s.norm[None, :]).reshape(-1))
-        a = torch.cat(scores)
-        outliers.append(float((a > m * a.mean()).double().mean()))
-        mlp = stats.mlp[i]
-        norms.append(float((mlp.total_sq / mlp.count).mean().sqrt()))
+    with torch.no_grad():
+        for i, layer in enumerate(model.get_decoder().layers):
+            scores = []
+            for weight, s in ((layer.self_attn.o_proj.weight, stats.attention[i]),
+                              (layer.mlp.down_proj.weight, stats.mlp[i])):
+                scores.append((weight.detach().double().abs().cpu() * s.norm[None, :]).reshape(-1))
+            a = torch.cat(scores)
+            outliers.append(float((a > m * a.mean()).double().mean()))
+            mlp = stats.mlp[i]
+            norms.append(float((mlp.total_sq / mlp.count).mean().sqrt()))
     top = max(norms) or 1.0
     return {"outlier_ratio": outliers, "activation_rms": norms, "relative_activation": [n / top for n in norms]}
 

@@ -1,15 +1,19 @@
 """The in-process executor a PruneJob spec describes: its pruning settings, model and texts.
-Shared by a local run and the cluster's GPU workers, which must not need the search loop."""
+Shared by a local run and the cluster's GPU workers, which must not need the search loop. The
+engine (torch, transformers) is imported only when an executor is made: the cluster's controller
+imports the search loop, and this module with it, without ever running a model itself."""
 
 from __future__ import annotations
 
 import os
 
-from .. import engine
 from ..spec import Section
 
 
-def engine_settings(spec: Section) -> engine.PruneSettings:
+def engine_settings(spec: Section):
+    """The engine's PruneSettings for the spec's pruning and calibration sections."""
+    from .. import engine
+
     p, c = spec.spec.pruning, spec.spec.calibration
     return engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, head_mode=p.head_mode,
                                 mlp_multiple=p.mlp_multiple, calibration_text=c.text,
