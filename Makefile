@@ -87,8 +87,13 @@ prometheus:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus \
 	  && { [ ! -d /run/systemd/system ] || systemctl disable --now prometheus; }; }
 
+# Two pytest processes (pytest-xdist), each taking whole files, so a file's shared fixtures (a
+# vLLM server, the exported demo model) are built once. Most tests wait on other processes (pods,
+# servers) a good part of the time: two processes keep both cores busy. TEST_WORKERS=0 runs one.
+TEST_WORKERS ?= 2
+
 test: setup serve-env tools/bin/kubectl prometheus
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) $(SERVE_VENV) runs .pytest_cache

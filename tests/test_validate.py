@@ -29,7 +29,12 @@ def mutate(path: str, value):
     return doc
 
 
-DELETE = object()
+class _Delete:
+    def __repr__(self) -> str:  # a stable test id, the same in every pytest process
+        return "<deleted>"
+
+
+DELETE = _Delete()
 CASES = [
     ("apiVersion", "selfpruner.io/v2", "apiVersion: must be selfpruner.io/v1alpha1"),
     ("kind", "Job", "kind: must be PruneJob"),
