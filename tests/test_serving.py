@@ -232,6 +232,31 @@ def test_vllm_offline_matches_transformers_on_the_pruned_demo_model(demo):
     assert served["greedy"] == demo["ref"]["greedy"]
 
 
+ZERO_SHOT_TASKS, ZERO_SHOT_LIMIT = "arc_easy,piqa", 20
+
+
+@needs_serve_env
+@pytest.mark.slow
+def test_zero_shot_through_lm_evals_vllm_backend_equals_transformers(demo, task_data):
+    """`selfpruner eval --backend vllm` in the serving environment (lm-eval's own vLLM class
+    loading the checkpoint through our plugin) scores as lm-eval's transformers class does here."""
+    from selfpruner import zero_shot
+
+    env = {**os.environ, **OFFLINE_ENV, "SELFPRUNER_TASK_DATA": str(task_data.resolve())}
+    cmd = [str(SERVE_BIN / "selfpruner"), "eval", "--model", str(demo["dir"]), "--tasks", ZERO_SHOT_TASKS,
+           "--limit", str(ZERO_SHOT_LIMIT), "--backend", "vllm", "--device", "cpu", "--json"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=demo["dir"].parent)
+    assert done.returncode == 0, done.stderr[-4000:]
+    served = json.loads(done.stdout.strip().splitlines()[-1])["models"][str(demo["dir"])]
+    loaded = model_source.load(str(demo["dir"]))
+    ours = zero_shot.evaluate(loaded.model, loaded.tokenizer, zero_shot.parse_tasks(ZERO_SHOT_TASKS),
+                              limit=ZERO_SHOT_LIMIT, device="cpu")
+    print("vLLM:", {t: served[t]["metrics"] for t in served}, "transformers:", {t: ours[t]["metrics"] for t in ours})
+    for task in ours:
+        assert served[task]["documents"] == ours[task]["documents"] == ZERO_SHOT_LIMIT
+        assert served[task]["metrics"] == pytest.approx(ours[task]["metrics"], abs=1e-9)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -152,7 +152,9 @@ def evaluate(model, tokenizer, tasks: list[str], *, limit: int | None = None, ba
             from lm_eval.models.vllm_causallms import VLLM
         except ImportError as e:
             raise UserError(f"the vLLM backend needs the serve extra (pip install 'selfpruner[serve]'): {e}") from None
-        lm = VLLM(pretrained=checkpoint, dtype="float32" if device == "cpu" else "auto", batch_size=batch_size)
+        # on the CPU, eager mode: torch.compile's warm-up (80 s for SmolLM2) outlasts most evaluations
+        cpu = {"dtype": "float32", "enforce_eager": True} if device == "cpu" else {"dtype": "auto"}
+        lm = VLLM(pretrained=checkpoint, batch_size=batch_size, **cpu)
     else:
         raise UserError(f"zero-shot backend {backend!r} is not one of hf, vllm")
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
