@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from selfpruner.paths import publish_dir, temporary_name
+from selfpruner.paths import publish_dir, partial_name
 
 
 def test_a_published_folder_replaces_its_placeholder_and_the_first_copy_stays(tmp_path):
@@ -21,8 +21,8 @@ def test_a_published_folder_replaces_its_placeholder_and_the_first_copy_stays(tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["entry"]
 
 
-def test_temporary_names_are_hidden_and_unique(tmp_path):
-    names = {temporary_name(tmp_path / "stats.safetensors") for _ in range(100)}
+def test_partial_names_are_hidden_and_unique(tmp_path):
+    names = {partial_name(tmp_path / "stats.safetensors") for _ in range(100)}
     assert len(names) == 100
     assert all(n.parent == tmp_path and n.name.startswith(".stats.safetensors.") for n in names)
 

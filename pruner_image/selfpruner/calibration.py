@@ -18,7 +18,7 @@ import torch
 
 from .corpus import text_fingerprint
 from .errors import UserError
-from .paths import cache_dir, temporary_name
+from .paths import cache_dir, partial_name
 
 
 @dataclass
@@ -57,7 +57,7 @@ class CalibrationStats:
             tensors[f"{i}.attention.sum"], tensors[f"{i}.attention.sum_sq"] = a.total, a.total_sq
             tensors[f"{i}.mlp.sum"], tensors[f"{i}.mlp.sum_sq"] = m.total, m.total_sq
         meta = {"key": self.key, "count": str(self.attention[0].count), "layers": str(len(self.attention))}
-        tmp = temporary_name(path)
+        tmp = partial_name(path)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         tmp.replace(path)
 

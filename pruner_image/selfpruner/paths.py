@@ -6,7 +6,6 @@ never sees half an entry and two writers of the same entry never write into one 
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 
@@ -21,9 +20,10 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
-def temporary_name(path: Path) -> Path:
-    """A hidden name beside `path`, unique to this call: where to write before renaming."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+def partial_name(dest: Path) -> Path:
+    """A temporary sibling of `dest` (same folder, so os.replace is atomic), unique to this call;
+    hidden and ending in '.partial' so that no listing ever shows it."""
+    return dest.with_name(f".{dest.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
 
 
 def publish_dir(staging: Path, root: Path) -> None:

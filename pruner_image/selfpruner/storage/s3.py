@@ -30,8 +30,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import UserError
+from ..paths import partial_name
 from .base import (ChecksumMismatch, ObjectInfo, ObjectNotFound, StorageError, Store, check_key,
-                   check_prefix, partial_name, sha256_bytes, sha256_file)
+                   check_prefix, sha256_bytes, sha256_file)
 
 MARKER = ".complete"
 MB = 1 << 20
