@@ -208,7 +208,7 @@ def demo(tmp_path_factory):
     ref = reference(out, windows, prompts, DEMO_NEW_TOKENS)
     print(f"demo pruned to ratio {plan.achieved_ratio:.3f}; transformers: held-out perplexity "
           f"{ppl.perplexity:.6f} over {ppl.tokens} tokens")
-    return {"dir": out, "windows": windows, "prompts": prompts, "ppl": ppl, "ref": ref}
+    return {"dir": out, "loaded": loaded, "windows": windows, "prompts": prompts, "ppl": ppl, "ref": ref}
 
 
 def perplexity_of(logprobs: list[list[float]]) -> tuple[float, int]:
@@ -248,7 +248,7 @@ def test_zero_shot_through_lm_evals_vllm_backend_equals_transformers(demo, task_
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=demo["dir"].parent)
     assert done.returncode == 0, done.stderr[-4000:]
     served = json.loads(done.stdout.strip().splitlines()[-1])["models"][str(demo["dir"])]
-    loaded = model_source.load(str(demo["dir"]))
+    loaded = demo["loaded"]
     ours = zero_shot.evaluate(loaded.model, loaded.tokenizer, zero_shot.parse_tasks(ZERO_SHOT_TASKS),
                               limit=ZERO_SHOT_LIMIT, device="cpu")
     print("vLLM:", {t: served[t]["metrics"] for t in served}, "transformers:", {t: ours[t]["metrics"] for t in ours})
