@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -52,13 +51,10 @@ def prompts(n: int, length: int, vocab: int = 49152) -> list[list[int]]:
 
 
 def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of fn() after one warm-up call (bench/_common.py, in either environment)."""
+    from _common import timed as median_timed
+
+    return median_timed(fn, repeats=repeats)[0]
 
 
 def vllm_worker(job_path: str) -> int:
