@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from . import calibration, corpus, importance, model_source
+from . import calibration, corpus, importance, memory_plan, model_source
 from .pruned_model import PrunableModel
 
 
@@ -47,16 +47,27 @@ class Engine:
 
 
 def prepare(model: str, settings: PruneSettings, *, dtype: str = "float32", device: str | None = None,
-            progress: bool = True) -> Engine:
-    return build(load(model, dtype=dtype, device=device), settings, progress=progress)
+            progress: bool = True, devices: list[str] | None = None,
+            workload: memory_plan.Workload | None = None) -> Engine:
+    return build(load(model, dtype=dtype, device=device, devices=devices, workload=workload), settings,
+                 progress=progress)
 
 
-def load(model: str, *, dtype: str = "float32", device: str | None = None) -> model_source.Loaded:
-    """Load and check the architecture, before any expensive work."""
+def load(model: str, *, dtype: str = "float32", device: str | None = None, devices: list[str] | None = None,
+         workload: memory_plan.Workload | None = None) -> model_source.Loaded:
+    """Load and check the architecture, before any expensive work. `devices`: one replica's
+    devices; with more than one, the blocks are split over them as `memory_plan` says
+    (`workload` sizes the working sets it balances against)."""
     from .architecture import check_supported
 
-    return model_source.load(model, dtype=dtype, device=device or model_source.default_device(),
-                             check=check_supported)
+    if devices and len(devices) > 1:
+        config = model_source.load_config(model)
+        check_supported(config)
+        work = workload or memory_plan.Workload(dtype=dtype)
+        split = memory_plan.plan(config, work, gpus=len(devices), gpus_per_replica=len(devices))
+        return model_source.load(model, dtype=dtype, check=check_supported, device_map=split.device_map(devices))
+    device = (devices[0] if devices else None) or device or model_source.default_device()
+    return model_source.load(model, dtype=dtype, device=device, check=check_supported)
 
 
 def build(loaded: model_source.Loaded, settings: PruneSettings, *, progress: bool = True) -> Engine:

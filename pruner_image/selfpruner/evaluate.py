@@ -56,8 +56,8 @@ def perplexity(model, ids: torch.Tensor, *, seq_len: int = 2048, max_tokens: int
         hidden, targets = hidden[:, :-1], batch[:, 1:]
         for start in range(0, hidden.shape[1], logits_chunk):
             h = hidden[:, start:start + logits_chunk]
-            logits = head(h).float()  # [B, chunk, V]
-            t = targets[:, start:start + logits_chunk]
+            logits = head(h).float()  # [B, chunk, V], on the head's device (a split model's last)
+            t = targets[:, start:start + logits_chunk].to(logits.device)
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum").double().item()
             count += t.numel()
     return Perplexity(perplexity=math.exp(nll / count), tokens=count, nll=nll)

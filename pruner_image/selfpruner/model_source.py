@@ -131,8 +131,18 @@ def bundled_class(config, source: str):
     return getattr(bundled, expected)
 
 
-def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", check=None) -> Loaded:
-    """Load model and tokenizer; `check(config)` runs first and may refuse the model."""
+def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", check=None,
+         device_map: dict[str, str] | None = None) -> Loaded:
+    """Load model and tokenizer; `check(config)` runs first and may refuse the model.
+
+    Off the CPU the weights go from the safetensors files straight to their device. With a
+    `device_map` (module name → device, from `memory_plan`) the model is split over several:
+    it is built empty (on the meta device), each shard of the checkpoint is read (memory-mapped)
+    onto the devices of its tensors, and accelerate's hooks move each block's inputs to its
+    device. Every device of the map executes its own blocks, the CPU included (accelerate would
+    treat "cpu" as offloading to a GPU unless the CPU is the main device): a replica split over
+    "cpu" and "cpu", or "cuda:0" and "cpu", runs the code a split over GPUs runs. No full copy
+    of the model is ever made in host memory."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     folder, ours = resolve(source)
@@ -143,13 +153,40 @@ def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", che
 
     try:
         cls = bundled_class(config, source) if ours else None
-        model = (cls or AutoModelForCausalLM).from_pretrained(folder, config=config, dtype=dtype,
-                                                              trust_remote_code=False)
+        if device_map:
+            model = _load_split(folder, config, cls or AutoModelForCausalLM, dtype, device_map)
+        else:
+            model = (cls or AutoModelForCausalLM).from_pretrained(
+                folder, config=config, dtype=dtype, device_map={"": device} if device != "cpu" else None,
+                trust_remote_code=False)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UserError(f"could not load model {source}: {str(e).splitlines()[0]}") from None
-    model.to(device).eval()
+    model.eval()
     return Loaded(model=model, tokenizer=tokenizer, path=folder, source=source)
+
+
+def _load_split(folder: str, config, cls, dtype: str, device_map: dict[str, str]):
+    import torch
+    from accelerate import dispatch_model, init_empty_weights, load_checkpoint_in_model
+
+    with init_empty_weights():
+        model = cls.from_config(config, dtype=getattr(torch, dtype)) if hasattr(cls, "from_config") \
+            else cls._from_config(config, dtype=getattr(torch, dtype))
+    model.tie_weights()
+    load_checkpoint_in_model(model, folder, device_map=device_map, dtype=dtype, strict=True)
+    for name, device in device_map.items():  # the buffers no checkpoint holds (rotary frequencies)
+        model.get_submodule(name).to(device)
+    devices = set(device_map.values())
+    dispatch_model(model, device_map, main_device="cpu" if "cpu" in devices else next(iter(device_map.values())),
+                   force_hooks=True)
+    try:
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    except OSError:
+        pass  # a folder without generation_config.json keeps the one from the config
+    return model
 
 
 def default_device() -> str:

@@ -13,18 +13,26 @@ if TYPE_CHECKING:  # the search loop imports describe() without torch (the clust
     from .calibration import CalibrationStats
 
 
-def block_statistics(model, stats: CalibrationStats, m: float = 5.0) -> dict:
+def block_statistics(model, stats: CalibrationStats, m: float = 5.0, rows: int = 1024) -> dict:
+    """Scores are taken where each block's weights live, `rows` rows at a time (a 70B block's
+    down_proj in float64 would be 1.9 GB at once); only counts come back to the host."""
     import torch
 
     outliers, norms = [], []
     with torch.no_grad():
         for i, layer in enumerate(model.get_decoder().layers):
-            scores = []
-            for weight, s in ((layer.self_attn.o_proj.weight, stats.attention[i]),
-                              (layer.mlp.down_proj.weight, stats.mlp[i])):
-                scores.append((weight.detach().double().abs().cpu() * s.norm[None, :]).reshape(-1))
-            a = torch.cat(scores)
-            outliers.append(float((a > m * a.mean()).double().mean()))
+            pairs = [(layer.self_attn.o_proj.weight, stats.attention[i]), (layer.mlp.down_proj.weight, stats.mlp[i])]
+
+            def chunks():
+                for weight, s in pairs:
+                    norm = s.norm.to(weight.device)[None, :]
+                    for part in weight.detach().split(rows):
+                        yield part.double().abs() * norm
+
+            total = sum(c.sum() for c in chunks())
+            count = sum(w.numel() for w, _ in pairs)
+            threshold = m * total / count
+            outliers.append(float(sum((c > threshold.to(c.device)).sum() for c in chunks()).item() / count))
             mlp = stats.mlp[i]
             norms.append(float((mlp.total_sq / mlp.count).mean().sqrt()))
     top = max(norms) or 1.0
