@@ -4,13 +4,16 @@ Uniform blocks that the original architecture can describe are saved as that
 architecture (plain ``from_pretrained`` loads them); anything else carries
 ``selfpruner_layers`` in its config and the bundled modeling code
 (``trust_remote_code=True``). The folder is written aside and renamed into place, so
-a reader never sees half a checkpoint.
+a reader never sees half a checkpoint. The weights are written a block at a time from
+wherever they live (one GPU, several, or the CPU), so exporting a model split over GPUs needs
+host memory for about two blocks, not for the model.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -23,7 +26,7 @@ from .hf_code.modeling_selfpruner import CLASS_FOR_MODEL_TYPE
 from .pruned_model import PrunableModel
 
 HF_CODE = Path(__file__).parent / "hf_code" / "modeling_selfpruner.py"
-MAX_SHARD = "5GB"
+MIN_SHARD = 256 * 2**20  # small models still come out as one file
 
 
 def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
@@ -59,36 +62,78 @@ def _plain_config(pm: PrunableModel, shapes: list[dict]) -> dict | None:
     return d
 
 
-def _state_dict(pm: PrunableModel, plain: dict | None) -> dict[str, torch.Tensor]:
+def _groups(pm: PrunableModel, plain: dict | None) -> list[list[str]]:
+    """The checkpoint's tensor names in the order they are written: whatever comes before the
+    blocks (the embedding), each block, then the rest (final norm, LM head)."""
     model = pm.model
-    sd = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)
-    if plain is not None:  # the plain class expects every bias its switches turn on
-        prefix = "model.layers"
-        for i, layer in enumerate(pm.layers):
-            names = []
-            if plain.get("attention_bias"):
-                names += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
-            if plain.get("mlp_bias"):
-                names += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-            for name in names:
-                key = f"{prefix}.{i}.{name}.bias"
-                if key not in sd:
-                    w = sd[f"{prefix}.{i}.{name}.weight"]
-                    sd[key] = torch.zeros(w.shape[0], dtype=w.dtype)
-    return sd
+    names = [n for n in model.state_dict() if not (n == "lm_head.weight" and _tied(model))]
+    blocks: dict[int, list[str]] = {}
+    before, after = [], []
+    for n in names:
+        m = re.match(r"model\.layers\.(\d+)\.", n)
+        if m:
+            blocks.setdefault(int(m.group(1)), []).append(n)
+        else:
+            (before if "embed_tokens" in n else after).append(n)
+    return [g for g in [before, *(blocks[i] for i in sorted(blocks)), after] if g]
 
 
-def _save_weights(sd: dict[str, torch.Tensor], folder: Path) -> None:
-    from huggingface_hub import split_torch_state_dict_into_shards
+def _tied(model) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def _host_tensors(pm: PrunableModel, plain: dict | None, names: list[str]) -> dict[str, torch.Tensor]:
+    """Host copies of `names` (from whichever device holds each), plus the zero biases the plain
+    class expects where its switches turn them on."""
+    sd = pm.model.state_dict()  # views of the (sliced) weights where they live: no copy yet
+    out = {n: sd[n].detach().to("cpu", copy=True).contiguous() for n in names}
+    if plain is not None:
+        wanted = []
+        if plain.get("attention_bias"):
+            wanted += ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+        if plain.get("mlp_bias"):
+            wanted += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+        for n in names:
+            for w in wanted:
+                if n.endswith(f".{w}.weight") and n[: -len("weight")] + "bias" not in sd:
+                    out[n[: -len("weight")] + "bias"] = torch.zeros(out[n].shape[0], dtype=out[n].dtype)
+    return out
+
+
+def _nbytes(pm: PrunableModel, names: list[str]) -> int:
+    sd = pm.model.state_dict()
+    return sum(sd[n].numel() * sd[n].element_size() for n in names)
+
+
+def _save_weights(pm: PrunableModel, plain: dict | None, folder: Path) -> None:
+    """Write the weights group by group (a block at a time), so host memory holds one shard and
+    its serialised bytes: about two blocks of the largest kind (or MIN_SHARD), never the model.
+    Consecutive groups share a shard up to the size of the largest group."""
     from safetensors.torch import save_file
 
-    split = split_torch_state_dict_into_shards(sd, filename_pattern="model{suffix}.safetensors", max_shard_size=MAX_SHARD)
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: sd[n] for n in names}, str(folder / filename), metadata={"format": "pt"})
-    if split.is_sharded:
-        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+    groups = _groups(pm, plain)
+    sizes = [_nbytes(pm, g) for g in groups]
+    limit = max(max(sizes), MIN_SHARD)
+    shards: list[list[str]] = []
+    size = 0
+    for g, n in zip(groups, sizes):
+        if shards and size + n <= limit:
+            shards[-1] += g
+            size += n
+        else:
+            shards.append(list(g))
+            size = n
+    weight_map, total = {}, 0
+    for i, names in enumerate(shards):
+        filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = _host_tensors(pm, plain, names)
+        save_file(tensors, str(folder / filename), metadata={"format": "pt"})
+        for n, t in tensors.items():
+            weight_map[n] = filename
+            total += t.numel() * t.element_size()
+        del tensors
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
@@ -115,7 +160,7 @@ def export(pm: PrunableModel, tokenizer, out_dir: str | Path, *, info: dict, for
             config.pop(key, None)
         config["dtype"] = str(next(pm.model.parameters()).dtype).removeprefix("torch.")
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _save_weights(_state_dict(pm, plain), staging)
+        _save_weights(pm, plain, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         gen = getattr(pm.model, "generation_config", None)
