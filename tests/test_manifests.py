@@ -41,7 +41,8 @@ def all_jobs(pj):
                            {"key": "zone", "operator": "In", "values": ["a"]}]}]}}},
                    "priorityClassName": "batch-low", "nodeCache": "/var/cache/selfpruner"},
      "queueName": "gpu-queue", "suspend": True},
-], ids=["defaults", "all-features"])
+    {"evaluator": {"gpusPerPod": 8, "gpusPerReplica": 2, "gpuMemory": "141G", "cacheSize": "300Gi"}},
+], ids=["defaults", "all-features", "sharded"])
 def test_jobs_are_valid_kubernetes(overrides):
     for name, job in all_jobs(prunejob(**overrides)).items():
         kubernetes_validate.validate(job, K8S, strict=True)
@@ -161,3 +162,30 @@ def test_a_document_that_skipped_defaulting_gets_the_crds_defaults():
     controller = manifests.controller_job(raw, image=IMAGE, service_account="sa")
     env = {e["name"] for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert spec_mod.parse(raw).spec["llm"]["apiKeyEnv"] in env
+
+
+def test_pods_of_several_gpus_get_their_gpus_shared_memory_and_a_sized_cache():
+    """A model split over GPUs: the GPU limit, a memory-backed /dev/shm (the runtime's 64 MB is too
+    small for NCCL and CUDA IPC), and a cache volume sized for the model, with the disk requested."""
+    pj = prunejob(evaluator={"gpusPerPod": 4, "gpusPerReplica": 2, "cacheSize": "300Gi"})
+    for job in (manifests.evaluation_job(pj, generation=0, shards=1, image=IMAGE, batch="0123abcd45"),
+                manifests.finalize_job(pj, image=IMAGE)):
+        pod = job["spec"]["template"]["spec"]
+        c = pod["containers"][0]
+        assert c["resources"]["limits"]["nvidia.com/gpu"] == 4
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": f"{4 * manifests.SHM_PER_GPU}Gi"}
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in c["volumeMounts"]
+        assert volumes["node-cache"]["emptyDir"] == {"sizeLimit": "300Gi"}
+        assert c["resources"]["requests"]["ephemeral-storage"] == "300Gi"
+    one = manifests.evaluation_job(prunejob(), generation=0, shards=1, image=IMAGE, batch="0123abcd45")
+    pod = one["spec"]["template"]["spec"]
+    assert "dshm" not in {v["name"] for v in pod["volumes"]}  # one GPU: nothing to share
+    assert "ephemeral-storage" not in pod["containers"][0]["resources"]["requests"]
+
+
+def test_bad_gpu_memory_and_cache_size_are_refused_with_the_field():
+    with pytest.raises(spec_mod.SpecErrors) as e:
+        prunejob(evaluator={"gpuMemory": "lots", "cacheSize": "big"})
+    assert any(p.startswith("spec.evaluator.gpuMemory:") for p in e.value.problems)
+    assert any(p.startswith("spec.evaluator.cacheSize:") for p in e.value.problems)

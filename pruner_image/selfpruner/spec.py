@@ -182,6 +182,15 @@ def _cluster_problems(spec: dict) -> list[str]:
         value = str(ev.get(key, ""))
         if not QUANTITY_RE.match(value):
             problems.append(f"spec.evaluator.{key}: {value!r} is not a Kubernetes quantity (e.g. 4, 500m, 32Gi)")
+    if ev.get("cacheSize") is not None and not QUANTITY_RE.match(str(ev["cacheSize"])):
+        problems.append(f"spec.evaluator.cacheSize: {ev['cacheSize']!r} is not a Kubernetes quantity (e.g. 300Gi)")
+    if ev.get("gpuMemory") is not None:
+        from .memory_plan import parse_bytes
+
+        try:
+            parse_bytes(ev["gpuMemory"])
+        except UserError as e:
+            problems.append(str(e))
     queue = spec.get("queueName")
     if queue is not None and (len(queue) > 63 or not LABEL_VALUE_RE.match(queue)):
         problems.append(f"spec.queueName: {queue!r} is not a label value (63 characters at most, letters, digits, "

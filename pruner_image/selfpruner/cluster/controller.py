@@ -8,13 +8,16 @@ the operator resumes where the lost one stopped. Progress goes to the PruneJob's
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
 import traceback
 from pathlib import Path
 
+from .. import memory_plan
 from .. import spec as spec_mod
+from ..executors.for_spec import workload
 from ..search import runner
 from ..storage import ObjectNotFound, StorageError, open_store
 from . import failures, status
@@ -72,12 +75,14 @@ def run(doc: dict, kube: Kube) -> int:
             except ObjectNotFound:
                 pass
     image = os.environ.get("SELFPRUNER_IMAGE", "selfpruner-pruner:latest")
-    executor = KubernetesExecutor(doc, store, kube, image)
+    plan = check_fit(job)
+    executor = KubernetesExecutor(with_cache_size(doc, job), store, kube, image)
     pj = kube.read_prunejob(name) or doc
     generation = pj["metadata"].get("generation")
     kube.patch_status(name, {"phase": status.RUNNING, "conditions": [
         status.condition(status.RUNNING, "True", "SearchRunning", "the controller is running the search", generation)]})
     executor.prepare()
+    executor.memory_plan = executor.memory_plan or plan
 
     max_failed = job.spec["evaluator"]["maxFailedEvaluations"]
     metrics = None
@@ -132,6 +137,56 @@ def run(doc: dict, kube: Kube) -> int:
     kube.event(pj, status.SUCCEEDED, f"search finished: best fitness {_number(result['best'].get('fitness'))}, "
                                 f"checkpoint {result.get('checkpoint')}")
     return 0
+
+
+def _model_store(job):
+    """The store holding an s3:// model, and the model's prefix in it."""
+    storage = job.spec["storage"]
+    bucket, _, prefix = job.spec.model.source[len("s3://"):].partition("/")
+    return (open_store(f"s3://{bucket}", endpoint_url=storage.get("endpointURL"), region=storage.get("region")),
+            prefix.rstrip("/"))
+
+
+def with_cache_size(doc: dict, job) -> dict:
+    """The PruneJob with evaluator.cacheSize filled in from the size of an s3:// model (1.25 × it,
+    for the safetensors and their partial copies), so the pods' cache volumes ask for the disk."""
+    ev = job.spec.evaluator
+    if ev.get("cacheSize") or ev.get("nodeCache") or not job.spec.model.source.startswith("s3://"):
+        return doc
+    store, prefix = _model_store(job)
+    size = sum(store.info(key).size for key in store.list(prefix + "/"))
+    doc = json.loads(json.dumps(doc))
+    doc["spec"].setdefault("evaluator", {})["cacheSize"] = f"{math.ceil(1.25 * size / 2**30) + 1}Gi"
+    return doc
+
+
+def check_fit(job) -> dict | None:
+    """The memory plan from the model's config.json, before any GPU pod starts, where the spec
+    says how much memory a GPU has (evaluator.gpuMemory) and the config is in storage (or a
+    folder here); a model that cannot fit fails the PruneJob now, with the line saying what to change."""
+    ev = job.spec.evaluator
+    source = job.spec.model.source
+    if ev.get("gpuMemory") is None or not ev.gpus_per_pod:
+        return None
+    if source.startswith("s3://"):
+        store, prefix = _model_store(job)
+        try:
+            config = json.loads(store.get_bytes(f"{prefix}/config.json"))
+        except ObjectNotFound:
+            raise Verdict("InvalidInput", f"spec.model.source: {source} has no config.json; "
+                                          "give the folder of a Hugging Face model") from None
+    elif (Path(source) / "config.json").is_file():
+        config = json.loads((Path(source) / "config.json").read_text())
+    else:
+        return None  # hf:// or the demo: the preparation pod plans with what it loads
+    try:
+        plan = memory_plan.plan(memory_plan.config_from_json(config), workload(job), gpus=ev.gpus_per_pod,
+                                gpu_memory=memory_plan.parse_bytes(ev.gpu_memory),
+                                gpus_per_replica=ev.gpus_per_replica)
+    except spec_mod.UserError as e:
+        raise Verdict("ModelDoesNotFit", str(e)) from None
+    print("\n".join(plan.lines()), file=sys.stderr, flush=True)
+    return plan.to_dict()
 
 
 def _number(x) -> str:

@@ -36,6 +36,7 @@ class KubernetesExecutor:
         self.generation = 0
         self.geometry: Geometry | None = None
         self.prior: dict = {}
+        self.memory_plan: dict | None = None  # the preparation pod's, with its GPUs
 
     # -- preparation: geometry, calibration statistics, prior (once per PruneJob) ------
     def prepare(self) -> None:
@@ -43,11 +44,14 @@ class KubernetesExecutor:
             job = self._run_batch("prep", [[{"prepare": True}]], wanted=[], on_result=None,
                                   ready=lambda: self.store.exists(self.layout.prepared))
             if not self.store.exists(self.layout.prepared):
-                raise Verdict("PrepareFailed", f"the preparation Job failed{_why(job)}: the model could not be "
-                                               f"loaded or calibrated (its pod's log says why)")
+                why = "the model could not be loaded or calibrated (its pod's log says why)"
+                if self.store.exists(self.layout.prepare_failed):
+                    why = self.store.get_json(self.layout.prepare_failed)["error"]
+                raise Verdict("PrepareFailed", f"the preparation Job failed{_why(job)}: {why}")
         prepared = self.store.get_json(self.layout.prepared)
         self.geometry = Geometry(**prepared["geometry"])
         self.prior = prepared["prior"]
+        self.memory_plan = prepared.get("memory_plan")
 
     # -- the executor interface -------------------------------------------------------
     def evaluate(self, tasks: list[EvalTask], on_result=None) -> list[EvalOutcome]:

@@ -41,7 +41,11 @@ class Layout:
 
     @property
     def prepared(self) -> str:
-        return f"{self.root}/prepare/prepared.json"  # geometry and prior statistics
+        return f"{self.root}/prepare/prepared.json"  # geometry, prior statistics, memory plan
+
+    @property
+    def prepare_failed(self) -> str:
+        return f"{self.root}/prepare/failed.json"  # why the preparation pod could not load the model
 
     @property
     def calibration(self) -> str:

@@ -160,6 +160,9 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
     return _job(pj, name, "controller", pod, extra_labels={"selfpruner.io/attempt": str(attempt)})
 
 
+SHM_PER_GPU = 1  # GiB of memory-backed /dev/shm per GPU of a pod with several
+
+
 def _evaluator_pod(pj: dict, *, image: str, container_name: str, command: list[str], extra_env: list) -> dict:
     ev = evaluator(pj)
     storage_env, env_from = _storage_env(pj)
@@ -170,18 +173,28 @@ def _evaluator_pod(pj: dict, *, image: str, container_name: str, command: list[s
         resources["limits"]["nvidia.com/gpu"] = gpus
         resources["requests"]["nvidia.com/gpu"] = gpus
     cache = ev.get("nodeCache") or ""
-    cache_volume = ({"name": "node-cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"}} if cache
-                    else {"name": "node-cache", "emptyDir": {}})
+    volumes = [{"name": "tmp", "emptyDir": {}}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "node-cache", "mountPath": "/var/cache/selfpruner"}]
+    if cache:
+        volumes.append({"name": "node-cache", "hostPath": {"path": cache, "type": "DirectoryOrCreate"}})
+    else:  # the pod's own copy of the weights: sized for the model, so the kubelet places it on a node with room
+        size = ev.get("cacheSize")
+        volumes.append({"name": "node-cache", "emptyDir": {"sizeLimit": str(size)} if size else {}})
+        if size:
+            resources["requests"]["ephemeral-storage"] = str(size)
+    if gpus > 1:
+        # a model split over GPUs, or replicas: NCCL and CUDA IPC want more than the runtime's 64 MB
+        # /dev/shm; memory-backed, it counts against the pod's memory limit
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_PER_GPU * gpus}Gi"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
     container = {"name": container_name, "image": ev.get("image") or image, "command": command,
                  "env": _common_env(pj) + storage_env + extra_env + [
                      {"name": "SELFPRUNER_NODE_CACHE", "value": "/var/cache/selfpruner"}],
-                 "resources": resources, "securityContext": container_security(),
-                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
-                                  {"name": "node-cache", "mountPath": "/var/cache/selfpruner"}]}
+                 "resources": resources, "securityContext": container_security(), "volumeMounts": mounts}
     if env_from:
         container["envFrom"] = env_from
     pod = {"restartPolicy": "Never", "securityContext": pod_security(), "containers": [container],
-           "volumes": [{"name": "tmp", "emptyDir": {}}, cache_volume], "automountServiceAccountToken": False}
+           "volumes": volumes, "automountServiceAccountToken": False}
     for key in ("nodeSelector", "tolerations", "affinity", "priorityClassName"):
         if ev.get(key):
             pod[key] = ev[key]

@@ -93,20 +93,25 @@ def worker() -> int:
         executor = _executor(spec, store, layout, opts)
     except UserError as e:
         print(f"selfpruner worker: cannot evaluate anything: {e}", file=sys.stderr)
+        if preparing:  # the controller puts this in the PruneJob's status
+            store.put_json(layout.prepare_failed, {"error": " ".join(str(e).split())})
         return EXIT_UNEVALUABLE
     if preparing:
         for path in cache_dir("calibration").glob("*.safetensors"):
             store.put_file(f"{layout.calibration}/{path.name}", path)
-        store.put_json(layout.prepared, {"geometry": asdict(executor.geometry), "prior": executor.prior})
+        store.put_json(layout.prepared, {"geometry": asdict(executor.geometry), "prior": executor.prior,
+                                         "memory_plan": executor.memory_plan})
         return 0
-    for task in todo:
-        try:
-            outcome = executor.evaluate([EvalTask(rates=task["rates"], tokens=task["tokens"], text=task["text"])])[0]
-        except Exception as e:  # this candidate, not the pod: record it and carry on with the shard
-            outcome = EvalOutcome(None, 0, 0.0, None, f"{type(e).__name__}: {e}")
+
+    def record(i: int, outcome: EvalOutcome) -> None:
+        task = todo[i]
         if outcome.error:
             print(f"selfpruner worker: candidate {task['id']} cannot be evaluated: {outcome.error}", file=sys.stderr)
         store.put_json(layout.result(task["id"]), asdict(outcome))
+
+    # the executor's replicas evaluate the shard's candidates in parallel; each result is written
+    # as it arrives, and a candidate that fails is recorded as such (the others go on)
+    executor.evaluate([EvalTask(rates=t["rates"], tokens=t["tokens"], text=t["text"]) for t in todo], on_result=record)
     return 0
 
 

@@ -25,6 +25,7 @@ class EvalOutcome:
 class Executor(Protocol):
     geometry: object  # architecture.Geometry of the model being pruned
     prior: dict  # prior.block_statistics
+    memory_plan: dict | None  # memory_plan.MemoryPlan.to_dict() of a worker, with its devices; None: not known
 
     def evaluate(self, tasks: list[EvalTask], on_result=None) -> list[EvalOutcome]:
         """Outcomes in task order; `on_result(i, outcome)` is called as each one finishes,

@@ -20,6 +20,15 @@ def engine_settings(spec: Section):
                                 calibration_windows=c.windows, calibration_seq_len=c.seq_len)
 
 
+def workload(spec: Section):
+    """What the memory plan sizes the working sets by."""
+    from ..memory_plan import Workload
+
+    s = spec.spec
+    return Workload(dtype=s.model.dtype, batch_size=s.fitness.batch_size, seq_len=s.fitness.seq_len,
+                    calibration_seq_len=s.calibration.seq_len, head_mode=s.pruning.head_mode)
+
+
 def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None):
     """The in-process executor; `model` and `texts` override where the model and the
     texts are read from (a worker pod passes the node-cache copy of an s3:// model)."""
@@ -32,4 +41,4 @@ def make_executor(spec: Section, progress: bool = True, model: str | None = None
     devices = os.environ.get("SELFPRUNER_DEVICES")
     return LocalExecutor(model or spec.spec.model.source, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
                          seq_len=f.seq_len, batch_size=f.batch_size, devices=devices.split(",") if devices else None,
-                         progress=progress)
+                         progress=progress, gpus_per_replica=spec.spec.evaluator.gpus_per_replica)

@@ -1,18 +1,22 @@
-"""In-process evaluation: the model loaded once per device, candidates applied by slicing.
+"""In-process evaluation: the model loaded once per replica, candidates applied by slicing.
 
-One worker per device (`devices`, default: every local GPU, else the CPU); tasks are
-spread over the workers and run in threads (PyTorch releases the GIL in its kernels).
+The devices (`devices`, default: every local GPU, else the CPU) are grouped into replicas of
+k devices each, k from the memory plan (the fewest GPUs that hold the model and its working
+set) or the spec's `evaluator.gpusPerReplica`: ⌊G/k⌋ replicas, each a full copy of the model
+split over its k devices. Tasks are spread over the replicas and run in threads (PyTorch
+releases the GIL in its kernels).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .. import corpus, engine, evaluate, export, prior, structure, zero_shot
+from .. import corpus, engine, evaluate, export, memory_plan, prior, structure, zero_shot
 from ..architecture import geometry_of
 from .base import EvalOutcome, EvalTask
 
@@ -23,11 +27,25 @@ def local_devices() -> list[str]:
     return ["cpu"]
 
 
+def gpu_memory(devices: list[str]) -> int | None:
+    """The smallest total memory of the CUDA devices among `devices`; None when none is one."""
+    sizes = [torch.cuda.get_device_properties(torch.device(d)).total_memory for d in devices if d.startswith("cuda")]
+    return min(sizes) if sizes else None
+
+
+def replica_devices(devices: list[str], k: int) -> list[list[str]]:
+    """⌊len(devices)/k⌋ groups of k consecutive devices; the rest stay idle."""
+    return [devices[i * k:(i + 1) * k] for i in range(len(devices) // k)]
+
+
 class _Worker:
-    def __init__(self, model: str, dtype: str, device: str, settings: engine.PruneSettings, texts: dict[str, str],
-                 seq_len: int, batch_size: int, progress: bool):
-        self.device = device
-        self.eng = engine.prepare(model, settings, dtype=dtype, device=device, progress=progress)
+    def __init__(self, model: str, dtype: str, devices: list[str], settings: engine.PruneSettings,
+                 texts: dict[str, str], seq_len: int, batch_size: int, progress: bool,
+                 workload: memory_plan.Workload | None = None):
+        self.devices = devices
+        self.device = devices[0]  # where inputs go; a split model's hooks move them on
+        self.eng = engine.prepare(model, settings, dtype=dtype, devices=devices, progress=progress,
+                                  workload=workload)
         self.geometry = geometry_of(self.eng.loaded.model.config)
         tok = self.eng.loaded.tokenizer
         self.ids = {name: corpus.tokenize(tok, text) for name, text in texts.items()}
@@ -57,15 +75,26 @@ class _Worker:
                                          head_mode=s.head_mode, mlp_multiple=s.mlp_multiple)
 
     def _sync(self) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize(self.device)
+        for d in dict.fromkeys(self.devices):
+            if d.startswith("cuda"):
+                torch.cuda.synchronize(d)
 
 
 class LocalExecutor:
     def __init__(self, model: str, settings: engine.PruneSettings, texts: dict[str, str], *, dtype: str = "float32",
-                 seq_len: int = 512, batch_size: int = 1, devices: list[str] | None = None, progress: bool = True):
+                 seq_len: int = 512, batch_size: int = 1, devices: list[str] | None = None, progress: bool = True,
+                 gpus_per_replica: int = 0):
+        from ..model_source import load_config
+
         devices = devices or local_devices()
-        self.workers = [_Worker(model, dtype, d, settings, texts, seq_len, batch_size, progress) for d in devices]
+        workload = memory_plan.Workload(dtype=dtype, batch_size=batch_size, seq_len=seq_len,
+                                        calibration_seq_len=settings.calibration_seq_len, head_mode=settings.head_mode)
+        plan = memory_plan.plan(load_config(model), workload, gpus=len(devices), gpu_memory=gpu_memory(devices),
+                                gpus_per_replica=gpus_per_replica)
+        print("\n".join(plan.lines()), file=sys.stderr, flush=True)
+        self.memory_plan = {**plan.to_dict(), "devices": devices}
+        self.workers = [_Worker(model, dtype, group, settings, texts, seq_len, batch_size, progress, workload)
+                        for group in replica_devices(devices, plan.gpus_per_replica)]
         first = self.workers[0]
         self.geometry = first.geometry
         self.tokenizer = first.eng.loaded.tokenizer

@@ -71,6 +71,7 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
         "counters": counters,
         "checkpoint": checkpoint,
         "zero_shot": zero_shot,
+        "memory_plan": getattr(executor, "memory_plan", None),
     }
     tmp = out / "result.json.tmp"
     tmp.write_text(json.dumps(result, indent=2) + "\n")

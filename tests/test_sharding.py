@@ -1,0 +1,301 @@
+"""Models split over several devices: the split path against the single-device path on tiny
+real models (every block's device is the CPU here, with accelerate's hooks moving the inputs
+exactly as they do between GPUs; bench/bench_sharding.py runs the same checks split over
+cuda:0 and the CPU), the streaming export, and the memory plan against hand-computed figures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import _random_text, char_tokenizer, tiny_model
+from selfpruner import engine, evaluate, export, memory_plan, structure
+from selfpruner.errors import UserError
+
+SPLIT = ("llama-gqa", "llama-bias", "mistral-gqa", "qwen2-gqa")
+
+
+def _folder(tmp_path, arch, layers=4):
+    folder = tmp_path / arch
+    tiny_model(arch, num_hidden_layers=layers).save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("arch", SPLIT)
+def test_split_model_equals_single_device_logits(tmp_path, arch):
+    folder = _folder(tmp_path, arch)
+    single = engine.load(str(folder), devices=["cpu"]).model
+    split = engine.load(str(folder), devices=["cpu", "cpu"]).model
+    # the blocks are spread as the plan says, each with accelerate's device hook
+    assert sorted(split.hf_device_map) == sorted(["model.embed_tokens", "model.rotary_emb", "model.norm", "lm_head",
+                                                   *(f"model.layers.{i}" for i in range(4))])
+    assert all(hasattr(layer, "_hf_hook") for layer in split.model.layers)
+    assert not hasattr(single.model.layers[0], "_hf_hook")
+    ids = torch.randint(2, 60, (2, 40))
+    with torch.no_grad():
+        a, b = single(ids).logits, split(ids).logits
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-gqa"])
+def test_split_engine_calibrates_prunes_and_exports_like_one_device(tmp_path, text_ids, arch):
+    folder = _folder(tmp_path, arch)
+    text = tmp_path / "calibration.txt"
+    text.write_text(_random_text(3, 4000))
+    settings = engine.PruneSettings(metric="flap", calibration_text=str(text), calibration_windows=4,
+                                    calibration_seq_len=64)
+    one = engine.prepare(str(folder), settings, devices=["cpu"], progress=False)
+    two = engine.prepare(str(folder), settings, devices=["cpu", "cpu"], progress=False)
+    for a, b in zip(one.stats.attention + one.stats.mlp, two.stats.attention + two.stats.mlp):
+        torch.testing.assert_close(b.total, a.total, rtol=1e-9, atol=1e-9)
+    g = one.pm.geometry
+    rates = structure.Rates.parse([0.2, 0.6, 0.0, 0.4], g.num_layers)
+    plan = structure.plan_from_rates(g, rates, head_mode=settings.head_mode, mlp_multiple=1)
+    results = []
+    for eng in (one, two):
+        eng.pm.apply(plan)
+        results.append(evaluate.perplexity(eng.loaded.model, text_ids, seq_len=64, max_tokens=512, batch_size=2))
+    assert results[1].perplexity == pytest.approx(results[0].perplexity, rel=1e-5)
+    outs = [export.export(e.pm, e.loaded.tokenizer, tmp_path / f"out{i}", info={}) for i, e in enumerate((one, two))]
+    reloaded = [AutoModelForCausalLM.from_pretrained(str(o), trust_remote_code=True, dtype="float32") for o in outs]
+    sd0, sd1 = reloaded[0].state_dict(), reloaded[1].state_dict()
+    assert sd0.keys() == sd1.keys()
+    for k in sd0:
+        torch.testing.assert_close(sd1[k], sd0[k], atol=0, rtol=0)
+    again = evaluate.perplexity(reloaded[1], text_ids, seq_len=64, max_tokens=512, batch_size=2)
+    assert again.perplexity == pytest.approx(results[0].perplexity, rel=1e-5)
+    for e in (one, two):
+        e.pm.restore()
+
+
+def test_streaming_export_writes_block_shards_with_an_index(tmp_path, text_ids, monkeypatch):
+    """Shards of at most the largest group (embedding, one block, or the head), so the host holds
+    one such group at a time; the index lists every tensor, and the checkpoint reloads."""
+    monkeypatch.setattr(export, "MIN_SHARD", 0)
+    folder = _folder(tmp_path, "llama-bias", layers=3)
+    eng = engine.prepare(str(folder), engine.PruneSettings(metric="magnitude"), devices=["cpu", "cpu"],
+                         progress=False)
+    g = eng.pm.geometry
+    plan = structure.plan_from_rates(g, structure.Rates.parse([0.3] * 3, 3), head_mode=eng.pm.head_mode,
+                                      mlp_multiple=1)
+    eng.pm.apply(plan)
+    copies = []
+    real = export._host_tensors
+
+    def recording(pm, plain, names):
+        copies.append(list(names))
+        return real(pm, plain, names)
+
+    monkeypatch.setattr(export, "_host_tensors", recording)
+    out = export.export(eng.pm, eng.loaded.tokenizer, tmp_path / "out", info={})
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(files) == len(copies) >= 4  # embedding, three blocks, head
+    for names in copies:  # no shard mixes two blocks
+        blocks = {n.split(".")[2] for n in names if n.startswith("model.layers.")}
+        assert len(blocks) <= 1
+    block_bytes = sum(t.numel() * t.element_size() for n, t in eng.loaded.model.state_dict().items()
+                      if n.startswith("model.layers.0."))
+    assert all(sum(eng.loaded.model.state_dict()[n].numel() * 4 for n in names) <= max(block_bytes, 4 * g.hidden_size * 96)
+               for names in copies)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), dtype="float32")
+    assert set(index["weight_map"]) == set(reloaded.state_dict()) - {"lm_head.weight"} | (
+        {"lm_head.weight"} if not reloaded.config.tie_word_embeddings else set())
+    mine = evaluate.perplexity(eng.loaded.model, text_ids, seq_len=64, max_tokens=256)
+    theirs = evaluate.perplexity(reloaded, text_ids, seq_len=64, max_tokens=256)
+    assert theirs.perplexity == pytest.approx(mine.perplexity, rel=1e-5)
+
+
+# -- the memory plan, on the published configs (no weights) ------------------------------------------
+# (hidden, intermediate, layers, heads, kv heads, vocab)
+CONFIGS = {
+    "Llama-2-7B": (4096, 11008, 32, 32, 32, 32000),
+    "Llama-2-13B": (5120, 13824, 40, 40, 40, 32000),
+    "Llama-2-70B": (8192, 28672, 80, 64, 8, 32000),
+    "Llama-3-8B": (4096, 14336, 32, 32, 8, 128256),
+    "Llama-3-70B": (8192, 28672, 80, 64, 8, 128256),
+}
+# parameters as published (the sums of the safetensors of each model)
+PUBLISHED = {"Llama-2-7B": 6_738_415_616, "Llama-2-13B": 13_015_864_320, "Llama-2-70B": 68_976_648_192,
+             "Llama-3-8B": 8_030_261_248, "Llama-3-70B": 70_553_706_496}
+H200 = 141 * 10**9
+
+
+def _config(name):
+    h, i, n, q, kv, v = CONFIGS[name]
+    return LlamaConfig(hidden_size=h, intermediate_size=i, num_hidden_layers=n, num_attention_heads=q,
+                       num_key_value_heads=kv, vocab_size=v, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_memory_plan_matches_hand_computed_figures(name):
+    h, inter, n, q, kv, v = CONFIGS[name]
+    d = h // q
+    assert memory_plan.ModelSize.of(_config(name)).total_params == PUBLISHED[name]
+    work = memory_plan.Workload(dtype="bfloat16", batch_size=1, seq_len=2048, calibration_seq_len=2048)
+    p = memory_plan.plan(_config(name), work, gpus=8, gpu_memory=H200)
+    # by hand, in bytes (bf16 = 2): one block is q/k/v/o + gate/up/down + two norms
+    block = h * q * d * 2 + h * kv * d * 2 + 3 * h * inter + 2 * h
+    embed, head = v * h, v * h + h
+    assert embed + n * block + head == PUBLISHED[name]
+    k = 2 if name.endswith("70B") else 1  # 70B in bf16 is 138 GB of weights, more than 92 % of one H200
+    assert p.gpus_per_replica == k and p.replicas == 8 // k
+    assert sum(s.weights for s in p.shares) == 2 * PUBLISHED[name]
+    working = 2048 * 2 * (4 * h + max(2 * (q + kv) * d, 3 * inter))
+    logits = 2048 * h * 2 + 1024 * v * (2 + 8)
+    copies = 2 * h * q * d * (q // kv - 1) // (q // kv) * 2
+    calibration = working + 2 * 2048 * inter * 8
+    last = p.shares[-1]
+    blocks = last.blocks[1] - last.blocks[0] + 1
+    assert last.weights == 2 * (blocks * block + head + (embed if k == 1 else 0))
+    assert last.copies == blocks * copies
+    assert last.means == blocks * (q * d + inter) * 2
+    assert last.evaluation == working + logits
+    assert last.calibration == calibration + blocks * 16 * (q * d + inter)
+    assert last.total == last.weights + last.copies + last.means + max(last.evaluation, last.calibration)
+    # the blocks are split evenly: no GPU of a replica holds more than one block more than another
+    counts = [s.blocks[1] - s.blocks[0] + 1 for s in p.shares]
+    assert max(counts) - min(counts) <= 2
+    assert p.to_dict()["per_gpu"][0]["total"] == p.shares[0].total
+
+
+def test_memory_plan_figures_equal_the_modules_own_sizes():
+    """The plan's bytes of a block and of the embedding are what accelerate counts on the
+    model itself, built empty on the meta device from the Llama-2-70B config."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import compute_module_sizes
+
+    config = _config("Llama-2-70B")
+    config.num_hidden_layers = 2
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    sizes = compute_module_sizes(model)
+    size = memory_plan.ModelSize.of(config)
+    assert sizes["model.layers.0"] == 2 * size.block_params
+    assert sizes["model.embed_tokens"] == 2 * size.embed_params
+    assert sizes[""] - sizes["model.rotary_emb"] == 2 * size.total_params  # less the rotary frequencies
+
+
+def test_70b_needs_two_h200s_and_is_refused_on_one():
+    work = memory_plan.Workload(dtype="bfloat16", batch_size=1, seq_len=2048)
+    with pytest.raises(UserError) as e:
+        memory_plan.plan(_config("Llama-2-70B"), work, gpus=1, gpu_memory=H200)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "does not fit 1 GPU(s)" in message and "set spec.evaluator.gpusPerPod to at least 2" in message
+    p = memory_plan.plan(_config("Llama-2-70B"), work, gpus=8, gpu_memory=H200)
+    assert (p.gpus_per_replica, p.replicas) == (2, 4)
+    assert p.device_map(["cuda:0", "cuda:1"])["model.layers.0"] == "cuda:0"
+    assert p.device_map(["cuda:0", "cuda:1"])["model.layers.79"] == "cuda:1"
+    assert p.device_map(["cuda:0", "cuda:1"])["lm_head"] == "cuda:1"
+
+
+def test_a_working_set_too_large_names_batch_size_and_seq_len():
+    work = memory_plan.Workload(dtype="bfloat16", batch_size=64, seq_len=32768)
+    with pytest.raises(UserError) as e:
+        memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=80 * 2**30)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "lower spec.fitness.batchSize or spec.fitness.seqLen" in message
+
+
+def test_a_fixed_replica_width_that_cannot_fit_names_gpus_per_replica():
+    work = memory_plan.Workload(dtype="bfloat16")
+    with pytest.raises(UserError, match="set spec.evaluator.gpusPerReplica to at least 2"):
+        memory_plan.plan(_config("Llama-2-70B"), work, gpus=4, gpu_memory=H200, gpus_per_replica=1)
+    with pytest.raises(UserError, match="more than the 2 GPU"):
+        memory_plan.plan(_config("Llama-2-70B"), work, gpus=2, gpu_memory=H200, gpus_per_replica=4)
+
+
+def test_tied_head_stays_with_the_embedding():
+    config = _config("Llama-3-8B")
+    config.tie_word_embeddings = True
+    p = memory_plan.plan(config, memory_plan.Workload(), gpus=2, gpu_memory=None, gpus_per_replica=2)
+    m = p.device_map(["cuda:0", "cuda:1"])
+    assert m["lm_head"] == m["model.embed_tokens"] == "cuda:0"
+    assert p.shares[0].evaluation > p.shares[1].evaluation  # the logits are computed on GPU 0
+
+
+@pytest.mark.parametrize("text,expected", [("80Gi", 80 * 2**30), ("141G", 141 * 10**9), ("1.5Ti", int(1.5 * 2**40)),
+                                           ("1000", 1000)])
+def test_gpu_memory_quantities(text, expected):
+    assert memory_plan.parse_bytes(text) == expected
+
+
+def test_a_bad_gpu_memory_quantity_says_how_to_write_it():
+    with pytest.raises(UserError, match="write it like 80Gi"):
+        memory_plan.parse_bytes("lots")
+
+
+# -- replicas -------------------------------------------------------------------------------------------
+def _texts(seed=5):
+    return {"fitness": _random_text(seed, 3000), "heldout": _random_text(seed + 1, 3000)}
+
+
+def test_replicas_split_the_devices_and_evaluate_like_one_copy(tmp_path):
+    """Four devices, replicas of two: two copies of the model, each split over its two devices,
+    evaluating the candidates in parallel with the results of a single copy."""
+    from selfpruner.executors.base import EvalTask
+    from selfpruner.executors.local import LocalExecutor
+
+    folder = _folder(tmp_path, "llama-gqa", layers=4)
+    settings = engine.PruneSettings(metric="magnitude")
+    one = LocalExecutor(str(folder), settings, _texts(), seq_len=64, devices=["cpu"], progress=False)
+    four = LocalExecutor(str(folder), settings, _texts(), seq_len=64, devices=["cpu"] * 4, progress=False,
+                         gpus_per_replica=2)
+    assert [w.devices for w in four.workers] == [["cpu", "cpu"], ["cpu", "cpu"]]
+    assert all(hasattr(w.eng.loaded.model.model.layers[0], "_hf_hook") for w in four.workers)
+    assert (four.memory_plan["gpus_per_replica"], four.memory_plan["replicas"]) == (2, 2)
+    tasks = [EvalTask(rates=[r, 0.5 - r, r, 0.1], tokens=256) for r in (0.0, 0.1, 0.2, 0.3, 0.4)]
+    seen = []
+    a = one.evaluate(tasks)
+    b = four.evaluate(tasks, on_result=lambda i, o: seen.append(i))
+    assert sorted(seen) == list(range(len(tasks)))
+    assert [o.error for o in b] == [None] * len(tasks)
+    assert [o.fitness for o in b] == pytest.approx([o.fitness for o in a], rel=1e-5)
+    # automatic: nothing bounds a CPU's memory, so every device is a replica of one
+    auto = LocalExecutor(str(folder), settings, _texts(), seq_len=64, devices=["cpu"] * 3, progress=False)
+    assert [w.devices for w in auto.workers] == [["cpu"], ["cpu"], ["cpu"]]
+
+
+def test_the_memory_plan_is_printed_and_in_result_json(tiny_job, capsys):
+    from selfpruner import spec as spec_mod
+    from selfpruner.search import runner
+
+    job = spec_mod.parse(tiny_job("planned", search={"population": 2, "generations": 1, "crossovers": 1,
+                                                     "mutations": 1, "baselines": []}))
+    result = runner.run(job, progress=False)
+    assert "memory plan:" in capsys.readouterr().err
+    plan = result["memory_plan"]
+    assert plan["gpus_per_replica"] == 1 and plan["devices"]
+    assert plan["per_gpu"][0]["weights"] == 4 * plan["params"]  # float32, one device
+
+
+def test_the_controller_refuses_a_model_that_cannot_fit_before_any_gpu_pod(tiny_job):
+    """evaluator.gpuMemory known and the config readable: the PruneJob fails with the plan's
+    line (ModelDoesNotFit, never retried) before a pod is made."""
+    from selfpruner import spec as spec_mod
+    from selfpruner.cluster import controller, failures
+
+    from selfpruner.executors.for_spec import workload
+
+    doc = tiny_job("nofit", evaluator={"gpusPerPod": 1})
+    doc["spec"]["storage"] = {"uri": "file:///unused"}
+    job = spec_mod.parse(doc)
+    config = memory_plan.config_from_json(json.loads((Path(doc["spec"]["model"]["source"]) / "config.json").read_text()))
+    halves = memory_plan.plan(config, workload(job), gpus=2, gpus_per_replica=2)
+    whole = memory_plan.plan(config, workload(job), gpus=1)
+    memory = int(max(s.total for s in halves.shares) / memory_plan.USABLE) + 1  # two such GPUs hold it, one does not
+    assert whole.shares[0].total > memory * memory_plan.USABLE
+    doc["spec"]["evaluator"]["gpuMemory"] = str(memory)
+    with pytest.raises(failures.Verdict) as e:
+        controller.check_fit(spec_mod.parse(doc))
+    reason, message = failures.classify(e.value)
+    assert reason == "ModelDoesNotFit" and "\n" not in message
+    assert "does not fit 1 GPU(s)" in message and "set spec.evaluator.gpusPerPod to at least 2" in message
+    doc["spec"]["evaluator"].update(gpusPerPod=2)
+    assert controller.check_fit(spec_mod.parse(doc))["gpus_per_replica"] == 2
