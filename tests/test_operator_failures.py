@@ -175,20 +175,19 @@ def test_a_failed_prunejob_gives_back_the_gpus_of_its_running_jobs(world, tmp_pa
 
 ONE_BAD_CANDIDATE = """
 import os, sys
-from selfpruner.executors import local
+from selfpruner import evaluate as ev
 
 first = {}
-real = local.LocalExecutor.evaluate
+real = ev.perplexity
 
-def evaluate(self, tasks, on_result=None):
+def perplexity(*args, **kwargs):
     # injected: the GPU running out of memory on one candidate (no GPU here to do it for real)
-    key = repr(tasks[0].rates)
     if os.environ.get("JOB_COMPLETION_INDEX") == "0" and not first:
-        first[key] = True
+        first["done"] = True
         raise RuntimeError("CUDA out of memory (injected for the test)")
-    return real(self, tasks, on_result)
+    return real(*args, **kwargs)
 
-local.LocalExecutor.evaluate = evaluate
+ev.perplexity = perplexity
 from selfpruner.cli import main
 sys.exit(main(sys.argv[1:]))
 """
