@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import _random_text, char_tokenizer, tiny_model
-from selfpruner import engine, evaluate, export, memory_plan, structure
+from selfpruner import engine, evaluate, export, memory_plan, model_source, structure
 from selfpruner.errors import UserError
 
 SPLIT = ("llama-gqa", "llama-bias", "mistral-gqa", "qwen2-gqa")
@@ -60,7 +60,7 @@ def test_split_engine_calibrates_prunes_and_exports_like_one_device(tmp_path, te
         results.append(evaluate.perplexity(eng.loaded.model, text_ids, seq_len=64, max_tokens=512, batch_size=2))
     assert results[1].perplexity == pytest.approx(results[0].perplexity, rel=1e-5)
     outs = [export.export(e.pm, e.loaded.tokenizer, tmp_path / f"out{i}", info={}) for i, e in enumerate((one, two))]
-    reloaded = [AutoModelForCausalLM.from_pretrained(str(o), trust_remote_code=True, dtype="float32") for o in outs]
+    reloaded = [model_source.load(str(o)).model for o in outs]  # our bundled class, never the folder's code
     sd0, sd1 = reloaded[0].state_dict(), reloaded[1].state_dict()
     assert sd0.keys() == sd1.keys()
     for k in sd0:
@@ -85,9 +85,9 @@ def test_streaming_export_writes_block_shards_with_an_index(tmp_path, text_ids, 
     copies = []
     real = export._host_tensors
 
-    def recording(pm, plain, names):
+    def recording(sd, plain, names):
         copies.append(list(names))
-        return real(pm, plain, names)
+        return real(sd, plain, names)
 
     monkeypatch.setattr(export, "_host_tensors", recording)
     out = export.export(eng.pm, eng.loaded.tokenizer, tmp_path / "out", info={})

@@ -82,10 +82,9 @@ def _tied(model) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
 
 
-def _host_tensors(pm: PrunableModel, plain: dict | None, names: list[str]) -> dict[str, torch.Tensor]:
+def _host_tensors(sd: dict[str, torch.Tensor], plain: dict | None, names: list[str]) -> dict[str, torch.Tensor]:
     """Host copies of `names` (from whichever device holds each), plus the zero biases the plain
     class expects where its switches turn them on."""
-    sd = pm.model.state_dict()  # views of the (sliced) weights where they live: no copy yet
     out = {n: sd[n].detach().to("cpu", copy=True).contiguous() for n in names}
     if plain is not None:
         wanted = []
@@ -100,8 +99,7 @@ def _host_tensors(pm: PrunableModel, plain: dict | None, names: list[str]) -> di
     return out
 
 
-def _nbytes(pm: PrunableModel, names: list[str]) -> int:
-    sd = pm.model.state_dict()
+def _nbytes(sd: dict[str, torch.Tensor], names: list[str]) -> int:
     return sum(sd[n].numel() * sd[n].element_size() for n in names)
 
 
@@ -111,8 +109,9 @@ def _save_weights(pm: PrunableModel, plain: dict | None, folder: Path) -> None:
     Consecutive groups share a shard up to the size of the largest group."""
     from safetensors.torch import save_file
 
+    sd = pm.model.state_dict()  # views of the (sliced) weights where they live: no copy yet
     groups = _groups(pm, plain)
-    sizes = [_nbytes(pm, g) for g in groups]
+    sizes = [_nbytes(sd, g) for g in groups]
     limit = max(max(sizes), MIN_SHARD)
     shards: list[list[str]] = []
     size = 0
@@ -126,7 +125,7 @@ def _save_weights(pm: PrunableModel, plain: dict | None, folder: Path) -> None:
     weight_map, total = {}, 0
     for i, names in enumerate(shards):
         filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = _host_tensors(pm, plain, names)
+        tensors = _host_tensors(sd, plain, names)
         save_file(tensors, str(folder / filename), metadata={"format": "pt"})
         for n, t in tensors.items():
             weight_map[n] = filename
