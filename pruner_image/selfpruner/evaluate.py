@@ -44,7 +44,7 @@ def perplexity(model, ids: torch.Tensor, *, seq_len: int = 2048, max_tokens: int
     wins = eval_windows(ids, seq_len, max_tokens)
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), model.get_output_embeddings()
-    nll, count = 0.0, 0
+    parts, count = [], 0  # the losses stay on the device: one host round trip per evaluation, not per chunk
     batches = wins.split(batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -58,6 +58,7 @@ def perplexity(model, ids: torch.Tensor, *, seq_len: int = 2048, max_tokens: int
             h = hidden[:, start:start + logits_chunk]
             logits = head(h).float()  # [B, chunk, V], on the head's device (a split model's last)
             t = targets[:, start:start + logits_chunk].to(logits.device)
-            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum").double().item()
+            parts.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), t.reshape(-1), reduction="sum").double())
             count += t.numel()
+    nll = torch.stack(parts).sum().item()
     return Perplexity(perplexity=math.exp(nll / count), tokens=count, nll=nll)
