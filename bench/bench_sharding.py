@@ -195,7 +195,7 @@ def _tiny_configs(layers: int = 4) -> dict:
 def correctness(args) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from selfpruner import engine, evaluate, export, model_source, structure
+    from selfpruner import calibration, corpus, engine, evaluate, export, model_source, structure
 
     work = Path(args.workdir) / "correctness"
     shutil.rmtree(work, ignore_errors=True)
@@ -215,6 +215,8 @@ def correctness(args) -> dict:
         settings = engine.PruneSettings(metric="flap", calibration_text=str(text), calibration_windows=4,
                                         calibration_seq_len=64, mlp_multiple=1)
         single = engine.prepare(str(folder), settings, devices=["cpu"], progress=False)
+        cal_ids = corpus.tokenize(single.loaded.tokenizer, text.read_text())
+        ref_stats = calibration.collect(single.loaded.model, cal_ids, num_windows=4, seq_len=64, progress=False)
         g = single.pm.geometry
         plan = structure.plan_from_rates(g, structure.Rates.parse([0.2, 0.5, 0.0, 0.4], g.num_layers),
                                           head_mode=settings.head_mode, mlp_multiple=1)
@@ -229,8 +231,10 @@ def correctness(args) -> dict:
             split = engine.prepare(str(folder), settings, devices=devices, progress=False)
             with torch.no_grad():
                 logits = split.loaded.model(ids.to(devices[0])).logits
-            stats = max(rel(b.total, a.total) for a, b in
-                        zip(single.stats.attention + single.stats.mlp, split.stats.attention + split.stats.mlp))
+            # collected afresh on the split model (engine.prepare reused the single run's cached artifact)
+            fresh = calibration.collect(split.loaded.model, cal_ids, num_windows=4, seq_len=64, progress=False)
+            stats = max(max(rel(b.total, a.total), rel(b.total_sq, a.total_sq)) for a, b in
+                        zip(ref_stats.attention + ref_stats.mlp, fresh.attention + fresh.mlp))
             split.pm.apply(plan)
             ppl = evaluate.perplexity(split.loaded.model, eval_ids, seq_len=64, batch_size=4).perplexity
             out = export.export(split.pm, split.loaded.tokenizer, work / f"{arch}-{order}", info={}, force=True)
