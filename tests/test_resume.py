@@ -23,7 +23,7 @@ def start(spec_path: Path) -> subprocess.Popen:
 
 
 def keys(entries):
-    return [(json.dumps(e["rates"]), e["tokens_budget"], e["text"]) for e in entries]
+    return [(json.dumps(e["rates"]), e["tokens_budget"], e["text"], e.get("sample")) for e in entries]
 
 
 def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
@@ -70,7 +70,9 @@ def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
-    doc = tiny_job("interrupted", search={"generations": 30})
+    # 200 generations: about 12 s of search after the first checkpoint (30 took under 2 s, which a
+    # loaded CI machine could spend before the signal was sent, letting the run finish first)
+    doc = tiny_job("interrupted", search={"generations": 200})
     spec = tmp_path / "interrupted.yaml"
     spec.write_text(yaml.safe_dump(doc))
     out = Path(doc["spec"]["output"]["path"])
@@ -78,6 +80,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
     deadline = time.time() + 300
     while not (out / "state.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
     err = proc.stderr.read()
