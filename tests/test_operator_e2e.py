@@ -23,6 +23,8 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
     cluster, kubelet, operator, doc, endpoint = world
     # the finalize Job also scores the zero-shot tasks (its pods' cache sees the session's task data)
     doc["spec"]["search"].update(zeroShotTasks=["arc_easy"], zeroShotLimit=2)
+    # staged selection: screens on fresh windows go out to the evaluation pods as tasks with a sample
+    doc["spec"]["fitness"]["stages"] = [{"tokens": 128, "survivors": 2}]
     pod_tasks = tmp_path / "pod-cache" / "tasks"
     pod_tasks.mkdir(parents=True, exist_ok=True)
     (pod_tasks / _shared_task_data.name).symlink_to(_shared_task_data, target_is_directory=True)
@@ -60,6 +62,7 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
     ppl = evaluate.perplexity(model, ids, seq_len=fitness["seqLen"], max_tokens=fitness["tokens"])
     assert ppl.perplexity == pytest.approx(result["best"]["fitness"], rel=1e-4)
     assert status["bestFitness"] == pytest.approx(result["best"]["fitness"])
+    assert result["counters"]["screened_stage_0"] == 2 * 4  # both generations' offspring were screened
     zero_shot = result["zero_shot"]
     assert {"dense", "best"} <= set(zero_shot["table"]["rows"]), zero_shot
     assert zero_shot["models"]["best"]["arc_easy"]["documents"] == 2

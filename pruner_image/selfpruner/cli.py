@@ -101,7 +101,7 @@ def cmd_validate(args) -> int:
     job = spec.load(args.prunejob)
     s = job.spec.search
     print(f"{args.prunejob}: valid PruneJob {job.metadata['name']!r} (strategy {s.strategy}, "
-          f"budget {spec.budget(job)} evaluations, ratio {job.spec.target.ratio})")
+          f"budget {spec.budget(job):g} evaluations, ratio {job.spec.target.ratio})")
     return 0
 
 

@@ -231,6 +231,13 @@ def _rule_problems(doc: dict) -> list[str]:
     name = doc.get("metadata", {}).get("name")
     if not isinstance(name, str) or not NAME_RE.match(name) or len(name) > 63:
         problems.append("metadata.name: required; lower-case letters, digits and '-', at most 63 characters")
+    s, f = doc["spec"]["search"], doc["spec"]["fitness"]
+    given = s.get("budget") or {}
+    if given and s["strategy"] in ("genetic", "llm-evolution"):
+        evaluations = given["tokens"] / f["tokens"] if "tokens" in given else given.get("evaluations", 0)
+        if evaluations < s["population"]:
+            problems.append(f"spec.search.budget: {evaluations:g} full evaluations do not pay for the initial "
+                            f"population of {s['population']}; raise the budget or lower spec.search.population")
     t = doc["spec"]["target"]
     for key in ("minRate", "maxRate"):
         units = t[key] / t["grid"]
@@ -283,7 +290,11 @@ def load(path: str | Path) -> Section:
         raise SpecErrors([f"{path}: {p}" for p in e.problems]) from None
 
 
-def budget(spec: Section) -> int:
-    """Full-fidelity evaluations the search may spend: κ + generations × (crossovers + mutations)."""
+def budget(spec: Section) -> float:
+    """Full-fidelity evaluations the search may spend: `search.budget` (tokens / fitness.tokens, or
+    evaluations) when given, else κ + generations × (crossovers + mutations)."""
     s = spec.spec.search
+    given = s.get("budget")
+    if given:
+        return given["tokens"] / spec.spec.fitness.tokens if "tokens" in given else float(given["evaluations"])
     return s.population + s.generations * (s.crossovers + s.mutations)

@@ -56,7 +56,8 @@ class KubernetesExecutor:
     # -- the executor interface -------------------------------------------------------
     def evaluate(self, tasks: list[EvalTask], on_result=None) -> list[EvalOutcome]:
         done = on_result or (lambda i, outcome: None)
-        items = [{"rates": t.rates, "tokens": t.tokens, "text": t.text} for t in tasks]
+        items = [{"rates": t.rates, "tokens": t.tokens, "text": t.text,
+                  **({"sample": t.sample} if t.sample is not None else {})} for t in tasks]
         ids = [task_id(item) for item in items]
         outcomes: list[EvalOutcome | None] = [None] * len(tasks)
         finished = set(self._finished_ids())

@@ -111,7 +111,8 @@ def worker() -> int:
 
     # the executor's replicas evaluate the shard's candidates in parallel; each result is written
     # as it arrives, and a candidate that fails is recorded as such (the others go on)
-    executor.evaluate([EvalTask(rates=t["rates"], tokens=t["tokens"], text=t["text"]) for t in todo], on_result=record)
+    executor.evaluate([EvalTask(rates=t["rates"], tokens=t["tokens"], text=t["text"], sample=t.get("sample"))
+                       for t in todo], on_result=record)
     return 0
 
 

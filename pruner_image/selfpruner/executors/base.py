@@ -11,11 +11,14 @@ class EvalTask:
     rates: dict | list  # Rates.to_json()
     tokens: int  # fidelity; 0 means the whole text
     text: str = "fitness"  # or "heldout"
+    # None: the fixed windows (the first that fit `tokens`); a number: windows drawn afresh from the
+    # whole text with this seed (evaluate.select_windows), the same on every machine
+    sample: int | None = None
 
 
 @dataclass
 class EvalOutcome:
-    fitness: float | None  # perplexity on the task's text
+    fitness: float | None  # perplexity on the task's text, or (fitness.metric kl) mean KL from the dense model
     tokens: int  # tokens predicted
     seconds: float  # device time
     achieved_ratio: float | None = None

@@ -41,4 +41,5 @@ def make_executor(spec: Section, progress: bool = True, model: str | None = None
     devices = os.environ.get("SELFPRUNER_DEVICES")
     return LocalExecutor(model or spec.spec.model.source, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
                          seq_len=f.seq_len, batch_size=f.batch_size, devices=devices.split(",") if devices else None,
-                         progress=progress, gpus_per_replica=spec.spec.evaluator.gpus_per_replica)
+                         progress=progress, gpus_per_replica=spec.spec.evaluator.gpus_per_replica,
+                         metric=f.metric, top_k=f.top_k)

@@ -5,6 +5,12 @@ k devices each, k from the memory plan (the fewest GPUs that hold the model and 
 set) or the spec's `evaluator.gpusPerReplica`: ⌊G/k⌋ replicas, each a full copy of the model
 split over its k devices. Tasks are spread over the replicas and run in threads (PyTorch
 releases the GIL in its kernels).
+
+The fitness is perplexity, or (`metric="kl"`) the mean KL divergence of the candidate's next-token
+distribution from the dense model's, against the dense top-k reference (`dense_reference`) of the
+task's windows. A window's reference is computed the first time it is needed, before the candidate
+is applied (the model is dense between tasks), and is not counted in the candidate's seconds.
+Held-out text is always scored by perplexity, whatever the metric.
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .. import corpus, engine, evaluate, export, memory_plan, prior, structure, zero_shot
+from .. import calibration, corpus, dense_reference, engine, evaluate, export, memory_plan, prior, structure, zero_shot
 from ..architecture import geometry_of
 from .base import EvalOutcome, EvalTask
+
+METRICS = ("perplexity", "kl")
 
 
 def local_devices() -> list[str]:
@@ -41,7 +49,7 @@ def replica_devices(devices: list[str], k: int) -> list[list[str]]:
 class _Worker:
     def __init__(self, model: str, dtype: str, devices: list[str], settings: engine.PruneSettings,
                  texts: dict[str, str], seq_len: int, batch_size: int, progress: bool,
-                 workload: memory_plan.Workload | None = None):
+                 workload: memory_plan.Workload | None = None, metric: str = "perplexity", top_k: int = 64):
         self.devices = devices
         self.device = devices[0]  # where inputs go; a split model's hooks move them on
         self.eng = engine.prepare(model, settings, dtype=dtype, devices=devices, progress=progress,
@@ -50,24 +58,43 @@ class _Worker:
         tok = self.eng.loaded.tokenizer
         self.ids = {name: corpus.tokenize(tok, text) for name, text in texts.items()}
         self.seq_len, self.batch_size = seq_len, batch_size
+        self.metric, self.top_k = metric, top_k
+        self._fingerprint: str | None = None  # of the dense model, for the reference's cache key
         self.lock = threading.Lock()
 
     def run(self, task: EvalTask) -> EvalOutcome:
         with self.lock:
             try:
                 plan = self.plan(task.rates)
+                model, ids, tokens = self.eng.loaded.model, self.ids[task.text], task.tokens or None
+                kl = self.metric == "kl" and task.text != "heldout"
+                if kl:  # the dense reference of the task's windows, before the candidate: not timed
+                    picked, wins = evaluate.select_windows(ids, self.seq_len, tokens, task.sample)
+                    reference = self.reference(ids, picked, wins.shape[1])
                 self._sync()
                 start = time.perf_counter()
                 self.eng.pm.apply(plan)
-                result = evaluate.perplexity(self.eng.loaded.model, self.ids[task.text], seq_len=self.seq_len,
-                                             max_tokens=task.tokens or None, batch_size=self.batch_size)
+                if kl:
+                    result = evaluate.kl_of_windows(model, wins, reference, batch_size=self.batch_size)
+                    fitness = result.kl
+                else:
+                    result = evaluate.perplexity(model, ids, seq_len=self.seq_len, max_tokens=tokens,
+                                                 batch_size=self.batch_size, sample=task.sample)
+                    fitness = result.perplexity
                 self._sync()
                 seconds = time.perf_counter() - start
-                return EvalOutcome(result.perplexity, result.tokens, seconds, plan.achieved_ratio)
+                return EvalOutcome(fitness, result.tokens, seconds, plan.achieved_ratio)
             except Exception as e:  # recorded as a failed evaluation; the search goes on
                 return EvalOutcome(None, 0, 0.0, None, f"{type(e).__name__}: {e}")
             finally:
                 self.eng.pm.restore()
+
+    def reference(self, ids, picked: list[int], window_len: int) -> dense_reference.DenseTopK:
+        """The dense top-k of windows `picked`; the model must be dense (no candidate applied)."""
+        if self._fingerprint is None:
+            self._fingerprint = calibration.model_fingerprint(self.eng.loaded.model)
+        return dense_reference.dense_topk(self.eng.loaded.model, ids, picked, window_len=window_len, k=self.top_k,
+                                          batch_size=self.batch_size, fingerprint=self._fingerprint)
 
     def plan(self, rates):
         s = self.eng.settings
@@ -83,8 +110,14 @@ class _Worker:
 class LocalExecutor:
     def __init__(self, model: str, settings: engine.PruneSettings, texts: dict[str, str], *, dtype: str = "float32",
                  seq_len: int = 512, batch_size: int = 1, devices: list[str] | None = None, progress: bool = True,
-                 gpus_per_replica: int = 0):
+                 gpus_per_replica: int = 0, metric: str = "perplexity", top_k: int = 64):
+        from ..errors import UserError
         from ..model_source import load_config
+
+        if metric not in METRICS:
+            raise UserError(f"unknown fitness metric {metric!r}; use one of {', '.join(METRICS)}")
+        if top_k < 1:
+            raise UserError(f"fitness topK must be at least 1, got {top_k}")
 
         devices = devices or local_devices()
         workload = memory_plan.Workload(dtype=dtype, batch_size=batch_size, seq_len=seq_len,
@@ -93,13 +126,15 @@ class LocalExecutor:
                                 gpus_per_replica=gpus_per_replica)
         print("\n".join(plan.lines()), file=sys.stderr, flush=True)
         self.memory_plan = {**plan.to_dict(), "devices": devices}
-        self.workers = [_Worker(model, dtype, group, settings, texts, seq_len, batch_size, progress, workload)
+        self.workers = [_Worker(model, dtype, group, settings, texts, seq_len, batch_size, progress, workload,
+                                metric=metric, top_k=top_k)
                         for group in replica_devices(devices, plan.gpus_per_replica)]
         first = self.workers[0]
         self.geometry = first.geometry
         self.tokenizer = first.eng.loaded.tokenizer
         self.prior = prior.block_statistics(first.eng.loaded.model, first.eng.stats) if first.eng.stats else {}
         self.settings = settings
+        self.metric, self.top_k = metric, top_k
         self._pool = ThreadPoolExecutor(max_workers=len(self.workers)) if len(self.workers) > 1 else None
 
     def evaluate(self, tasks: list[EvalTask], on_result=None) -> list[EvalOutcome]:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 
 from . import operators
-from .strategy import Member, Request, Result, Strategy
+from .strategy import Member, Request, Result, Stage, Strategy, sample_seed
 
 
 class OneShot(Strategy):
@@ -70,7 +70,7 @@ class RandomSearch(Strategy):
 
     def ask(self) -> list[Request]:
         space, ctx = self.ctx.space, self.ctx
-        left = int(round(ctx.budget - self.spent))
+        left = int(math.floor(ctx.budget - self.spent + 1e-9))
         if left <= 0:
             return []
         self.at_boundary = False
@@ -91,8 +91,9 @@ class RandomSearch(Strategy):
 
 class EvoPress(Strategy):
     """(1+λ) evolution from the uniform allocation: λ level-switch mutants of the parent,
-    staged selection (all on few tokens, the best `survivors` on full fidelity), and the
-    parent is replaced only by a better child. Runs until the budget is spent."""
+    staged selection (the spec's stages, each on windows drawn afresh; by default all on an
+    eighth of the tokens, the best `survivors` on full fidelity), and the parent is replaced
+    only by a better child. Runs until the budget is spent."""
 
     name = "evopress"
     offspring = 16
@@ -101,14 +102,12 @@ class EvoPress(Strategy):
     def __init__(self, ctx, **kw):
         super().__init__(ctx, **kw)
         self._stage = "parent"
+        self._screen = 0  # which of the stages is under way
         self._children: list[Request] = []
 
     @property
-    def screen_tokens(self) -> int:
-        return self.ctx.screen_tokens or max(2, self.ctx.full_tokens // 8)
-
-    def _step_cost(self) -> float:
-        return self.offspring * self.screen_tokens / self.ctx.full_tokens + self.survivors
+    def stages(self) -> list[Stage]:
+        return self.ctx.stages or [Stage(tokens=max(2, self.ctx.full_tokens // 8), survivors=self.survivors)]
 
     def ask(self) -> list[Request]:
         ctx, space = self.ctx, self.ctx.space
@@ -116,19 +115,25 @@ class EvoPress(Strategy):
             self.at_boundary = False
             return [Request(units=space.uniform(), tokens=ctx.full_tokens, origin="uniform")]
         if self._stage == "mutate":
-            if self.spent + self._step_cost() > ctx.budget + 1e-9:
+            n = self.affordable(self.offspring, self.stages, always=True)  # the last step: what is left
+            if n == 0:
                 return []
             self.at_boundary = False
             parent = np.array(self.population[0].units)
             seen = {space.key(parent)}
             children = []
-            for _ in range(self.offspring):
+            for _ in range(n):
                 child = operators.mutate(space, parent, ctx.rng, moves=1)
                 if space.key(child) not in seen:
                     seen.add(space.key(child))
                     children.append(child)
-            self._stage = "screen"
-            return [Request(units=c, tokens=self.screen_tokens, origin="level-switch") for c in children]
+            self._stage, self._screen = "screen", 0
+            self._children = [Request(units=c, tokens=0, origin="level-switch") for c in children]
+        if self._stage == "screen":
+            stage = self.stages[self._screen]
+            sample = sample_seed(ctx.seed, self.generation, self._screen)
+            return [Request(units=q.units, tokens=stage.tokens, origin=q.origin, sample=sample)
+                    for q in self._children]
         return self._children  # stage "full"
 
     def tell(self, requests, results) -> None:
@@ -138,10 +143,15 @@ class EvoPress(Strategy):
             self.population = [Member([int(x) for x in q.units], r.fitness, q.origin) for q, r in scored]
             self._stage = "mutate" if self.population else "done"
         elif self._stage == "screen":
-            best = sorted(scored, key=lambda qr: qr[1].fitness)[: self.survivors]
-            self._children = [Request(q.units, self.ctx.full_tokens, q.origin) for q, _ in best]
-            self._stage = "full"
+            stage = self.stages[self._screen]
+            best = sorted(scored, key=lambda qr: qr[1].fitness)[: stage.kept(len(scored))]
+            self.count("screened", len(requests))
+            self.count(f"screened_stage_{self._screen}", len(requests))
+            self._screen += 1
+            last = self._screen >= len(self.stages)
+            self._children = [Request(q.units, self.ctx.full_tokens if last else 0, q.origin) for q, _ in best]
             if self._children:
+                self._stage = "full" if last else "screen"
                 return
             self._stage = "mutate"
         else:

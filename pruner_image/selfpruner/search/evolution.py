@@ -2,20 +2,21 @@
 best κ of parents ∪ offspring survive. Who proposes offspring is pluggable: classical
 operators (`genetic`, the ablation the paper lacks) or an LLM (`llm-evolution`).
 
-With multi-fidelity on, offspring are screened on `screen_tokens` first and only the best
-`screen_keep` share is evaluated at full fidelity; survivors are chosen on full
-fidelity only.
+With staged selection (`fitness.stages`, or the one stage of `screenTokens`/`screenKeep`),
+each generation's offspring go through the screens in turn, each on windows drawn afresh, and
+only the last screen's survivors are evaluated at full fidelity; survivors of the generation
+are chosen on full fidelity only. With a budget given (`search.budget`) generations go on
+until it is spent, the last one cut to what is left.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import operators
-from .strategy import Member, Request, Result, Strategy
+from .strategy import Member, Request, Result, Strategy, sample_seed
 
 
 @dataclass
@@ -55,7 +56,8 @@ class Evolution(Strategy):
         self.proposer = proposer or ClassicalProposer()
         self.seen: set[tuple[int, ...]] = set()
         self._pending: list[Offspring] = []  # offspring of the generation under way
-        self._phase = "propose"
+        self._phase = "propose"  # propose, stage (screen number self._stage), full
+        self._stage = 0
 
     # -- duplicates ----------------------------------------------------------------
     def fresh(self, units: np.ndarray, origin_counter: str | None = None) -> np.ndarray:
@@ -70,39 +72,57 @@ class Evolution(Strategy):
         return units
 
     # -- ask / tell ------------------------------------------------------------------
+    def finished(self) -> bool:
+        if self.generation > 0 and not self.population:
+            return True
+        if self.ctx.open_ended:
+            return self.generation > 0 and self.affordable(1) == 0
+        return self.generation > self.generations
+
     def ask(self) -> list[Request]:
         ctx = self.ctx
         if self._phase == "propose":
-            if self.generation > self.generations or (self.generation > 0 and not self.population):
+            if self.finished():
                 return []
             self.at_boundary = False
             if self.generation == 0:
                 self._pending = self.proposer.initial(self, self.population_size)
                 self._phase = "full"
             else:
-                self._pending = self.proposer.offspring(self)
-                self._phase = "screen" if ctx.screen_tokens else "full"
+                offspring = self.proposer.offspring(self)
+                self._pending = offspring[:self.affordable(len(offspring))]
+                self._phase, self._stage = ("stage" if ctx.stages else "full"), 0
             if not self._pending:
                 self._phase = "propose"
                 return []
-        tokens = ctx.screen_tokens if self._phase == "screen" else ctx.full_tokens
-        return [Request(units=o.units, tokens=tokens, origin=o.origin, parent_fitness=o.parent_fitness)
+        if self._phase == "stage":
+            stage = ctx.stages[self._stage]
+            sample = sample_seed(ctx.seed, self.generation, self._stage)
+            return [Request(units=o.units, tokens=stage.tokens, origin=o.origin, parent_fitness=o.parent_fitness,
+                            sample=sample) for o in self._pending]
+        return [Request(units=o.units, tokens=ctx.full_tokens, origin=o.origin, parent_fitness=o.parent_fitness)
                 for o in self._pending]
 
     def tell(self, requests: list[Request], results: list[Result]) -> None:
         self.charge(results)
         scored = [(req, res) for req, res in zip(requests, results) if res.fitness is not None]
         self.count("failed_evaluations", len(results) - len(scored))
-        if self._phase == "screen":
-            keep = max(1, math.ceil(self.ctx.screen_keep * len(scored)))
+        if self._phase == "stage":
+            keep = self.ctx.stages[self._stage].kept(len(scored))
             best = sorted(scored, key=lambda rr: rr[1].fitness)[:keep]
             self.count("screened", len(requests))
+            self.count(f"screened_stage_{self._stage}", len(requests))
             kept = {id(req) for req, _ in best}
             for req in requests:
                 if id(req) not in kept:  # screened out: made, never entered
                     self.note_offspring(req.origin, False, req.parent_fitness, None)
             self._pending = [Offspring(req.units, req.origin, req.parent_fitness) for req, _ in best]
-            self._phase = "full"
+            self._stage += 1
+            if self._stage >= len(self.ctx.stages):
+                self._phase = "full"
+            if not self._pending:  # every screen evaluation failed: the generation ends here
+                self._phase = "full"
+                self.tell([], [])
             return
         members = {id(req): Member(units=[int(x) for x in req.units], fitness=res.fitness, origin=req.origin)
                    for req, res in scored}

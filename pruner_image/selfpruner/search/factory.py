@@ -11,7 +11,7 @@ from .baselines import EvoPress, Owl, RandomSearch, Uniform
 from .evolution import Evolution
 from .llm_evolution import LLMEvolution, LLMProposer
 from .space import SearchSpace
-from .strategy import Context
+from .strategy import Context, Stage
 
 STRATEGIES = tuple(schema()["properties"]["spec"]["properties"]["search"]["properties"]["strategy"]["enum"])
 
@@ -27,10 +27,25 @@ def make_space(spec, geometry) -> SearchSpace:
     return space
 
 
+def stages(spec) -> list[Stage]:
+    """`fitness.stages`, or `screenTokens`/`screenKeep` as the one stage they describe."""
+    f = spec.spec.fitness
+    if f.get("stages"):
+        return [Stage(tokens=st["tokens"], survivors=st["survivors"]) for st in f.stages]
+    if f.screen_tokens:
+        return [Stage(tokens=f.screen_tokens, keep=f.screen_keep)]
+    return []
+
+
 def make_context(spec, space: SearchSpace, prior: dict, budget: float) -> Context:
-    f, s = spec.spec.fitness, spec.spec.search
-    return Context(space=space, full_tokens=f.tokens, screen_tokens=f.screen_tokens, screen_keep=f.screen_keep,
-                   budget=budget, rng=np.random.default_rng(s.seed), prior=prior)
+    s = spec.spec.search
+    return Context(space=space, full_tokens=spec.spec.fitness.tokens, stages=stages(spec), budget=budget,
+                   open_ended=bool(s.get("budget")), seed=s.seed, rng=np.random.default_rng(s.seed), prior=prior)
+
+
+# what the fitness is called in the LLM's prompts, at length and next to a number
+FITNESS_NAMES = {"perplexity": "perplexity", "kl": "KL divergence from the unpruned model"}
+FITNESS_LABELS = {"perplexity": "perplexity", "kl": "KL"}
 
 
 def model_description(spec, geometry, prior: dict) -> dict:
@@ -45,6 +60,8 @@ def model_description(spec, geometry, prior: dict) -> dict:
                         else f", one per block 0..{g.num_layers - 1}"),
         "mean_kind": "parameter-weighted mean" if separate else "mean",
         "block_stats": prior_mod.describe(prior) if prior else "(no calibration statistics)",
+        "fitness_name": FITNESS_NAMES[spec.spec.fitness.metric],
+        "fitness_label": FITNESS_LABELS[spec.spec.fitness.metric],
     }
 
 

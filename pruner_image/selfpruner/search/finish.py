@@ -60,7 +60,9 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
         "baselines": {name: {"fitness": numbers[name]["fitness"], "held_out_perplexity": numbers[name]["heldout"],
                              "achieved_ratio": numbers[name]["achieved_ratio"], "rates": numbers[name]["rates"]}
                       for name in spec.spec.search.baselines},
-        "fitness_text": {"text": spec.spec.fitness.text, "tokens": spec.spec.fitness.tokens},
+        "fitness_text": {"text": spec.spec.fitness.text, "tokens": spec.spec.fitness.tokens,
+                         "metric": spec.spec.fitness.metric,
+                         **({"top_k": spec.spec.fitness.top_k} if spec.spec.fitness.metric == "kl" else {})},
         "held_out_text": {"text": spec.spec.fitness.held_out_text, "tokens": spec.spec.fitness.held_out_tokens},
         "best_per_generation": strategy.best_per_generation,
         "generations": strategy.generation_log,

@@ -1,6 +1,7 @@
 """Every evaluation, one JSON line, written before the search moves on: the record a
-person reads, and the fitness cache — keyed by (candidate, fidelity, text) — that makes
-sure nothing is evaluated twice, across restarts too."""
+person reads, and the fitness cache — keyed by (candidate, fidelity, text, sample of windows) —
+that makes sure nothing is evaluated twice, across restarts too. A screen's windows are drawn
+afresh (`sample`, the seed `evaluate.select_windows` draws them with): the entry records it."""
 
 from __future__ import annotations
 
@@ -38,16 +39,16 @@ class History:
             self._remember(e)
 
     @staticmethod
-    def key(rates, tokens: int, text: str) -> tuple:
-        return (json.dumps(rates, sort_keys=True), tokens, text)
+    def key(rates, tokens: int, text: str, sample: int | None = None) -> tuple:
+        return (json.dumps(rates, sort_keys=True), tokens, text, sample)
 
     def _remember(self, e: dict) -> None:
         self.entries.append(e)
         if e.get("fitness") is not None:
-            self.cache[self.key(e["rates"], e["tokens_budget"], e["text"])] = e
+            self.cache[self.key(e["rates"], e["tokens_budget"], e["text"], e.get("sample"))] = e
 
-    def lookup(self, rates, tokens: int, text: str) -> dict | None:
-        return self.cache.get(self.key(rates, tokens, text))
+    def lookup(self, rates, tokens: int, text: str, sample: int | None = None) -> dict | None:
+        return self.cache.get(self.key(rates, tokens, text, sample))
 
     def append(self, e: dict) -> None:
         with open(self.path, "a") as f:
@@ -78,12 +79,13 @@ class Evaluator:
     def __init__(self, executor, history: History, space: SearchSpace):
         self.executor, self.history, self.space = executor, history, space
 
-    def run(self, items: list[tuple[object, int, str, str]], generation: int) -> list[tuple[dict | None, bool]]:
-        """items: (rates json, tokens, text, origin) -> [(entry, cached)] in order."""
+    def run(self, items: list[tuple], generation: int) -> list[tuple[dict | None, bool]]:
+        """items: (rates json, tokens, text, origin[, sample]) -> [(entry, cached)] in order."""
+        items = [tuple(it) + (None,) * (5 - len(it)) for it in items]
         out: list = [None] * len(items)
         todo = []
-        for i, (rates, tokens, text, origin) in enumerate(items):
-            hit = self.history.lookup(rates, tokens, text)
+        for i, (rates, tokens, text, origin, sample) in enumerate(items):
+            hit = self.history.lookup(rates, tokens, text, sample)
             if hit is not None:
                 out[i] = (hit, True)
             else:
@@ -91,28 +93,29 @@ class Evaluator:
         # the same new candidate twice in one batch is evaluated once
         unique: dict[tuple, list[int]] = {}
         for i in todo:
-            rates, tokens, text, _ = items[i]
-            unique.setdefault(History.key(rates, tokens, text), []).append(i)
+            rates, tokens, text, _, sample = items[i]
+            unique.setdefault(History.key(rates, tokens, text, sample), []).append(i)
         firsts = [idx[0] for idx in unique.values()]
 
         def record(k: int, outcome: EvalOutcome) -> None:
             i = firsts[k]
-            rates, tokens, text, origin = items[i]
+            rates, tokens, text, origin, sample = items[i]
             entry = {"n": len(self.history.entries), "generation": generation, "origin": origin, "text": text,
+                     **({"sample": sample} if sample is not None else {}),
                      "rates": rates, "tokens_budget": tokens, "tokens": outcome.tokens, "fitness": outcome.fitness,
                      "seconds": round(outcome.seconds, 4), "achieved_ratio": outcome.achieved_ratio,
                      "error": outcome.error, "time": round(time.time(), 3)}
             self.history.append(entry)
-            for j in unique[History.key(rates, tokens, text)]:
+            for j in unique[History.key(rates, tokens, text, sample)]:
                 out[j] = (entry, j != i)
 
         if firsts:
-            self.executor.evaluate([EvalTask(rates=items[i][0], tokens=items[i][1], text=items[i][2]) for i in firsts],
-                                   on_result=record)
+            self.executor.evaluate([EvalTask(rates=items[i][0], tokens=items[i][1], text=items[i][2],
+                                            sample=items[i][4]) for i in firsts], on_result=record)
         return out
 
     def evaluate(self, requests: list[Request], generation: int) -> list[Result]:
-        items = [(self.space.to_rates(r.units).to_json(), r.tokens, "fitness", r.origin) for r in requests]
+        items = [(self.space.to_rates(r.units).to_json(), r.tokens, "fitness", r.origin, r.sample) for r in requests]
         results = []
         for entry, cached in self.run(items, generation):
             results.append(Result(fitness=entry["fitness"], tokens=entry["tokens_budget"], seconds=entry["seconds"],

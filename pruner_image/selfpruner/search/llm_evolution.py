@@ -96,6 +96,8 @@ class LLMProposer(ClassicalProposer):
     def __init__(self, llm, description: dict, per_call: int = 1, select: bool = True, edits: bool = False):
         self.llm = llm  # a Transcript
         self.description = description
+        self.label = description.get("fitness_label", "perplexity")  # next to each candidate's fitness
+        self.digits = ".5f" if self.label == "KL" else ".3f"  # KL values are a few hundredths
         self.per_call = per_call
         self.select = select
         self.edits = edits  # crossovers as a choice of parent per block, mutations as moves
@@ -115,7 +117,7 @@ class LLMProposer(ClassicalProposer):
     def _population_text(self, strategy: Evolution, top: int | None = None) -> str:
         codec = Codec(strategy.ctx.space)
         pop = strategy.population if top is None else strategy.population[:top]
-        return "\n".join(f"{i + 1}. perplexity {m.fitness:.3f}: {codec.fmt(m.units)}" for i, m in enumerate(pop))
+        return "\n".join(f"{i + 1}. {self.label} {m.fitness:{self.digits}}: {codec.fmt(m.units)}" for i, m in enumerate(pop))
 
     # -- turning replies into candidates ---------------------------------------------
     def _accept(self, strategy: Evolution, proposal, clean: bool, fallback, kind: str) -> tuple[np.ndarray, str]:
@@ -245,8 +247,8 @@ class LLMProposer(ClassicalProposer):
         per_call = 1 if self.edits else self.per_call  # an edit is about one parent (pair)
         for start in range(0, len(pairs), per_call):
             chunk = pairs[start:start + per_call]
-            text = "\n".join(f"{i + 1}. A = {codec.fmt(a.units)} (perplexity {a.fitness:.3f}); "
-                             f"B = {codec.fmt(b.units)} (perplexity {b.fitness:.3f})"
+            text = "\n".join(f"{i + 1}. A = {codec.fmt(a.units)} ({self.label} {a.fitness:{self.digits}}); "
+                             f"B = {codec.fmt(b.units)} ({self.label} {b.fitness:{self.digits}})"
                              for i, (a, b) in enumerate(chunk))
             fallbacks = [lambda a=a, b=b: operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
                          for a, b in chunk]
@@ -260,7 +262,7 @@ class LLMProposer(ClassicalProposer):
             parents_of += [min(a.fitness, b.fitness) for a, b in chunk]
         for start in range(0, len(singles), per_call):
             chunk = singles[start:start + per_call]
-            text = "\n".join(f"{i + 1}. {codec.fmt(p.units)} (perplexity {p.fitness:.3f})" for i, p in enumerate(chunk))
+            text = "\n".join(f"{i + 1}. {codec.fmt(p.units)} ({self.label} {p.fitness:{self.digits}})" for i, p in enumerate(chunk))
             fallbacks = [lambda p=p: operators.mutate(ctx.space, np.array(p.units), ctx.rng) for p in chunk]
             job = {"template": "mutation", "kind": "mutation", "fallbacks": fallbacks,
                    "extra": {"population": population, "parents": text}}

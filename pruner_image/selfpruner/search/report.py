@@ -81,7 +81,8 @@ def plot(result: dict, out: Path, num_blocks: int, separate: bool) -> None:
             ax.axhline(result["baselines"][name]["fitness"], color=colour, linestyle="--", label=name)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("generation")
-    ax.set_ylabel("fitness (perplexity, lower is better)")
+    metric = (result.get("fitness_text") or {}).get("metric", "perplexity")
+    ax.set_ylabel(f"fitness ({'KL divergence from dense' if metric == 'kl' else 'perplexity'}, lower is better)")
     ax.set_title(f"{result['prunejob']}: best fitness per generation (ratio {result['target_ratio']})")
     ax.legend()
     fig.tight_layout()
@@ -110,7 +111,8 @@ def summary_table(result: dict) -> str:
     rows = [("dense", result["dense"])]
     rows += [(name, b) for name, b in result["baselines"].items()]
     rows += [(f"searched ({result['strategy']})", result["best"])]
-    lines = [f"{'allocation':<28}{'fitness ppl':>12}{'held-out ppl':>14}"]
+    metric = (result.get("fitness_text") or {}).get("metric", "perplexity")
+    lines = [f"{'allocation':<28}{'fitness KL' if metric == 'kl' else 'fitness ppl':>12}{'held-out ppl':>14}"]
     for name, r in rows:
         fit = r.get("fitness")
         held = r.get("held_out_perplexity")

@@ -8,6 +8,8 @@ State is plain JSON, so a search resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,6 +23,30 @@ class Request:
     tokens: int  # fidelity
     origin: str  # who proposed it: uniform, random, crossover, mutation, llm-..., ...
     parent_fitness: float | None = None  # the better parent's fitness (offspring only)
+    sample: int | None = None  # windows drawn afresh with this seed; None: the fixed windows
+
+
+@dataclass
+class Stage:
+    """One screen of staged selection: every candidate still in is scored on `tokens` (windows
+    drawn afresh) and the best `survivors` go on, or the best `keep` share (at least one)."""
+
+    tokens: int
+    survivors: int | None = None
+    keep: float | None = None
+
+    def kept(self, n: int) -> int:
+        if self.survivors is not None:
+            return min(n, self.survivors)
+        return min(n, max(1, math.ceil((self.keep or 1.0) * n)))
+
+
+def sample_seed(seed: int, generation: int, stage: int) -> int:
+    """The seed of a screen's fresh windows: a function of the search's seed and where the screen
+    is, not a draw from the search's generator, so a resumed run draws the same windows and the
+    evaluations already in the history are found again."""
+    digest = hashlib.sha256(f"{seed}:{generation}:{stage}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
 
 
 @dataclass
@@ -45,9 +71,10 @@ class Context:
 
     space: SearchSpace
     full_tokens: int
-    screen_tokens: int = 0
-    screen_keep: float = 0.5
+    stages: list[Stage] = field(default_factory=list)  # screens before the full evaluation
     budget: float = 430.0  # full-fidelity evaluation equivalents
+    open_ended: bool = False  # the budget was given: generations go on until it is spent
+    seed: int = 0
     rng: np.random.Generator = field(default_factory=lambda: np.random.default_rng(0))
     llm: object | None = None  # an LLM proposer (llm-evolution only)
     prior: dict | None = None  # per-block calibration statistics (OWL, the LLM's prompt)
@@ -107,6 +134,24 @@ class Strategy:
         if parent_fitness is not None and fitness is not None and parent_fitness > 0:
             o["improvement_sum"] += (parent_fitness - fitness) / parent_fitness
             o["improvement_n"] += 1
+
+    def offspring_cost(self, n: int, stages: list[Stage] | None = None) -> float:
+        """Budget that `n` offspring take at most through the stages and the full evaluation."""
+        cost = 0.0
+        for stage in self.ctx.stages if stages is None else stages:
+            cost += n * stage.tokens / self.ctx.full_tokens
+            n = stage.kept(n)
+        return cost + n
+
+    def affordable(self, n: int, stages: list[Stage] | None = None, always: bool = False) -> int:
+        """How many of `n` offspring the budget left still pays for (all of them unless the budget
+        was given, or `always`: a strategy that spends the budget whatever the spec says)."""
+        if not (self.ctx.open_ended or always):
+            return n
+        left = self.ctx.budget - self.spent + 1e-9
+        while n > 0 and self.offspring_cost(n, stages) > left:
+            n -= 1
+        return n
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + n
