@@ -15,9 +15,15 @@ from chat_server import ScriptedChat
 from selfpruner.search.history import read_jsonl
 
 
+def _default_sigint() -> None:
+    # a test run started in the background (`make test &`, nohup) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: the child would never see the Ctrl-C this test sends
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(spec_path: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "selfpruner.cli", "run", str(spec_path), "--quiet"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 
@@ -70,9 +76,8 @@ def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
-    # 200 generations: about 12 s of search after the first checkpoint (30 took under 2 s, which a
-    # loaded CI machine could spend before the signal was sent, letting the run finish first)
-    doc = tiny_job("interrupted", search={"generations": 200})
+    # 60 generations: a few seconds of search after the first checkpoint, so the signal comes mid-run
+    doc = tiny_job("interrupted", search={"generations": 60})
     spec = tmp_path / "interrupted.yaml"
     spec.write_text(yaml.safe_dump(doc))
     out = Path(doc["spec"]["output"]["path"])
