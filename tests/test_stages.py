@@ -133,3 +133,19 @@ def test_kl_fitness_with_stages_end_to_end(tiny_job):
     assert result["dense"]["held_out_perplexity"] > 1 and result["best"]["held_out_perplexity"] > 1
     screened = [e for e in search_entries(doc) if "sample" in e]
     assert screened and all(e["fitness"] >= -1e-6 for e in screened)
+
+
+def test_llm_evolution_spends_its_token_budget(tiny_job):
+    """The LLM's loop is the genetic one: it goes on past spec.search.generations until the budget
+    is spent (a scripted OpenAI-compatible server over real HTTP plays the LLM)."""
+    from chat_server import ScriptedChat
+
+    budget = 512 * 17 + 100
+    with ScriptedChat(dim=6) as server:
+        doc = tiny_job("budget-llm", fitness={"stages": [{"tokens": 128, "survivors": 2}]},
+                       search={"strategy": "llm-evolution", "budget": {"tokens": budget}},
+                       llm={"provider": "openai", "model": "scripted", "baseURL": server.url, "offspringPerCall": 2})
+        result = run(doc)
+    spent = sum(e["tokens_budget"] for e in search_entries(doc))
+    assert spent <= budget and budget - spent < 128 + 512
+    assert len(result["best_per_generation"]) > 3  # generations: 2 in the spec
