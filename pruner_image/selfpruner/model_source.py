@@ -167,15 +167,6 @@ def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", che
     return Loaded(model=model, tokenizer=tokenizer, path=folder, source=source)
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
-
-
 def _load_split(folder: str, config, cls, dtype: str, device_map: dict[str, str]):
     import torch
     from accelerate import dispatch_model, init_empty_weights, load_checkpoint_in_model
@@ -191,7 +182,10 @@ def _load_split(folder: str, config, cls, dtype: str, device_map: dict[str, str]
     # accelerate warns that parameters "were offloaded to the cpu" whenever a map names the CPU;
     # here the CPU runs its own blocks and nothing is offloaded, so that line would mislead
     log = logging.getLogger("accelerate.big_modeling")
-    quiet = _DropMessage("Some parameters are on the meta device")
+
+    def quiet(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Some parameters are on the meta device")
+
     log.addFilter(quiet)
     try:
         dispatch_model(model, device_map, main_device="cpu" if "cpu" in devices else next(iter(device_map.values())),

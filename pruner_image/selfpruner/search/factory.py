@@ -46,6 +46,7 @@ def make_context(spec, space: SearchSpace, prior: dict, budget: float) -> Contex
 # what the fitness is called in the LLM's prompts, at length and next to a number
 FITNESS_NAMES = {"perplexity": "perplexity", "kl": "KL divergence from the unpruned model"}
 FITNESS_LABELS = {"perplexity": "perplexity", "kl": "KL"}
+FITNESS_FORMATS = {"perplexity": ".3f", "kl": ".5f"}  # KL values are a few hundredths
 
 
 def model_description(spec, geometry, prior: dict) -> dict:
@@ -62,6 +63,7 @@ def model_description(spec, geometry, prior: dict) -> dict:
         "block_stats": prior_mod.describe(prior) if prior else "(no calibration statistics)",
         "fitness_name": FITNESS_NAMES[spec.spec.fitness.metric],
         "fitness_label": FITNESS_LABELS[spec.spec.fitness.metric],
+        "fitness_format": FITNESS_FORMATS[spec.spec.fitness.metric],
     }
 
 

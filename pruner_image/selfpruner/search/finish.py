@@ -29,7 +29,7 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     items += [(r, f.tokens, "fitness", name) for name, r in candidates.items()]
     items += [(dense, f.held_out_tokens, "heldout", "dense")]
     items += [(r, f.held_out_tokens, "heldout", name) for name, r in candidates.items()]
-    entries = evaluator.run([(r, t, x, f"report:{n}") for r, t, x, n in items], generation=strategy.generation)
+    entries = evaluator.run([(r, t, x, f"report:{n}", None) for r, t, x, n in items], generation=strategy.generation)
     numbers: dict[str, dict] = {}
     for (rates, tokens, text, name), (entry, _) in zip(items, entries):
         numbers.setdefault(name, {"rates": rates})[text] = entry["fitness"]

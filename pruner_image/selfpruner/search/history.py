@@ -79,9 +79,9 @@ class Evaluator:
     def __init__(self, executor, history: History, space: SearchSpace):
         self.executor, self.history, self.space = executor, history, space
 
-    def run(self, items: list[tuple], generation: int) -> list[tuple[dict | None, bool]]:
-        """items: (rates json, tokens, text, origin[, sample]) -> [(entry, cached)] in order."""
-        items = [tuple(it) + (None,) * (5 - len(it)) for it in items]
+    def run(self, items: list[tuple[object, int, str, str, int | None]],
+            generation: int) -> list[tuple[dict | None, bool]]:
+        """items: (rates json, tokens, text, origin, sample) -> [(entry, cached)] in order."""
         out: list = [None] * len(items)
         todo = []
         for i, (rates, tokens, text, origin, sample) in enumerate(items):

@@ -97,7 +97,7 @@ class LLMProposer(ClassicalProposer):
         self.llm = llm  # a Transcript
         self.description = description
         self.label = description.get("fitness_label", "perplexity")  # next to each candidate's fitness
-        self.digits = ".5f" if self.label == "KL" else ".3f"  # KL values are a few hundredths
+        self.digits = description.get("fitness_format", ".3f")
         self.per_call = per_call
         self.select = select
         self.edits = edits  # crossovers as a choice of parent per block, mutations as moves
