@@ -54,8 +54,9 @@ status)
     ;;
 collect)
     dest=${2:?collect needs a destination folder}
-    tar -czf "$dest/fitness-runs.tgz" --exclude=checkpoint "$WORK"
-    tar -czf "$dest/fitness-logs.tgz" "$LOGS"
+    # runs still going change their files under tar (exit status 1); what was read is kept
+    tar -czf "$dest/fitness-runs.tgz" --warning=no-file-changed --exclude=checkpoint "$WORK" || [ $? = 1 ]
+    tar -czf "$dest/fitness-logs.tgz" --warning=no-file-changed "$LOGS" || [ $? = 1 ]
     ;;
 *)
     echo "usage: $0 start|status|collect DEST" >&2
