@@ -129,19 +129,21 @@ def _with_metric(spec, metric: str) -> dict:
     return doc
 
 
-def write_out(a, rows: list[dict], summary: list[dict], extra: dict | None = None) -> None:
-    args = {k: v for k, v in vars(a).items() if k not in ("workdir", "merge")} | {"workdir": str(a.workdir)}
-    Path(a.out).write_text(json.dumps({"rows": rows, "summary": summary, "args": args, **(extra or {}),
+def write_out(a, rows: list[dict], summary: list[dict], args: dict | None = None) -> None:
+    if args is None:
+        args = {k: v for k, v in vars(a).items() if k not in ("workdir", "merge")} | {"workdir": str(a.workdir)}
+    Path(a.out).write_text(json.dumps({"rows": rows, "summary": summary, "args": args,
                                        "date": time.strftime("%Y-%m-%d")}, indent=2, default=str) + "\n")
 
 
 def merge(a) -> int:
     """One table from the --out files of processes that ran parts of the matrix; a run present
-    in several files (a resumed process) counts once."""
-    rows, seen, parts = [], set(), []
+    in several files (a resumed process) counts once. Its args are the ones every part ran with
+    (what differed between parts shows in the rows), not the merging command's own."""
+    rows, seen, part_args = [], set(), []
     for f in a.merge:
         doc = json.loads(Path(f).read_text())
-        parts.append({"file": Path(f).name, "args": doc.get("args", {})})
+        part_args.append(doc.get("args", {}))
         for r in doc["rows"]:
             key = (r["ratio"], r["strategy"], r["variant"], r["rates"], r["seed"])
             if key not in seen and "held_out" in r:
@@ -151,7 +153,8 @@ def merge(a) -> int:
     summary = summarise(rows)
     print_table(rows, summary)
     if a.out:
-        write_out(a, rows, summary, {"parts": parts})
+        common = {k: v for k, v in part_args[0].items() if all(p.get(k) == v for p in part_args[1:])}
+        write_out(a, rows, summary, common | {"merged": [Path(f).name for f in a.merge]})
         print(f"wrote {a.out}")
     return 0
 

@@ -26,20 +26,20 @@ SEEDS=${SEEDS:-0}
 PROCS=${PROCS:-16}
 TF32=${TF32:-1}
 export PYTHONPATH=pruner_image${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
-tf32=()
-[ "$TF32" = 1 ] && tf32=(--tf32)
+TF32_FLAG=
+[ "$TF32" = 1 ] && TF32_FLAG=--tf32
 
 case "${1:-}" in
 start)
     mkdir -p "$WORK" "$LOGS"
     # one short run first: it converts the GGUF and computes the calibration statistics into the
     # cache, which the parallel processes then only read
-    python3 bench/bench_fitness.py --model "$MODEL" --workdir "$WORK" "${tf32[@]}" --warm >"$LOGS/warm.log" 2>&1
+    python3 bench/bench_fitness.py --model "$MODEL" --workdir "$WORK" $TF32_FLAG --warm >"$LOGS/warm.log" 2>&1
     for seed in $SEEDS; do for st in ${STRATEGIES//,/ }; do for r in $RATIOS; do for k in $RATES; do
         echo "$r $k $st $seed"
     done; done; done; done >"$LOGS/cells"
     # xargs keeps PROCS cells running and starts the next as one ends; each line is β rates strategy seed
-    export MODEL WORK LOGS VARIANTS TF32_FLAG="${tf32[*]:-}"
+    export MODEL WORK LOGS VARIANTS TF32_FLAG
     setsid nohup xargs -P "$PROCS" -L 1 sh -c 'name="fitness-$1-$2-$3-$4"
         exec python3 bench/bench_fitness.py --model "$MODEL" --workdir "$WORK" $TF32_FLAG --variants "$VARIANTS" \
             --ratios "$1" --rates "$2" --strategies "$3" --seeds "$4" --out "$LOGS/$name.json" >"$LOGS/$name.log" 2>&1' \
