@@ -50,6 +50,31 @@ def test_separate_rates_keep_the_overall_ratio(name, data):
     assert abs(plan.achieved_ratio - target) <= GRID
 
 
+@pytest.mark.parametrize("name", ["smollm2", "llama3-8b"])
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_changing_one_blocks_rates_changes_that_blocks_heads_only(name, data):
+    """A search moves a block's rate by a few grid steps; the heads of the blocks it did not
+    touch must stay as they were (with attention rounding carried between blocks, one step
+    changed the heads of a fifth of the blocks, and the search could not leave its start)."""
+    g = GEOMETRIES[name]
+    attn = data.draw(rates_for(g.num_layers))
+    mlp = data.draw(st.lists(st.integers(1, 80).map(lambda k: k / 100), min_size=g.num_layers,
+                             max_size=g.num_layers))
+    i = data.draw(st.integers(0, g.num_layers - 1))
+    moved = list(attn)
+    moved[i] = min(0.8, max(0.0, attn[i] + data.draw(st.sampled_from([-0.05, -0.01, 0.01, 0.05]))))
+    heads = [[(s.heads_per_group, s.kv_groups) for s in plan_from_rates(g, Rates(attention=tuple(a), mlp=tuple(mlp))).layers]
+             for a in (attn, moved)]
+    assert [k for k in range(g.num_layers) if heads[0][k] != heads[1][k]] in ([], [i])
+
+
+def test_separate_rates_that_agree_plan_like_one_rate_per_block():
+    g = GEOMETRIES["smollm2"]
+    for block in ((0.3,) * 30, tuple((k % 7) / 10 for k in range(30))):
+        assert plan_from_rates(g, Rates(attention=block, mlp=block)).layers == plan_from_rates(g, Rates(block=block)).layers
+
+
 def test_achieved_ratio_is_exact_arithmetic():
     g = GEOMETRIES["tiny"]
     plan = plan_from_rates(g, Rates(block=(0.0, 0.5, 0.25, 0.7)))

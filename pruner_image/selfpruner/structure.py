@@ -1,11 +1,15 @@
 """Turn per-block pruning rates into whole heads and channels.
 
 A rate is the fraction of a block's prunable weights to remove. Heads come in coarse
-units, so rounding is unavoidable; we keep the *overall* ratio on target by carrying
-each block's rounding error into the next block that is being pruned (error
-diffusion), and report the achieved ratio exactly. A block whose rate is 0 stays dense,
-and equal rates give equal blocks (no carry), so a uniform plan exports as the plain
-architecture.
+units, so rounding is unavoidable. A block's attention is rounded from its own rate
+alone and the block's MLP channels absorb the difference, so the block removes what its
+rates say and a search that changes one block's rates changes that block's heads only
+(with separate attention and MLP rates too: carrying attention rounding from block to
+block made any small change move heads in blocks nobody touched). What the channels
+cannot absorb (multiples, a dense MLP) is carried into the next block that is being
+pruned (error diffusion), keeping the *overall* ratio on target; the achieved ratio is
+reported exactly. A block whose rates are 0 stays dense, and equal rates give equal
+blocks (no carry), so a uniform plan exports as the plain architecture.
 
 Two ways to remove attention (GQA-aware):
 - ``per-group``: every KV group loses the same number of query heads (a block keeps
@@ -198,34 +202,27 @@ def plan_from_rates(
     if len(rates) != g.num_layers:
         raise UserError(f"{len(rates)} rates given but the model has {g.num_layers} blocks")
     layers: list[LayerShape] = []
-    carry_attn = carry_mlp = 0.0  # params still owed (+) or removed in excess (-)
+    carry = 0.0  # params still owed (+) or removed in excess (-)
     diffuse = not _uniform(rates)
     for i in range(g.num_layers):
-        if rates.separate:
-            ra, rm = rates.attention[i], rates.mlp[i]
-            attn_target = ra * g.dense_attention_params + (carry_attn if ra > 0 else 0.0)
-            units = _best_units(g, head_mode, attn_target) if ra > 0 else 0
-            hpg, kv = _attention_shape(g, head_mode, units)
-            attn_removed = g.dense_attention_params - g.attention_params(hpg, kv)
+        ra, rm = (rates.attention[i], rates.mlp[i]) if rates.separate else (rates.block[i],) * 2
+        # attention takes its rate as closely as its units allow, from that rate alone, so a
+        # change of one block's rates changes that block's heads only; where the block's MLP
+        # is kept dense it cannot absorb the rounding, and the attention takes the carry
+        attn_target = ra * g.dense_attention_params + (carry if rm == 0 else 0.0)
+        units = _best_units(g, head_mode, attn_target) if ra > 0 else 0
+        hpg, kv = _attention_shape(g, head_mode, units)
+        attn_removed = g.dense_attention_params - g.attention_params(hpg, kv)
+        if rm == 0:
+            channels = g.intermediate_size
             if ra > 0 and diffuse:
-                carry_attn = attn_target - attn_removed
-            mlp_target = rm * g.dense_mlp_params + (carry_mlp if rm > 0 else 0.0)
-            channels = _round_channels(mlp_target, g, mlp_multiple) if rm > 0 else g.intermediate_size
-            if rm > 0 and diffuse:
-                carry_mlp = mlp_target - (g.dense_mlp_params - g.mlp_params(channels))
+                carry = attn_target - attn_removed
         else:
-            r = rates.block[i]
-            if r == 0:
-                hpg, kv, channels = g.group_size, g.num_kv_heads, g.intermediate_size
-            else:
-                target = r * g.block_params + carry_mlp
-                # attention takes the block's rate as closely as its units allow;
-                # the fine-grained MLP channels absorb the difference
-                units = _best_units(g, head_mode, r * g.dense_attention_params)
-                hpg, kv = _attention_shape(g, head_mode, units)
-                attn_removed = g.dense_attention_params - g.attention_params(hpg, kv)
-                channels = _round_channels(target - attn_removed, g, mlp_multiple)
-                if diffuse:
-                    carry_mlp = target - attn_removed - (g.dense_mlp_params - g.mlp_params(channels))
+            # the fine-grained MLP channels absorb the attention's rounding, so the block
+            # removes what its two rates say together
+            mlp_target = rm * g.dense_mlp_params + (ra * g.dense_attention_params - attn_removed) + carry
+            channels = _round_channels(mlp_target, g, mlp_multiple)
+            if diffuse:
+                carry = mlp_target - (g.dense_mlp_params - g.mlp_params(channels))
         layers.append(LayerShape(hpg, kv, channels))
     return PrunePlan(geometry=g, layers=tuple(layers), head_mode=head_mode)
