@@ -4,7 +4,10 @@ differs, for one rate per block and for separate attention and MLP rates. No mod
 the plan comes from the geometry alone (`structure.plan_from_rates`).
 
 Why: EvoPress starts from the uniform allocation and keeps a child only if it is better; with
-separate rates on SmolLM2-135M it never left that start (docs/benchmarks.md §10b).
+separate rates on SmolLM2-135M it never left that start (docs/benchmarks.md §10b), because
+attention rounding carried between blocks made any child move heads in a fifth of the layers.
+With attention rounded per block (§10c) a first move changes MLP channels only, as with one
+rate per block; attention still moves only once accepted moves add up to a whole head.
 
     PYTHONPATH=pruner_image python3 bench/bench_mutation_reach.py            # SmolLM2-135M's geometry
     PYTHONPATH=pruner_image python3 bench/bench_mutation_reach.py --mutants 1000 --ratios 0.2,0.3,0.5
