@@ -13,6 +13,10 @@ Variants (T = --tokens fitness tokens, 430 × T the paper's token count):
   kl          KL fitness, the same tokens
   kl-staged   KL fitness, --stages (each on windows drawn afresh), the same tokens
   kl-staged20 the same at 20 % of the tokens
+  kl-screen   KL fitness, one screen --screen (default every offspring on an eighth of the tokens,
+              the best 2 at full fidelity: EvoPress's own default), the same tokens
+  kl-screen20 the same at 20 % of the tokens, and for genetic an initial population of
+              --lean-population (its 30 full evaluations would be 35 % of that budget)
 `--rates block,separate`: one rate per block, or separate attention and MLP rates.
 
     PYTHONPATH=pruner_image python3 bench/bench_fitness.py --model .carry/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -34,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_search  # noqa: E402  (its model sources, tiny model and cost helpers)
 
-VARIANTS = ("ppl", "kl", "kl-staged", "kl-staged20")
+VARIANTS = ("ppl", "kl", "kl-staged", "kl-staged20", "kl-screen", "kl-screen20")
 PAPER_EVALUATIONS = 430
 
 
@@ -50,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--stages", default="1024:8,4096:2", help="tokens:survivors,...")
+    p.add_argument("--screen", default="1024:2", help="tokens:survivors of the kl-screen variants' one screen")
+    p.add_argument("--lean-population", type=int, default=10, help="genetic's population in kl-screen20")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--held-out-tokens", type=int, default=32768)
     p.add_argument("--calibration-windows", type=int, default=32)
@@ -69,10 +75,15 @@ def parse_args(argv=None):
     if a.tiny:
         a.tokens, a.seq_len, a.held_out_tokens, a.calibration_windows = 512, 128, 1024, 4
         a.population, a.generations, a.crossovers, a.mutations = 4, 10, 2, 2  # 20 %: 8.8 evaluations
-        a.stages, a.seeds, a.ratios = "128:2", "0", "0.3"
-    a.stage_list = [{"tokens": int(t), "survivors": int(s)} for t, s in (x.split(":") for x in a.stages.split(","))]
+        a.stages, a.screen, a.lean_population, a.seeds, a.ratios = "128:2", "64:2", 2, "0", "0.3"
+    a.stage_list = stage_list(a.stages)
+    a.screen_list = stage_list(a.screen)
     a.workdir = Path(a.workdir or ("runs/bench_fitness_tiny" if a.tiny else "runs/bench_fitness"))
     return a
+
+
+def stage_list(text: str) -> list[dict]:
+    return [{"tokens": int(t), "survivors": int(s)} for t, s in (x.split(":") for x in text.split(","))]
 
 
 def paper_evaluations(a) -> int:
@@ -87,6 +98,10 @@ def job(a, src: dict, ratio: float, strategy: str, variant: str, rates: str, see
               "crossovers": a.crossovers, "mutations": a.mutations, "seed": seed, "baselines": ["uniform"]}
     if variant.startswith("kl-staged"):
         fitness["stages"] = a.stage_list
+    if variant.startswith("kl-screen"):
+        fitness["stages"] = a.screen_list
+    if variant == "kl-screen20" and strategy == "genetic":
+        search["population"] = a.lean_population
     if variant != "ppl":  # the same tokens as the baseline, or a fifth of them
         share = 0.2 if variant.endswith("20") else 1.0
         search["budget"] = {"tokens": int(share * paper_evaluations(a) * a.tokens)}
