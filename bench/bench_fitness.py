@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--stages", default="1024:8,4096:2", help="tokens:survivors,...")
-    p.add_argument("--screen", default="1024:2", help="tokens:survivors of the kl-screen variants' one screen")
+    p.add_argument("--screen", default=None,
+                   help="tokens:survivors of the kl-screen variants' one screen (default: an eighth of --tokens, 2)")
     p.add_argument("--lean-population", type=int, default=10, help="genetic's population in kl-screen20")
     p.add_argument("--top-k", type=int, default=64)
     p.add_argument("--held-out-tokens", type=int, default=32768)
@@ -75,9 +76,9 @@ def parse_args(argv=None):
     if a.tiny:
         a.tokens, a.seq_len, a.held_out_tokens, a.calibration_windows = 512, 128, 1024, 4
         a.population, a.generations, a.crossovers, a.mutations = 4, 10, 2, 2  # 20 %: 8.8 evaluations
-        a.stages, a.screen, a.lean_population, a.seeds, a.ratios = "128:2", "64:2", 2, "0", "0.3"
+        a.stages, a.lean_population, a.seeds, a.ratios = "128:2", 2, "0", "0.3"
     a.stage_list = stage_list(a.stages)
-    a.screen_list = stage_list(a.screen)
+    a.screen_list = stage_list(a.screen or f"{max(2, a.tokens // 8)}:2")  # EvoPress's own default screen
     a.workdir = Path(a.workdir or ("runs/bench_fitness_tiny" if a.tiny else "runs/bench_fitness"))
     return a
 
