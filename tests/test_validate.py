@@ -103,7 +103,7 @@ def test_cli_prints_one_line_per_problem(tmp_path):
 
 def test_cli_accepts_the_examples():
     root = Path(__file__).resolve().parents[1]
-    for example in ("demo.yaml", "paper.yaml", "cluster/prunejob.yaml"):
+    for example in ("demo.yaml", "paper.yaml", "kl-screen.yaml", "cluster/prunejob.yaml"):
         done = subprocess.run([sys.executable, "-m", "selfpruner.cli", "validate", str(root / "examples" / example)],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
