@@ -18,6 +18,8 @@ Variants (T = --tokens fitness tokens, 430 × T the paper's token count):
   kl-screen20 the same at 20 % of the tokens, and for genetic an initial population of
               --lean-population (its 30 full evaluations would be 35 % of that budget)
 `--rates block,separate`: one rate per block, or separate attention and MLP rates.
+`--refit`: every variant with pruning.refit (least-squares refit of o_proj/down_proj on the kept
+channels instead of bias compensation alone); its rows are labelled VARIANT+refit.
 
     PYTHONPATH=pruner_image python3 bench/bench_fitness.py --model .carry/SmolLM2-135M-Instruct.Q4_1.gguf \
         --ratios 0.3,0.5 --seeds 0,1,2 --out fitness.json                 # GPU
@@ -58,6 +60,7 @@ def parse_args(argv=None):
                    help="tokens:survivors of the kl-screen variants' one screen (default: an eighth of --tokens, 2)")
     p.add_argument("--lean-population", type=int, default=10, help="genetic's population in kl-screen20")
     p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--refit", action="store_true", help="pruning.refit on: refit the consumers of pruned channels")
     p.add_argument("--held-out-tokens", type=int, default=32768)
     p.add_argument("--calibration-windows", type=int, default=32)
     p.add_argument("--max-rate", type=float, default=0.8)
@@ -108,10 +111,10 @@ def job(a, src: dict, ratio: float, strategy: str, variant: str, rates: str, see
         search["budget"] = {"tokens": int(share * paper_evaluations(a) * a.tokens)}
     spec = {"model": {"source": src["model"]},
             "target": {"ratio": ratio, "minRate": 0.0, "maxRate": a.max_rate, "separateRates": rates == "separate"},
-            "pruning": {"metric": "wanda-sp", "biasCompensation": True},
+            "pruning": {"metric": "wanda-sp", "biasCompensation": True, "refit": a.refit},
             "calibration": {"text": src["calibration"], "windows": a.calibration_windows, "seqLen": a.seq_len},
             "fitness": fitness, "search": search, "output": {"path": str(out), "export": False}}
-    name = f"fit-{round(ratio * 100)}-{strategy}-{variant}-{rates}-{seed}"
+    name = f"fit-{round(ratio * 100)}-{strategy}-{variant}-{rates}-{seed}" + ("-refit" if a.refit else "")
     return {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob", "metadata": {"name": name}, "spec": spec}
 
 
@@ -221,13 +224,14 @@ def main(argv=None) -> int:
 
     started = time.time()
     for ratio, strategy, variant, rates, seed in plan:
-        row = {"ratio": ratio, "strategy": strategy, "variant": variant, "rates": rates, "seed": seed}
+        row = {"ratio": ratio, "strategy": strategy, "variant": variant + ("+refit" if a.refit else ""),
+               "rates": rates, "seed": seed}
         try:
             probe = spec_mod.parse(job(a, src, ratio, strategy, variant, rates, seed, a.workdir))
         except UserError as e:
             rows.append({**row, "skipped": f"invalid: {e}"})
             continue
-        out = a.workdir / f"r{ratio}-{strategy}-{variant}-{rates}-s{seed}-{runner.spec_hash(probe)}"
+        out = a.workdir / f"r{ratio}-{strategy}-{row['variant']}-{rates}-s{seed}-{runner.spec_hash(probe)}"
         spec = spec_mod.parse(job(a, src, ratio, strategy, variant, rates, seed, out))
         row["dir"] = str(out)
         if (out / "result.json").is_file():
@@ -276,11 +280,11 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def print_table(rows: list[dict], summary: list[dict]) -> None:
-    print(f"\n{'β':>4} {'strategy':<9}{'variant':<12}{'rates':<9}{'seeds':>5}{'held-out':>10}{'÷ dense':>8}"
+    print(f"\n{'β':>4} {'strategy':<9}{'variant':<16}{'rates':<9}{'seeds':>5}{'held-out':>10}{'÷ dense':>8}"
           f"{'general.':>9}{'search tok':>12}{'gens':>6}")
     for s in summary:
         g = s["generalisation_mean"]
-        print(f"{s['ratio']:>4} {s['strategy']:<9}{s['variant']:<12}{s['rates']:<9}{s['seeds']:>5}"
+        print(f"{s['ratio']:>4} {s['strategy']:<9}{s['variant']:<16}{s['rates']:<9}{s['seeds']:>5}"
               f"{s['held_out_mean']:>10.2f}{s['held_out_over_dense_mean']:>8.3f}{'-' if g is None else f'{g:.3f}':>9}"
               f"{s['search_tokens_mean']:>12.0f}{s['generations_mean']:>6.1f}")
     skipped = [r for r in rows if "skipped" in r]

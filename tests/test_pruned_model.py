@@ -171,3 +171,87 @@ def test_a_checkpoint_from_storage_loads_our_bundled_code_never_its_own(text_ids
     with pytest.raises(UserError, match="names architectures.*SelfPrunerLlamaForCausalLM"):
         model_source.load(str(out))
     assert not marker.exists()
+
+
+def refitted(arch, text_ids, head_mode="per-group"):
+    model = tiny_model(arch)
+    stats = calibration.collect(model, text_ids, num_windows=8, seq_len=128, progress=False, gram=True)
+    scores = importance.score_model(model, stats, "wanda-sp")
+    return PrunableModel(model, scores, stats, head_mode=head_mode, bias_compensation=True, refit=True), stats
+
+
+def test_refit_needs_the_gram_matrices(text_ids):
+    model = tiny_model("llama-gqa")
+    stats = calibration.collect(model, text_ids, num_windows=2, seq_len=64, progress=False)
+    with pytest.raises(ValueError, match="gram=True"):
+        PrunableModel(model, importance.score_model(model, stats, "wanda-sp"), stats, refit=True)
+
+
+@pytest.mark.parametrize("arch", ["llama-bias", "qwen2-gqa"])
+@pytest.mark.parametrize("head_mode", HEAD_MODES)
+def test_refit_is_the_least_squares_solution_on_the_calibration_activations(arch, head_mode, text_ids, monkeypatch):
+    """down_proj's and o_proj's output error after the refit against torch.linalg.lstsq's
+    optimum on the very activations the statistics were collected from (damping made
+    negligible), and below bias compensation's."""
+    from selfpruner import pruned_model
+
+    monkeypatch.setattr(pruned_model, "REFIT_DAMPING", 1e-7)
+    pm, stats = refitted(arch, text_ids, head_mode)
+    layer = pm.layers[0]  # attention rate 0.5 and MLP rate 0.2 in this case: both refitted
+    seen = {}
+    hooks = [mod.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, []).append(a[0].reshape(-1, a[0].shape[-1])))
+             for name, mod in (("o", layer.self_attn.o_proj), ("down", layer.mlp.down_proj))]
+    with torch.no_grad():  # the sorted dense model sees the calibration windows again
+        pm.model(calibration.windows(text_ids, 8, 128))
+    for h in hooks:
+        h.remove()
+    dense = {"o": (layer.self_attn.o_proj.weight.clone(), layer.self_attn.o_proj.bias),
+             "down": (layer.mlp.down_proj.weight.clone(), layer.mlp.down_proj.bias)}
+    plan = structure.plan_from_rates(geometry_of(pm.model.config), RATE_CASES["separate"], head_mode=head_mode)
+    pm.apply(plan)
+    shape = plan.layers[0]
+    kept = {"o": pm._kept_q_channels(shape.heads_per_group, shape.kv_groups), "down": torch.arange(shape.channels)}
+    new = {"o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
+    for name in ("o", "down"):
+        x = torch.cat(seen[name]).double()
+        w, b = dense[name][0].double(), None if dense[name][1] is None else dense[name][1].detach()
+        target = x @ w.T + (0 if b is None else b.double())
+        xk = torch.cat([x[:, kept[name]], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        solution = torch.linalg.lstsq(xk, target).solution  # [kept + 1, out]
+        best_err = (xk @ solution - target).square().mean()
+        refit_err = (x[:, kept[name]] @ new[name].weight.double().T + new[name].bias.double() - target).square().mean()
+        # the error, not the weights: heads of one KV group are nearly collinear in a tiny random
+        # model, so equally good solutions can differ in the weights
+        assert refit_err <= best_err * (1 + 1e-3) + 1e-10, (name, refit_err, best_err)
+        mean = x.mean(0)
+        removed = torch.ones(x.shape[1], dtype=torch.bool)
+        removed[kept[name]] = False
+        comp_b = (0 if b is None else b.double()) + w[:, removed] @ mean[removed]
+        comp_err = (x[:, kept[name]] @ w[:, kept[name]].T + comp_b - target).square().mean()
+        assert refit_err <= comp_err * (1 + 1e-6), (name, refit_err, comp_err)
+        assert refit_err < comp_err * 0.99, (name, refit_err, comp_err)  # and strictly better here
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("head_mode", HEAD_MODES)
+def test_refit_slice_equals_mask_equals_export_and_rate_zero_is_exact(arch, head_mode, text_ids, batch, tmp_path):
+    pm, _ = refitted(arch, text_ids, head_mode)
+    sorted_dense = logits(pm.model, batch)
+    g = geometry_of(pm.model.config)
+    pm.apply(structure.plan_from_rates(g, structure.Rates.uniform(0.0, 2), head_mode=head_mode))
+    assert torch.equal(logits(pm.model, batch), sorted_dense)
+    for case in ("separate", "attention-gone"):
+        plan = structure.plan_from_rates(g, RATE_CASES[case], head_mode=head_mode)
+        pm.apply(plan, mode="mask")
+        masked = logits(pm.model, batch)
+        pm.apply(plan, mode="slice")
+        sliced = logits(pm.model, batch)
+        torch.testing.assert_close(sliced, masked, rtol=0, atol=1e-5)
+        pm.apply(structure.plan_from_rates(g, RATE_CASES["uniform"], head_mode=head_mode))
+        pm.apply(plan)  # from the cache of refitted widths: the same model again
+        assert torch.equal(logits(pm.model, batch), sliced)
+        out = export.export(pm, None, tmp_path / case, info={"case": case})
+        meta = json.loads((out / "pruning.json").read_text())
+        assert meta["refit"] is True
+        reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=meta["loads_with"] != "plain").eval()
+        assert (sliced - logits(reloaded, batch)).abs().max() <= 1e-4

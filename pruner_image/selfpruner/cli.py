@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                       default=pruning["biasCompensation"],
                       help="add the pruned channels' mean contribution to the output bias (default: on, as in a PruneJob)")
     comp.add_argument("--no-bias-compensation", dest="bias_compensation", action="store_false")
+    prune.add_argument("--refit", action=argparse.BooleanOptionalAction, default=pruning["refit"],
+                       help="refit o_proj and down_proj by least squares on the kept channels (default: off)")
     prune.add_argument("--head-mode", default=pruning["headMode"], choices=crd_enum("pruning", "headMode"),
                        help="remove the same query heads in every KV group, or whole KV groups")
     prune.add_argument("--mlp-multiple", type=int, default=pruning["mlpMultiple"],
@@ -200,7 +202,7 @@ def cmd_prune(args) -> int:
         raise UserError(f"--ratio {args.ratio}: a rate must be in [0, 1)")
     export.check_output_dir(args.output, args.force)  # fail before any expensive work
     settings = engine.PruneSettings(
-        metric=args.metric, bias_compensation=args.bias_compensation, head_mode=args.head_mode,
+        metric=args.metric, bias_compensation=args.bias_compensation, refit=args.refit, head_mode=args.head_mode,
         mlp_multiple=args.mlp_multiple, calibration_text=args.calibration_text,
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
     )

@@ -17,6 +17,7 @@ class PruneSettings:
     metric: str = "wanda-sp"
     bias_compensation: bool | None = None  # None: on for flap, off otherwise (as the papers do)
     head_mode: str = "per-group"
+    refit: bool = False  # least-squares refit of o_proj/down_proj on the kept channels (supersedes compensation)
     mlp_multiple: int = 8  # unaligned GEMM widths make pruned models slower than dense on GPUs
     calibration_text: str = "demo:calibration"
     calibration_windows: int = 32
@@ -31,6 +32,7 @@ class PruneSettings:
         return {
             "metric": self.metric,
             "bias_compensation": self.compensate,
+            "refit": self.refit,
             "head_mode": self.head_mode,
             "mlp_multiple": self.mlp_multiple,
             "calibration": {"text": self.calibration_text, "windows": self.calibration_windows,
@@ -77,12 +79,13 @@ def build(loaded: model_source.Loaded, settings: PruneSettings, *, progress: boo
     if settings.metric not in importance.METRICS:
         raise UserError(f"unknown metric {settings.metric!r}; use one of {', '.join(importance.METRICS)}")
     stats = None
-    if settings.metric != "magnitude" or settings.compensate:
+    if settings.metric != "magnitude" or settings.compensate or settings.refit:
         ids = corpus.tokenize(loaded.tokenizer, corpus.load_text(settings.calibration_text))
         stats = calibration.calibrate(loaded.model, ids, num_windows=settings.calibration_windows,
                                       seq_len=settings.calibration_seq_len,
-                                      batch_size=settings.calibration_batch_size, progress=progress)
+                                      batch_size=settings.calibration_batch_size, progress=progress,
+                                      gram=settings.refit)
     scores = importance.score_model(loaded.model, stats, settings.metric)
     pm = PrunableModel(loaded.model, scores, stats, head_mode=settings.head_mode,
-                       bias_compensation=settings.compensate)
+                       bias_compensation=settings.compensate, refit=settings.refit)
     return Engine(loaded=loaded, pm=pm, settings=settings, stats=stats)

@@ -174,6 +174,7 @@ def export(pm: PrunableModel, tokenizer, out_dir: str | Path, *, info: dict, for
                        "total_kept": sum(t.numel() for t in pm.model.parameters())},
             "head_mode": pm.head_mode,
             "bias_compensation": pm.bias_compensation,
+            "refit": pm.refit,
             "layers": shapes,
             "loads_with": "plain" if plain is not None else "trust_remote_code",
             "provenance": {"selfpruner": __version__, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")},

@@ -8,16 +8,27 @@ heads of GQA models in ``per-group`` mode), adds bias compensation (one small
 matrix-vector product per projection), and never reloads anything. ``restore()`` puts
 the original module objects back, so going back to dense is exact.
 
+With ``refit=True`` the consumers of the removed channels (``o_proj``, ``down_proj``) are
+not only sliced but refitted: the kept columns W' minimise the projection's output error
+over the calibration activations, E‖(x−μ)Wᵀ − (x_K−μ_K)W'ᵀ‖², so W' = W Σ[:, K] (Σ_KK + λI)⁻¹
+and the bias takes what is left of the mean (bias compensation is the special case
+W' = W[:, K]). Kept channels are a prefix of the sorted order wherever the head mode
+allows, and the Cholesky factor of a leading block is the leading block of the full
+factor, so one factorisation per projection serves every width; a refit costs two
+triangular solves, and the last few widths of each projection are kept.
+
 ``mode="mask"`` keeps the dense shapes and zeroes the pruned channels' inputs instead:
 slower, but an independent path that the tests compare slicing with.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .architecture import geometry_of
 from .calibration import CalibrationStats
@@ -26,6 +37,31 @@ from .importance import LayerScores
 from .structure import PrunePlan, effective_head_mode
 
 MODES = ("slice", "mask")
+REFIT_DAMPING = 0.01  # λ as a fraction of the mean channel variance, as GPTQ/SparseGPT damp
+REFIT_CACHE = 4  # refitted widths kept per projection and block
+
+
+@dataclass
+class _Refit:
+    """One projection input's covariance in sorted order, and its damped Cholesky factor."""
+    cov: torch.Tensor
+    chol: torch.Tensor
+    damping: float
+    cache: OrderedDict
+
+
+def _refit_state(stats, order: torch.Tensor, device, dtype=torch.float32) -> _Refit:
+    cov = stats.covariance[order][:, order].to(device, dtype)
+    damping = REFIT_DAMPING * cov.diagonal().mean().clamp_min(1e-12).item()
+    eye = torch.eye(cov.shape[0], device=device, dtype=dtype)
+    for _ in range(8):  # a (near-)constant channel: damp harder rather than fail
+        chol, info = torch.linalg.cholesky_ex(cov + damping * eye)
+        if info.item() == 0:
+            break
+        damping *= 10
+    else:
+        raise ValueError("the calibration covariance is not finite; recollect the calibration statistics")
+    return _Refit(cov, chol, damping, OrderedDict())
 
 
 class SlicedLinear(nn.Linear):
@@ -63,13 +99,18 @@ def _permute_cols(linear: nn.Linear, index: torch.Tensor) -> None:
 
 class PrunableModel:
     def __init__(self, model, scores: list[LayerScores], stats: CalibrationStats | None = None, *,
-                 head_mode: str = "per-group", bias_compensation: bool = False):
+                 head_mode: str = "per-group", bias_compensation: bool = False, refit: bool = False):
         if bias_compensation and stats is None:
             raise ValueError("bias compensation needs calibration statistics (the channel means)")
+        if refit and (stats is None or not stats.has_gram):
+            raise ValueError("the refit needs calibration statistics collected with gram=True")
         self.model = model
         self.geometry = geometry_of(model.config)
         self.head_mode = effective_head_mode(self.geometry, head_mode)
         self.bias_compensation = bias_compensation
+        self.refit = refit
+        self._attn_refit: list[_Refit] = []
+        self._mlp_refit: list[_Refit] = []
         self.layers = model.get_decoder().layers
         self._attn_means: list[torch.Tensor | None] = []
         self._mlp_means: list[torch.Tensor | None] = []
@@ -106,6 +147,9 @@ class PrunableModel:
         dev, dtype = attn.o_proj.weight.device, attn.o_proj.weight.dtype
         self._attn_means.append(stats.attention[i].mean[q_index].to(dev, dtype) if stats else None)
         self._mlp_means.append(stats.mlp[i].mean[channel_order].to(dev, dtype) if stats else None)
+        if self.refit:
+            self._attn_refit.append(_refit_state(stats.attention[i], q_index, dev))
+            self._mlp_refit.append(_refit_state(stats.mlp[i], channel_order, mlp.down_proj.weight.device))
         self._dense.append(_DenseBlock(attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                        attn.num_key_value_groups, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
@@ -141,6 +185,40 @@ class PrunableModel:
             return base
         return extra if base is None else base + extra
 
+    def _refitted(self, state: _Refit, linear: nn.Linear, mean: torch.Tensor,
+                  kept: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W', b') for the kept input channels (a prefix length or an index), or None
+        when nothing is removed (the dense weights stay exact)."""
+        width = linear.weight.shape[1]
+        if isinstance(kept, torch.Tensor) and kept.numel() == width:
+            kept = width
+        if isinstance(kept, int) and kept >= width:
+            return None
+        key = kept if isinstance(kept, int) else tuple(kept.tolist())
+        if key in state.cache:
+            state.cache.move_to_end(key)
+            return state.cache[key]
+        w = linear.weight
+        wf, mf = w.float(), mean.float()
+        idx = torch.arange(kept, device=w.device) if isinstance(kept, int) else kept.to(w.device)
+        if idx.numel() == 0:  # nothing kept: the mean contribution alone, as bias compensation
+            new_w = wf[:, :0]
+        elif isinstance(kept, int):
+            new_w = torch.cholesky_solve((wf @ state.cov[:, :kept]).T.contiguous(), state.chol[:kept, :kept]).T
+        else:
+            sub = state.cov[idx][:, idx]
+            chol = torch.linalg.cholesky(sub + state.damping * torch.eye(sub.shape[0], device=w.device, dtype=sub.dtype))
+            new_w = torch.cholesky_solve((wf @ state.cov[:, idx]).T.contiguous(), chol).T
+        kept_mean = mf[idx]
+        bias = torch.mv(wf, mf) - torch.mv(new_w, kept_mean)
+        if linear.bias is not None:
+            bias = bias + linear.bias.float()
+        out = (new_w.to(w.dtype).contiguous(), bias.to(w.dtype))
+        state.cache[key] = out
+        if len(state.cache) > REFIT_CACHE:
+            state.cache.popitem(last=False)
+        return out
+
     # -- apply / restore -----------------------------------------------------------
     @torch.no_grad()
     def apply(self, plan: PrunePlan, mode: str = "slice") -> None:
@@ -155,26 +233,35 @@ class PrunableModel:
             kept_c = torch.arange(shape.channels)
             # a prefix of whole groups (kv-group mode) or of channels: compensation over a view
             prefix_q = kept_q.numel() if self.head_mode == "kv-group" else kept_q
-            o_comp = self._compensation(d.o.weight, self._attn_means[i], prefix_q)
-            down_comp = self._compensation(d.down.weight, self._mlp_means[i], shape.channels)
+            o_fit = down_fit = None
+            if self.refit:
+                o_fit = self._refitted(self._attn_refit[i], d.o, self._attn_means[i], prefix_q)
+                down_fit = self._refitted(self._mlp_refit[i], d.down, self._mlp_means[i], shape.channels)
+                o_comp = down_comp = None
+            else:
+                o_comp = self._compensation(d.o.weight, self._attn_means[i], prefix_q)
+                down_comp = self._compensation(d.down.weight, self._mlp_means[i], shape.channels)
             if mode == "mask":
-                self._mask(d.o, kept_q, o_comp)
-                self._mask(d.down, kept_c, down_comp)
+                self._mask(d.o, kept_q, o_comp, o_fit)
+                self._mask(d.down, kept_c, down_comp, down_fit)
                 continue
-            self._slice_attention(layer, d, shape, o_comp)
+            self._slice_attention(layer, d, shape, o_comp, o_fit)
             hidden = d.down.weight.shape[0]
             c = shape.channels
             layer.mlp.gate_proj = SlicedLinear(d.gate.weight[:c], None if d.gate.bias is None else d.gate.bias[:c])
             layer.mlp.up_proj = SlicedLinear(d.up.weight[:c], None if d.up.bias is None else d.up.bias[:c])
-            layer.mlp.down_proj = SlicedLinear(d.down.weight[:, :c], self._with_bias(d.down.bias, down_comp))
+            if down_fit is not None:
+                layer.mlp.down_proj = SlicedLinear(*down_fit)
+            else:
+                layer.mlp.down_proj = SlicedLinear(d.down.weight[:, :c], self._with_bias(d.down.bias, down_comp))
             assert layer.mlp.down_proj.out_features == hidden
         self.plan = plan
 
-    def _slice_attention(self, layer, d: _DenseBlock, shape, o_comp) -> None:
+    def _slice_attention(self, layer, d: _DenseBlock, shape, o_comp, o_fit=None) -> None:
         g = self.geometry
         hd, G = g.head_dim, g.group_size
         hpg, kv = shape.heads_per_group, shape.kv_groups
-        o_bias = self._with_bias(d.o.bias, o_comp)
+        o_bias = o_fit[1] if o_fit is not None else self._with_bias(d.o.bias, o_comp)
         if hpg * kv == 0:
             empty = EmptyAttention(g.hidden_size, hd, d.attn.layer_idx, bias=o_bias is not None,
                                    dtype=d.o.weight.dtype, device=d.o.weight.device)
@@ -195,14 +282,19 @@ class PrunableModel:
         d.attn.q_proj = SlicedLinear(q_w, q_b)
         d.attn.k_proj = SlicedLinear(d.k.weight[:m], None if d.k.bias is None else d.k.bias[:m])
         d.attn.v_proj = SlicedLinear(d.v.weight[:m], None if d.v.bias is None else d.v.bias[:m])
-        d.attn.o_proj = SlicedLinear(o_w, o_bias)
+        d.attn.o_proj = SlicedLinear(o_w if o_fit is None else o_fit[0], o_bias)
         d.attn.num_key_value_groups = hpg
 
-    def _mask(self, linear: nn.Linear, kept: torch.Tensor, comp: torch.Tensor | None) -> None:
+    def _mask(self, linear: nn.Linear, kept: torch.Tensor, comp: torch.Tensor | None,
+              fit: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         mask = torch.zeros(linear.in_features, dtype=linear.weight.dtype, device=linear.weight.device)
         mask[kept.to(mask.device)] = 1
         self._hooks.append(linear.register_forward_pre_hook(lambda mod, args: (args[0] * mask,)))
-        if comp is not None:
+        if fit is not None:  # the refitted columns in place of the kept ones, zeros elsewhere
+            full = torch.zeros_like(linear.weight)
+            full[:, kept.to(full.device)] = fit[0]
+            self._hooks.append(linear.register_forward_hook(lambda mod, args, out: F.linear(args[0], full, fit[1])))
+        elif comp is not None:
             self._hooks.append(linear.register_forward_hook(lambda mod, args, out: out + comp))
 
     def restore(self) -> None:

@@ -15,7 +15,8 @@ def engine_settings(spec: Section):
     from .. import engine
 
     p, c = spec.spec.pruning, spec.spec.calibration
-    return engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, head_mode=p.head_mode,
+    return engine.PruneSettings(metric=p.metric, bias_compensation=p.bias_compensation, refit=p.refit,
+                                head_mode=p.head_mode,
                                 mlp_multiple=p.mlp_multiple, calibration_text=c.text,
                                 calibration_windows=c.windows, calibration_seq_len=c.seq_len)
 
