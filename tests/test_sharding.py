@@ -303,3 +303,40 @@ def test_the_controller_refuses_a_model_that_cannot_fit_before_any_gpu_pod(tiny_
     assert "does not fit 1 GPU(s)" in message and "set spec.evaluator.gpusPerPod to at least 2" in message
     doc["spec"]["evaluator"].update(gpusPerPod=2)
     assert controller.check_fit(spec_mod.parse(doc))["gpus_per_replica"] == 2
+
+
+def test_the_refit_state_is_planned_and_its_refusal_names_the_switch():
+    """pruning.refit keeps float32 covariances and Cholesky factors per block (and calibration
+    their Gram matrices): the plan adds them by hand's arithmetic, and when they are what does
+    not fit, the one-line refusal says the refit can be turned off."""
+    name = "Llama-2-13B"
+    h, inter, n, q, kv, v = CONFIGS[name]
+    d = h // q
+    plain = memory_plan.Workload(dtype="bfloat16", batch_size=1, seq_len=2048)
+    refit = memory_plan.Workload(dtype="bfloat16", batch_size=1, seq_len=2048, refit=True)
+    a = memory_plan.plan(_config(name), plain, gpus=8, gpu_memory=H200)
+    b = memory_plan.plan(_config(name), refit, gpus=8, gpu_memory=H200, gpus_per_replica=a.gpus_per_replica + 1)
+    gram = 4 * ((q * d) ** 2 + inter ** 2)
+    for s in b.shares:
+        blocks = s.blocks[1] - s.blocks[0] + 1
+        assert s.refit == blocks * (2 * gram + 4 * h * (q * d + inter) * 2)
+        assert s.total == s.weights + s.copies + s.means + s.refit + max(s.evaluation, s.calibration)
+    assert all(s.refit == 0 for s in a.shares)
+    assert a.gpus_per_replica == 1  # 13B in bf16 fits one H200; with its refit state (about 100 GB) it does not
+    with pytest.raises(UserError, match=r"turn off spec\.pruning\.refit") as e:
+        memory_plan.plan(_config(name), refit, gpus=8, gpu_memory=H200, gpus_per_replica=1)
+    assert "spec.evaluator.gpusPerReplica to at least 2" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_planned_refit_state_is_what_the_model_holds(text_ids):
+    from selfpruner import calibration, importance
+    from selfpruner.pruned_model import PrunableModel
+
+    model = tiny_model("llama-gqa")
+    stats = calibration.collect(model, text_ids, num_windows=2, seq_len=64, progress=False, gram=True)
+    pm = PrunableModel(model, importance.score_model(model, stats, "wanda-sp"), stats, refit=True)
+    held = sum(t.numel() * t.element_size() for st in pm._attn_refit + pm._mlp_refit for t in (st.cov, st.chol))
+    p = memory_plan.plan(model.config, memory_plan.Workload(dtype="float32", refit=True), gpus=1)
+    g = pm.geometry
+    cache = 4 * g.hidden_size * (g.num_heads * g.head_dim + g.intermediate_size) * 4 * g.num_layers
+    assert p.shares[0].refit == held + cache

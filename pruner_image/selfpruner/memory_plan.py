@@ -12,6 +12,9 @@ starts a GPU pod, and a local run prints it before loading. Every figure is in b
   query heads of each group gathers the kept rows of q_proj and columns of o_proj into new
   tensors (`pruned_model`): at most (G-1)/G of both, per block.
 - **compensation means**: one mean per o_proj and down_proj input channel, per block.
+- **refit state** (``pruning.refit`` only), float32 per block: the covariance and its
+  Cholesky factor of o_proj's and down_proj's inputs, 2·4·((Hq·d)² + I²), and the
+  `REFIT_CACHE` refitted widths kept per projection, at most 4·H·(Hq·d + I) in the dtype.
 - **evaluation working set**, B = fitness.batchSize, L = fitness.seqLen, in the model's dtype:
   4·B·L·H of hidden states (residual, norm, attention output, block output) and the larger of
   attention's 2·B·L·(Hq+Hkv)·d (q, k, v and its output) and the MLP's 3·B·L·I (gate, up,
@@ -22,9 +25,10 @@ starts a GPU pod, and a local run prints it before loading. Every figure is in b
 - **calibration working set**, once before the search (B = 1, L = calibration.seqLen): the
   block working set above, the float64 copy of down_proj's input and its square
   (2·L·I·8), and the float64 sum and sum of squares of each block's channels (2·8·(Hq·d + I)
-  per block; they go to the host afterwards).
+  per block; they go to the host afterwards); with the refit also each block's float32 Gram
+  matrices, 4·((Hq·d)² + I²).
 
-A GPU needs weights + copies + means + the larger of the two working sets, and may use
+A GPU needs weights + copies + means + refit state + the larger of the two working sets, and may use
 `USABLE` of its memory (the CUDA context and the allocator's fragmentation take the rest).
 """
 
@@ -127,6 +131,7 @@ class Workload:
     seq_len: int = 2048
     calibration_seq_len: int = 512
     head_mode: str = "per-group"
+    refit: bool = False
 
     @property
     def bytes(self) -> int:
@@ -142,10 +147,11 @@ class GpuShare:
     means: int
     evaluation: int
     calibration: int
+    refit: int = 0
 
     @property
     def total(self) -> int:
-        return self.weights + self.copies + self.means + max(self.evaluation, self.calibration)
+        return self.weights + self.copies + self.means + self.refit + max(self.evaluation, self.calibration)
 
 
 @dataclass
@@ -177,7 +183,7 @@ class MemoryPlan:
         for s in self.shares:
             where = f"blocks {s.blocks[0]}-{s.blocks[1]}" if s.blocks else "no blocks"
             out.append(f"  device {s.device}: {where}: weights {gib(s.weights)} + copies {gib(s.copies)} + "
-                       f"means {gib(s.means)} + working set {gib(max(s.evaluation, s.calibration))} "
+                       f"means {gib(s.means)} + {f'refit {gib(s.refit)} + ' if s.refit else ''}working set {gib(max(s.evaluation, s.calibration))} "
                        f"= {gib(s.total)}{cap}")
         return out
 
@@ -216,6 +222,9 @@ def _shares(size: ModelSize, work: Workload, k: int) -> tuple[list[GpuShare], li
     head_extra = B * L * H * b + B * chunk * V * (b + 8)
     copies = (2 * H * q * (g.group_size - 1) // g.group_size
               if work.head_mode == "per-group" and g.group_size > 1 else 0)
+    refit_cache = 4  # pruned_model.REFIT_CACHE (this module imports no torch)
+    gram = 4 * (q * q + I * I) if work.refit else 0
+    refit = 2 * gram + refit_cache * H * (q + I) * b if work.refit else 0
     block_of = _split(size, k)
     head_device = 0 if size.tied else k - 1
     shares = []
@@ -227,10 +236,10 @@ def _shares(size: ModelSize, work: Workload, k: int) -> tuple[list[GpuShare], li
             weights += size.head_params
         evaluation = working_set(B, L) + (head_extra if dev == head_device else 0) if n or dev == head_device else 0
         calibration = (working_set(1, work.calibration_seq_len) + 2 * work.calibration_seq_len * I * 8
-                       + n * 2 * 8 * (q + I)) if n else 0
+                       + n * 2 * 8 * (q + I) + n * gram) if n else 0
         shares.append(GpuShare(device=dev, blocks=[blocks[0], blocks[-1]] if blocks else [], weights=weights * b,
                                copies=n * copies * b, means=n * (q + I) * b, evaluation=evaluation,
-                               calibration=calibration))
+                               calibration=calibration, refit=n * refit))
     return shares, block_of, head_device
 
 
@@ -274,12 +283,16 @@ def _refusal(size: ModelSize, work: Workload, p: MemoryPlan, make, fits, fixed_k
     what = (f"the model ({size.total_params / 1e9:.1f}B parameters, {gib(size.total_params * work.bytes)} in "
             f"{work.dtype}) does not fit {p.gpus_per_replica} GPU(s) of {gib(p.gpu_memory)} "
             f"(GPU {worst.device} needs {gib(worst.total)}, {gib(p.usable)} usable)")
-    weights_fit = all(s.weights + s.copies + s.means <= p.usable for s in p.shares)
+    weights_fit = all(s.weights + s.copies + s.means + s.refit <= p.usable for s in p.shares)
     field_k = "spec.evaluator.gpusPerReplica" if fixed_k else "spec.evaluator.gpusPerPod"
     if not weights_fit:
         if need is None:
             return f"{what}: not even {MAX_GPUS} GPUs hold it; use GPUs with more memory or a smaller dtype"
-        return f"{what}: set {field_k} to at least {need}"
+        refit = ", or turn off spec.pruning.refit" if work.refit else ""
+        return f"{what}: set {field_k} to at least {need}{refit}"
     more = f", or set {field_k} to at least {need}" if need else ""
+    if work.refit and worst.calibration > worst.evaluation:
+        return (f"{what}: the refit's state ({gib(worst.refit)}) and its calibration Gram matrices "
+                f"(working set {gib(worst.calibration)}) are too large: turn off spec.pruning.refit{more}")
     return (f"{what}: the working set of fitness batch {work.batch_size} × {work.seq_len} tokens "
             f"({gib(worst.evaluation)}) is too large: lower spec.fitness.batchSize or spec.fitness.seqLen{more}")

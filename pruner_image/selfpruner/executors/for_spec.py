@@ -27,7 +27,8 @@ def workload(spec: Section):
 
     s = spec.spec
     return Workload(dtype=s.model.dtype, batch_size=s.fitness.batch_size, seq_len=s.fitness.seq_len,
-                    calibration_seq_len=s.calibration.seq_len, head_mode=s.pruning.head_mode)
+                    calibration_seq_len=s.calibration.seq_len, head_mode=s.pruning.head_mode,
+                    refit=s.pruning.refit)
 
 
 def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None):

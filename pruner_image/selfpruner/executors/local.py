@@ -121,7 +121,8 @@ class LocalExecutor:
 
         devices = devices or local_devices()
         workload = memory_plan.Workload(dtype=dtype, batch_size=batch_size, seq_len=seq_len,
-                                        calibration_seq_len=settings.calibration_seq_len, head_mode=settings.head_mode)
+                                        calibration_seq_len=settings.calibration_seq_len, head_mode=settings.head_mode,
+                                        refit=settings.refit)
         plan = memory_plan.plan(load_config(model), workload, gpus=len(devices), gpu_memory=gpu_memory(devices),
                                 gpus_per_replica=gpus_per_replica)
         print("\n".join(plan.lines()), file=sys.stderr, flush=True)
