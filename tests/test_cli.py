@@ -54,6 +54,24 @@ def test_prune_with_a_rates_file(tiny_model_dir, tmp_path, capsys):
     assert again["perplexity"] == pytest.approx(summary["pruned"]["perplexity"], rel=1e-5)
 
 
+def test_prune_with_the_refit_writes_a_checkpoint_that_evaluates_as_reported(tiny_model_dir, tmp_path, capsys):
+    folder, text = tiny_model_dir
+    common = ["--model", str(folder), "--ratio", "0.4", "--calibration-text", str(text), "--calibration-windows", "4",
+              "--calibration-seq-len", "128", "--eval", "--eval-text", str(text), "--eval-seq-len", "128",
+              "--eval-tokens", "512", "--json", "--device", "cpu"]
+    summaries = {}
+    for refit in (False, True):
+        out = tmp_path / f"pruned-{refit}"
+        assert main(["prune", *common, "--output", str(out), "--refit" if refit else "--no-refit"]) == 0
+        summaries[refit] = json.loads(capsys.readouterr().out)
+        assert json.loads((out / "pruning.json").read_text())["refit"] is refit
+    assert summaries[True]["pruned"]["perplexity"] != summaries[False]["pruned"]["perplexity"]
+    assert main(["eval", "--model", str(tmp_path / "pruned-True"), "--text", str(text), "--seq-len", "128",
+                 "--tokens", "512", "--json", "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["perplexity"] == pytest.approx(summaries[True]["pruned"]["perplexity"], rel=1e-5)
+
+
 def test_missing_model(tmp_path):
     assert_one_line_error(run_cli("eval", "--model", tmp_path / "nope"), "not found")
 

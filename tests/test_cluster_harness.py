@@ -375,6 +375,7 @@ def test_custom_resources_get_the_crds_defaults_on_create(cluster, tmp_path):
                     "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.3},
                              "pruning": {"metric": "flap"}}})
     spec = cluster.get("prunejobs", "bare")["spec"]
-    assert spec["pruning"] == {"metric": "flap", "biasCompensation": True, "headMode": "per-group", "mlpMultiple": 8}
+    assert spec["pruning"] == {"metric": "flap", "biasCompensation": True, "refit": False, "headMode": "per-group",
+                               "mlpMultiple": 8}
     assert spec["llm"]["provider"] == "local" and spec["evaluator"]["activeDeadlineSeconds"] == 21600
     assert spec["target"]["ratio"] == 0.3 and spec["suspend"] is False
