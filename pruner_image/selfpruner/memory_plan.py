@@ -12,9 +12,11 @@ starts a GPU pod, and a local run prints it before loading. Every figure is in b
   query heads of each group gathers the kept rows of q_proj and columns of o_proj into new
   tensors (`pruned_model`): at most (G-1)/G of both, per block.
 - **compensation means**: one mean per o_proj and down_proj input channel, per block.
-- **refit state** (``pruning.refit`` only), float32 per block: the covariance and its
-  Cholesky factor of o_proj's and down_proj's inputs, 2·4·((Hq·d)² + I²), and the
-  `REFIT_CACHE` refitted widths kept per projection, at most 4·H·(Hq·d + I) in the dtype.
+- **refit state** (``pruning.refit`` only), float32 per block: for o_proj and down_proj
+  the inverse Cholesky factor of the input covariance and W Σ L⁻ᵀ, 4·((Hq·d)² + I² + H·(Hq·d + I)),
+  plus o_proj's input covariance, 4·(Hq·d)², in ``per-group`` mode with G > 1 (kept heads are
+  not a prefix there); and the `REFIT_CACHE` refitted widths kept per projection, at most
+  4·H·(Hq·d + I) in the dtype.
 - **evaluation working set**, B = fitness.batchSize, L = fitness.seqLen, in the model's dtype:
   4·B·L·H of hidden states (residual, norm, attention output, block output) and the larger of
   attention's 2·B·L·(Hq+Hkv)·d (q, k, v and its output) and the MLP's 3·B·L·I (gate, up,
@@ -224,7 +226,8 @@ def _shares(size: ModelSize, work: Workload, k: int) -> tuple[list[GpuShare], li
               if work.head_mode == "per-group" and g.group_size > 1 else 0)
     refit_cache = 4  # pruned_model.REFIT_CACHE (this module imports no torch)
     gram = 4 * (q * q + I * I) if work.refit else 0
-    refit = 2 * gram + refit_cache * H * (q + I) * b if work.refit else 0
+    heads_cov = 4 * q * q if work.head_mode == "per-group" and g.group_size > 1 else 0
+    refit = gram + 4 * H * (q + I) + heads_cov + refit_cache * H * (q + I) * b if work.refit else 0
     block_of = _split(size, k)
     head_device = 0 if size.tied else k - 1
     shares = []

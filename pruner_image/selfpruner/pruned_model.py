@@ -14,8 +14,8 @@ over the calibration activations, E‖(x−μ)Wᵀ − (x_K−μ_K)W'ᵀ‖², s
 and the bias takes what is left of the mean (bias compensation is the special case
 W' = W[:, K]). Kept channels are a prefix of the sorted order wherever the head mode
 allows, and the Cholesky factor of a leading block is the leading block of the full
-factor, so one factorisation per projection serves every width; a refit costs two
-triangular solves, and the last few widths of each projection are kept.
+factor, so one factorisation per projection serves every width; a refit costs one matrix
+product (see `_Refit`), and the last few widths of each projection are kept.
 
 ``mode="mask"`` keeps the dense shapes and zeroes the pruned channels' inputs instead:
 slower, but an independent path that the tests compare slicing with.
@@ -43,17 +43,27 @@ REFIT_CACHE = 4  # refitted widths kept per projection and block
 
 @dataclass
 class _Refit:
-    """One projection input's covariance in sorted order, and its damped Cholesky factor."""
-    cov: torch.Tensor
-    chol: torch.Tensor
+    """What refits one projection (o_proj or down_proj of a block) at any width, float32.
+
+    With Σ + λI = L Lᵀ over the sorted input channels, a prefix of c channels has
+    W' = W Σ[:, :c] (L_c L_cᵀ)⁻¹ = P[:, :c] · L⁻¹[:c, :c], where P = W Σ L⁻ᵀ: the leading
+    block of L⁻¹ is the inverse of L's leading block, and multiplying by the upper-triangular
+    L⁻ᵀ keeps leading columns. So a prefix costs one matrix product, and W and Σ need not be
+    kept. `cov` stays only where kept sets need not be prefixes (query heads per group)."""
+    p: torch.Tensor  # [out, in]  W Σ L⁻ᵀ
+    linv: torch.Tensor  # [in, in]  L⁻¹, lower triangular
+    mean: torch.Tensor  # [in]  input channel means
+    base: torch.Tensor  # [out]  W μ + b: the output's mean, which the bias keeps
+    cov: torch.Tensor | None
     damping: float
     cache: OrderedDict
 
 
-def _refit_state(stats, order: torch.Tensor, device, dtype=torch.float32) -> _Refit:
-    cov = stats.covariance[order][:, order].to(device, dtype)
+def _refit_state(stats, order: torch.Tensor, linear: nn.Linear, *, keep_cov: bool) -> _Refit:
+    device, f32 = linear.weight.device, torch.float32
+    cov = stats.covariance[order][:, order].to(device, f32)
     damping = REFIT_DAMPING * cov.diagonal().mean().clamp_min(1e-12).item()
-    eye = torch.eye(cov.shape[0], device=device, dtype=dtype)
+    eye = torch.eye(cov.shape[0], device=device, dtype=f32)
     for _ in range(8):  # a (near-)constant channel: damp harder rather than fail
         chol, info = torch.linalg.cholesky_ex(cov + damping * eye)
         if info.item() == 0:
@@ -61,7 +71,12 @@ def _refit_state(stats, order: torch.Tensor, device, dtype=torch.float32) -> _Re
         damping *= 10
     else:
         raise ValueError("the calibration covariance is not finite; recollect the calibration statistics")
-    return _Refit(cov, chol, damping, OrderedDict())
+    linv = torch.linalg.solve_triangular(chol, eye, upper=False)
+    w = linear.weight.to(f32)
+    p = torch.linalg.solve_triangular(chol, (w @ cov).T, upper=False).T.contiguous()  # W Σ L⁻ᵀ
+    mean = stats.mean[order].to(device, f32)
+    base = torch.mv(w, mean) + (0 if linear.bias is None else linear.bias.to(f32))
+    return _Refit(p, linv, mean, base, cov if keep_cov else None, damping, OrderedDict())
 
 
 class SlicedLinear(nn.Linear):
@@ -148,8 +163,9 @@ class PrunableModel:
         self._attn_means.append(stats.attention[i].mean[q_index].to(dev, dtype) if stats else None)
         self._mlp_means.append(stats.mlp[i].mean[channel_order].to(dev, dtype) if stats else None)
         if self.refit:
-            self._attn_refit.append(_refit_state(stats.attention[i], q_index, dev))
-            self._mlp_refit.append(_refit_state(stats.mlp[i], channel_order, mlp.down_proj.weight.device))
+            heads_not_prefix = self.head_mode == "per-group" and G > 1
+            self._attn_refit.append(_refit_state(stats.attention[i], q_index, attn.o_proj, keep_cov=heads_not_prefix))
+            self._mlp_refit.append(_refit_state(stats.mlp[i], channel_order, mlp.down_proj, keep_cov=False))
         self._dense.append(_DenseBlock(attn, attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
                                        attn.num_key_value_groups, mlp.gate_proj, mlp.up_proj, mlp.down_proj))
 
@@ -185,13 +201,13 @@ class PrunableModel:
             return base
         return extra if base is None else base + extra
 
-    def _refitted(self, state: _Refit, linear: nn.Linear, mean: torch.Tensor,
-                  kept: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def _refitted(self, state: _Refit, linear: nn.Linear,
+                  kept: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(W', b') for the kept input channels (a prefix length or an index), or None
         when nothing is removed (the dense weights stay exact)."""
         width = linear.weight.shape[1]
-        if isinstance(kept, torch.Tensor) and kept.numel() == width:
-            kept = width
+        if isinstance(kept, torch.Tensor) and torch.equal(kept, torch.arange(kept.numel())):
+            kept = kept.numel()  # an index that is a prefix: the cheap path
         if isinstance(kept, int) and kept >= width:
             return None
         key = kept if isinstance(kept, int) else tuple(kept.tolist())
@@ -199,20 +215,17 @@ class PrunableModel:
             state.cache.move_to_end(key)
             return state.cache[key]
         w = linear.weight
-        wf, mf = w.float(), mean.float()
-        idx = torch.arange(kept, device=w.device) if isinstance(kept, int) else kept.to(w.device)
-        if idx.numel() == 0:  # nothing kept: the mean contribution alone, as bias compensation
-            new_w = wf[:, :0]
-        elif isinstance(kept, int):
-            new_w = torch.cholesky_solve((wf @ state.cov[:, :kept]).T.contiguous(), state.chol[:kept, :kept]).T
+        if isinstance(kept, int):
+            new_w = state.p[:, :kept] @ state.linv[:kept, :kept]
+            kept_mean = state.mean[:kept]
         else:
+            assert state.cov is not None, "a kept set that is not a prefix needs the covariance"
+            idx = kept.to(w.device)
             sub = state.cov[idx][:, idx]
             chol = torch.linalg.cholesky(sub + state.damping * torch.eye(sub.shape[0], device=w.device, dtype=sub.dtype))
-            new_w = torch.cholesky_solve((wf @ state.cov[:, idx]).T.contiguous(), chol).T
-        kept_mean = mf[idx]
-        bias = torch.mv(wf, mf) - torch.mv(new_w, kept_mean)
-        if linear.bias is not None:
-            bias = bias + linear.bias.float()
+            new_w = torch.cholesky_solve((w.float() @ state.cov[:, idx]).T.contiguous(), chol).T
+            kept_mean = state.mean[idx]
+        bias = state.base - torch.mv(new_w, kept_mean)
         out = (new_w.to(w.dtype).contiguous(), bias.to(w.dtype))
         state.cache[key] = out
         if len(state.cache) > REFIT_CACHE:
@@ -235,8 +248,8 @@ class PrunableModel:
             prefix_q = kept_q.numel() if self.head_mode == "kv-group" else kept_q
             o_fit = down_fit = None
             if self.refit:
-                o_fit = self._refitted(self._attn_refit[i], d.o, self._attn_means[i], prefix_q)
-                down_fit = self._refitted(self._mlp_refit[i], d.down, self._mlp_means[i], shape.channels)
+                o_fit = self._refitted(self._attn_refit[i], d.o, prefix_q)
+                down_fit = self._refitted(self._mlp_refit[i], d.down, shape.channels)
                 o_comp = down_comp = None
             else:
                 o_comp = self._compensation(d.o.weight, self._attn_means[i], prefix_q)
