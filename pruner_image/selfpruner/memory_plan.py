@@ -47,6 +47,7 @@ USABLE = 0.92
 LOGITS_CHUNK = 1024  # evaluate.perplexity's logits_chunk
 GIB = 1024 ** 3
 MAX_GPUS = 64  # the CRD's bound on evaluator.gpusPerPod
+REFIT_CACHE = 4  # refitted widths `pruned_model` keeps per projection and block
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?$")
 _UNITS = {None: 1, "k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15,
           "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50}
@@ -224,10 +225,10 @@ def _shares(size: ModelSize, work: Workload, k: int) -> tuple[list[GpuShare], li
     head_extra = B * L * H * b + B * chunk * V * (b + 8)
     copies = (2 * H * q * (g.group_size - 1) // g.group_size
               if work.head_mode == "per-group" and g.group_size > 1 else 0)
-    refit_cache = 4  # pruned_model.REFIT_CACHE (this module imports no torch)
-    gram = 4 * (q * q + I * I) if work.refit else 0
+    gram = 4 * (q * q + I * I) if work.refit else 0  # calibration's x xᵀ sums, float32
+    linv, p = 4 * (q * q + I * I), 4 * H * (q + I)  # L⁻¹ and W Σ L⁻ᵀ, float32
     heads_cov = 4 * q * q if work.head_mode == "per-group" and g.group_size > 1 else 0
-    refit = gram + 4 * H * (q + I) + heads_cov + refit_cache * H * (q + I) * b if work.refit else 0
+    refit = linv + p + heads_cov + REFIT_CACHE * H * (q + I) * b if work.refit else 0
     block_of = _split(size, k)
     head_device = 0 if size.tied else k - 1
     shares = []

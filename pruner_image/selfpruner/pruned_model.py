@@ -34,11 +34,11 @@ from .architecture import geometry_of
 from .calibration import CalibrationStats
 from .hf_code.modeling_selfpruner import EmptyAttention
 from .importance import LayerScores
+from .memory_plan import REFIT_CACHE
 from .structure import PrunePlan, effective_head_mode
 
 MODES = ("slice", "mask")
 REFIT_DAMPING = 0.01  # λ as a fraction of the mean channel variance, as GPTQ/SparseGPT damp
-REFIT_CACHE = 4  # refitted widths kept per projection and block
 
 
 @dataclass
