@@ -124,5 +124,10 @@ class PrometheusServer:
         data = self._api("query", **params)
         return data["result"] if data["resultType"] in ("vector", "matrix") else [{"value": data["result"]}]
 
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
+        """A range query, as a dashboard's time-series panel makes it: each series' `values`, one
+        [t, value] per step from `start` to `end` (Unix seconds)."""
+        return self._api("query_range", query=expr, start=f"{start:.3f}", end=f"{end:.3f}", step=f"{step:g}")["result"]
+
     def targets(self) -> list[dict]:
         return self._api("targets")["activeTargets"]
