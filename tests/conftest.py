@@ -6,6 +6,7 @@ import string
 import pytest
 import torch
 
+
 def pytest_configure(config):
     """torch uses every core in every process by default; `make test` runs two pytest processes on
     two cores, and the cluster, serving and resume tests start more (pods, servers, CLI runs), which
