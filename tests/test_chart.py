@@ -347,7 +347,7 @@ def test_observe_crds_off_leaves_no_cluster_rule_in_namespaced_scope():
 
 
 def test_installation_defaults_reach_the_operator_as_it_reads_them():
-    from selfpruner_operator import defaults
+    from selfpruner.cluster import defaults
 
     for which in VALUES:
         (deploy,) = by_kind(render(which), "Deployment")
@@ -369,7 +369,7 @@ def test_installation_defaults_reach_the_operator_as_it_reads_them():
 
 
 def test_the_policy_reaches_the_operator_as_it_reads_it():
-    from selfpruner_operator import policy
+    from selfpruner.cluster import policy
 
     for which in VALUES:
         (deploy,) = by_kind(render(which), "Deployment")

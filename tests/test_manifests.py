@@ -8,6 +8,7 @@ import pytest
 
 from selfpruner import spec as spec_mod
 from selfpruner.cluster import manifests
+from selfpruner.cluster.policy import LLM_KEY_ENV
 
 K8S = "1.33"
 IMAGE = "registry.example/selfpruner-pruner:0.1.0"
@@ -99,8 +100,13 @@ def test_the_spec_reaches_the_controller_as_data():
     assert container["command"] == ["selfpruner", "controller"] and "args" not in container
     env = {e["name"]: e for e in container["env"]}
     document = json.loads(env["SELFPRUNER_PRUNEJOB"]["value"])
-    assert document["spec"] == pj["spec"]
-    assert env["OPENAI_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "llm", "key": "token"}
+    # the key arrives under a fixed name whatever llm.apiKeyEnv says; the rest of the spec as written
+    assert document["spec"]["llm"]["apiKeyEnv"] == LLM_KEY_ENV
+    assert {**document["spec"], "llm": pj["spec"]["llm"]} == pj["spec"]
+    assert {k: v for k, v in document["spec"]["llm"].items() if k != "apiKeyEnv"} == \
+        {k: v for k, v in pj["spec"]["llm"].items() if k != "apiKeyEnv"}
+    assert env[LLM_KEY_ENV]["valueFrom"]["secretKeyRef"] == {"name": "llm", "key": "token"}
+    assert "OPENAI_API_KEY" not in env
     assert container["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
 
 
@@ -161,7 +167,7 @@ def test_a_document_that_skipped_defaulting_gets_the_crds_defaults():
     assert job["spec"]["activeDeadlineSeconds"] == ev["activeDeadlineSeconds"]
     controller = manifests.controller_job(raw, image=IMAGE, service_account="sa")
     env = {e["name"] for e in controller["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert spec_mod.parse(raw).spec["llm"]["apiKeyEnv"] in env
+    assert LLM_KEY_ENV in env and spec_mod.parse(raw).spec["llm"]["apiKeyEnv"] not in env
 
 
 def test_pods_of_several_gpus_get_their_gpus_shared_memory_and_a_sized_cache():

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from selfpruner_operator import defaults
+from selfpruner.cluster import defaults
 
 STORE = {"uri": "s3://platform/runs", "endpointURL": "http://minio:9000", "credentialsSecret": {"name": "s3"}}
 LLM = {"baseURL": "http://vllm:8000/v1", "apiKeySecret": {"name": "llm", "key": "token"}}

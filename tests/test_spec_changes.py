@@ -22,12 +22,27 @@ TRANSITION = [r for r in SPEC["x-kubernetes-validations"] if "oldSelf" in r["rul
 ENV = celpy.Environment()
 
 
+def transition_rules(node: dict, path: tuple = ()):
+    """(path below spec, rule) of every transition rule, at whatever depth the CRD puts it."""
+    for rule in node.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"]:
+            yield path, rule
+    for key, sub in (node.get("properties") or {}).items():
+        yield from transition_rules(sub, path + (key,))
+
+
 def refused(old: dict, new: dict) -> list[str]:
-    """The messages of the transition rules an update from `old` to `new` breaks."""
+    """The messages of the transition rules an update from `old` to `new` breaks (a rule applies
+    where the old object has its node, as on the API server)."""
     out = []
-    for rule in TRANSITION:
+    for path, rule in transition_rules(SPEC):
+        o, n = old, new
+        for key in path:
+            o, n = (o or {}).get(key), (n or {}).get(key)
+        if o is None or n is None:
+            continue
         program = ENV.program(ENV.compile(rule["rule"]))
-        if not program.evaluate({"self": celpy.json_to_cel(new), "oldSelf": celpy.json_to_cel(old)}):
+        if not program.evaluate({"self": celpy.json_to_cel(n), "oldSelf": celpy.json_to_cel(o)}):
             out.append(rule["message"])
     return out
 
@@ -50,7 +65,7 @@ def test_every_llm_field_is_either_fixed_by_the_crd_or_a_call_setting(tiny_job):
 
 @pytest.mark.parametrize("path,value,allowed", [
     ("llm.timeoutSeconds", 600, True), ("llm.maxRetries", 9, True), ("llm.concurrency", 2, True),
-    ("llm.baseURL", "http://other/v1", True), ("suspend", True, True), ("evaluator.parallelism", 7, True),
+    ("suspend", True, True), ("evaluator.parallelism", 7, True),
     ("llm.temperature", 0.1, False), ("llm.model", "other", False), ("llm.seed", 3, False),
     ("target.ratio", 0.2, False), ("search.generations", 9, False), ("model.source", "demo", False),
 ])
@@ -63,6 +78,24 @@ def test_the_crd_refuses_edits_that_change_the_result_and_allows_the_rest(tiny_j
     assert (not problems) == allowed, problems
     # what the CRD lets change is exactly what a resumed search does not hold against its state
     assert (spec_hash(old) == spec_hash(new)) == allowed
+
+
+@pytest.mark.parametrize("path,value", [
+    ("llm.baseURL", "https://attacker.example/v1"), ("llm.apiKeySecret", {"name": "other", "key": "k"}),
+    ("storage", {"uri": "s3://elsewhere/runs"}), ("storage.endpointURL", "https://attacker.example"),
+    ("evaluator.image", "docker.io/evil/x:1"), ("evaluator.nodeCache", "/"),
+])
+def test_tenant_a_tries_to_redirect_secrets_images_or_host_paths_after_admission(tiny_job, path, value):
+    """What decides where Secrets, images and host paths go is fixed once admitted, although it
+    does not change the result: the policy was checked against the admitted values."""
+    old = defaulted(tiny_job("t", llm={"provider": "openai", "model": "m", "baseURL": "http://llm/v1",
+                                       "apiKeySecret": {"name": "llm", "key": "k"}},
+                             storage={"uri": "s3://runs/a", "endpointURL": "http://minio:9000"}))
+    new = copy.deepcopy(old)
+    section, _, field = path.rpartition(".")
+    (new[section] if section else new)[field] = value
+    problems = refused(old, new)
+    assert len(problems) == 1 and "cannot change once admitted" in problems[0], problems
 
 
 def test_a_search_resumes_after_its_llm_timeout_changed(tiny_job):

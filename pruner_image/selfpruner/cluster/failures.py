@@ -12,9 +12,7 @@ import traceback
 
 from ..errors import UserError
 from ..storage import ChecksumMismatch, StorageError
-from .kube import JobConflict
-
-TRANSIENT_HTTP = {0, 408, 429, 500, 502, 503, 504}
+from .kube import ChildConflict, http_status, is_transient, redact
 
 
 class Verdict(Exception):
@@ -26,24 +24,21 @@ class Verdict(Exception):
 
 
 def classify(e: BaseException) -> tuple[str, str] | None:
-    """(reason, message) for a final failure; None for a transient one."""
+    """(reason, message) for a final failure; None for a transient one. API errors are told apart
+    by their HTTP status (429 and 5xx are transient), never by the exception's class name."""
     if isinstance(e, Verdict):
-        return e.reason, e.message
-    if isinstance(e, JobConflict):
+        return e.reason, redact(e.message)
+    if isinstance(e, ChildConflict):
         return "JobConflict", str(e)
     if isinstance(e, UserError):  # includes StorageAccessError: no bucket, no credentials
-        return "InvalidInput", " ".join(str(e).split())
-    if isinstance(e, (ChecksumMismatch, StorageError, ConnectionError, TimeoutError)):
+        return "InvalidInput", redact(" ".join(str(e).split()))
+    if isinstance(e, (ChecksumMismatch, StorageError)) or is_transient(e):
         return None
-    status = getattr(e, "status", None)
-    if type(e).__name__ == "ApiException" and isinstance(status, int):
-        if status in TRANSIENT_HTTP:
-            return None
-        return "ApiRejected", f"the API server refused a request ({status} {getattr(e, 'reason', '')}): " \
-                              f"{_api_message(e)}"
-    if type(e).__module__.startswith("urllib3"):
-        return None
-    return "ControllerError", f"{type(e).__name__}: {e} (at {_where(e)})"
+    status = http_status(e)
+    if status is not None:
+        return "ApiRejected", redact(f"the API server refused a request ({status} {getattr(e, 'reason', '')}): "
+                                     f"{_api_message(e)}")
+    return "ControllerError", redact(f"{type(e).__name__}: {e} (at {_where(e)})")
 
 
 def _api_message(e) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 
 from ..spec import defaulted_spec
+from .policy import LLM_KEY_ENV
 from .status import API_VERSION, KIND
+
 EXIT_UNEVALUABLE = 42  # a worker's exit code for "this shard's candidates cannot be evaluated"
 RUN_AS_USER = 10001
 METRICS_PORT = 9090  # the controller's search metrics (workers report through it)
@@ -28,15 +30,18 @@ def owner_reference(pj: dict) -> dict:
 
 
 MAX_NAME = 63  # a Job's name becomes its pods' `job-name` label value: 63 characters at most
+# an Indexed Job's pods are named and host-named `<job>-<index>`, which must be a DNS label (63):
+# room for the largest index the CRD allows (evaluator.parallelism <= 10000 shards: "-9999")
+MAX_INDEXED_NAME = MAX_NAME - len("-9999")
 
 
-def child_name(pj: dict, suffix: str) -> str:
+def child_name(pj: dict, suffix: str, limit: int = MAX_NAME) -> str:
     """`<PruneJob name, cut>-<first 8 of its uid>-<suffix>`: unique per PruneJob uid, so two
     PruneJobs whose names share a prefix (a seed sweep), or one re-created under the same
-    name before garbage collection, never share a Job; bounded to 63 characters."""
+    name before garbage collection, never share a Job; bounded to `limit` characters."""
     meta = pj["metadata"]
     uid = "".join(c for c in meta["uid"].lower() if c.isalnum())[:8]
-    room = MAX_NAME - len(uid) - len(suffix) - 2
+    room = limit - len(uid) - len(suffix) - 2
     return f"{meta['name'][:room].rstrip('-.')}-{uid}-{suffix}"
 
 
@@ -132,20 +137,27 @@ def active_deadline(pj: dict) -> int:
     return int(evaluator(pj)["activeDeadlineSeconds"])
 
 
-def controller_job(pj: dict, *, image: str, service_account: str, attempt: int = 0) -> dict:
+def controller_job(pj: dict, *, image: str, service_account: str, attempt: int = 0,
+                   policy: dict | None = None, installation: dict | None = None) -> dict:
     """The search loop's pod (CPU). `attempt` numbers the Jobs started for one PruneJob:
-    a lost controller is replaced by a new Job that resumes from storage."""
+    a lost controller is replaced by a new Job that resumes from storage. The installation's
+    `policy` and `installation` defaults go with it: the controller checks every Job it creates
+    against them. The LLM key arrives under a fixed variable name (LLM_KEY_ENV), whatever
+    `llm.apiKeyEnv` says: a PruneJob never chooses a pod's environment variable names."""
     spec = pj["spec"]
     document = {k: pj[k] for k in ("apiVersion", "kind", "metadata", "spec") if k in pj}
     document["metadata"] = {k: pj["metadata"][k] for k in ("name", "namespace", "uid") if k in pj["metadata"]}
+    llm = defaulted_spec(spec)["llm"]
+    document["spec"] = {**document.get("spec", {}), "llm": {**(spec.get("llm") or {}), "apiKeyEnv": LLM_KEY_ENV}}
     env = _common_env(pj) + [{"name": "SELFPRUNER_PRUNEJOB", "value": json.dumps(document, sort_keys=True)},
                              {"name": "SELFPRUNER_IMAGE", "value": image},
-                             {"name": "SELFPRUNER_METRICS_PORT", "value": str(METRICS_PORT)}]
+                             {"name": "SELFPRUNER_METRICS_PORT", "value": str(METRICS_PORT)},
+                             {"name": "SELFPRUNER_POLICY", "value": json.dumps(policy or {}, sort_keys=True)},
+                             {"name": "SELFPRUNER_DEFAULTS", "value": json.dumps(installation or {}, sort_keys=True)}]
     storage_env, env_from = _storage_env(pj)
     env += storage_env
-    llm = defaulted_spec(spec)["llm"]
     if llm.get("apiKeySecret"):
-        env.append({"name": llm["apiKeyEnv"],
+        env.append({"name": LLM_KEY_ENV,
                     "valueFrom": {"secretKeyRef": {"name": llm["apiKeySecret"]["name"],
                                                    "key": llm["apiKeySecret"]["key"]}}})
     container = {"name": "controller", "image": image, "command": ["selfpruner", "controller"], "env": env,
@@ -221,7 +233,7 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch:
         ]},
     }
     del job_spec["backoffLimit"]  # with backoffLimitPerIndex the Job-wide limit stays unset
-    name = child_name(pj, f"b{batch}")
+    name = child_name(pj, f"b{batch}", limit=MAX_INDEXED_NAME)
     job = _job(pj, name, "evaluator", pod, extra_labels={"selfpruner.io/generation": str(generation)},
                job_spec=job_spec, queue=True)
     job["spec"].pop("backoffLimit", None)
