@@ -236,13 +236,24 @@ CLIENT_METHODS = {
     "patch_namespaced_job": ("batch", "jobs", "patch"),
     "delete_namespaced_job": ("batch", "jobs", "delete"),
     "list_namespaced_pod": ("", "pods", "list"),
+    "list_namespaced_event": ("", "events", "list"),
     "get_namespaced_custom_object": ("selfpruner.io", "prunejobs", "get"),
     "patch_namespaced_custom_object": ("selfpruner.io", "prunejobs", "patch"),
     "patch_namespaced_custom_object_status": ("selfpruner.io", "prunejobs/status", "patch"),
     "list_namespaced_custom_object": ("selfpruner.io", "prunejobs", "list"),
     "create_namespaced_event": ("", "events", "create"),
 }
-CALL = re.compile(r"\.((?:create|read|get|list|patch|replace|delete|watch)_(?:namespaced|cluster)_\w+)\(")
+CALL = re.compile(r"\.((?:create|read|get|list|patch|replace|delete|watch)_(?:namespaced|cluster)_\w+)\b")
+# kube.py is the one client layer: its methods (and helpers taking a Kube) -> the client methods they call
+KUBE_CALLS = {
+    "create_job": {"create_namespaced_job", "read_namespaced_job"}, "read_job": {"read_namespaced_job"},
+    "list_jobs": {"list_namespaced_job"}, "delete_job": {"delete_namespaced_job"},
+    "patch_job": {"patch_namespaced_job"}, "list_pods": {"list_namespaced_pod"},
+    "job_events": {"list_namespaced_event"}, "read_prunejob": {"get_namespaced_custom_object"},
+    "patch_status": {"patch_namespaced_custom_object_status", "get_namespaced_custom_object"},
+    "event": {"create_namespaced_event"}, "job_stuck": {"list_namespaced_pod", "list_namespaced_event"},
+}
+KUBE_CALL = re.compile(r"\bkube\.(" + "|".join(KUBE_CALLS) + r")\(|\b(job_stuck)\(")
 
 # What kopf itself does for our handlers (kopf 1.x; see kopf's docs "Deployment" RBAC and
 # kopf/_core/reactor/observation.py, kopf/_cogs/clients/patching.py, events.py):
@@ -266,22 +277,30 @@ KOPF_CLUSTER = {
 BLOCK_OWNER_DELETION = {("selfpruner.io", "prunejobs/finalizers", "update")}
 
 
-def code_permissions(path: Path) -> set:
-    methods = set(CALL.findall(path.read_text()))
-    assert methods, f"no kubernetes client calls found in {path}"
-    unknown = methods - CLIENT_METHODS.keys()
-    assert not unknown, f"{path}: map these client methods to RBAC rules in CLIENT_METHODS: {unknown}"
+def code_permissions(*paths: Path) -> set:
+    """What the code in `paths` asks of the API server, through kube.py's methods."""
+    methods = set()
+    for path in paths:
+        methods |= {m for names in KUBE_CALL.findall(path.read_text()) for m in KUBE_CALLS["".join(names)]}
+    assert methods, f"no Kubernetes calls found in {paths}"
     return {CLIENT_METHODS[m] for m in methods}
 
 
-OPERATOR_CODE = ROOT / "operator" / "selfpruner_operator" / "handlers.py"
-CONTROLLER_CODE = ROOT / "pruner_image" / "selfpruner" / "cluster" / "kube.py"
+OPERATOR_CODE = [ROOT / "operator" / "selfpruner_operator" / "handlers.py"]
+CONTROLLER_CODE = [ROOT / "pruner_image" / "selfpruner" / "cluster" / f for f in ("controller.py", "k8s_executor.py")]
+KUBE_CODE = ROOT / "pruner_image" / "selfpruner" / "cluster" / "kube.py"
 
 
 def test_code_scan_finds_the_calls():
-    assert code_permissions(OPERATOR_CODE) == {("batch", "jobs", v) for v in ("create", "get", "list", "patch", "delete")} \
-        | {("", "pods", "list")}
-    assert code_permissions(CONTROLLER_CODE) == {
+    # kube.py calls exactly the client methods KUBE_CALLS says, all of them mapped to RBAC rules
+    used = set(CALL.findall(KUBE_CODE.read_text()))
+    assert used == set().union(*KUBE_CALLS.values()) and used <= CLIENT_METHODS.keys(), used
+    # nothing else talks to the API server on its own
+    for path in OPERATOR_CODE + CONTROLLER_CODE:
+        assert not CALL.findall(path.read_text()), f"{path} calls the client directly: go through kube.py"
+    assert code_permissions(*OPERATOR_CODE) == {("batch", "jobs", v) for v in ("create", "get", "list", "patch", "delete")} \
+        | {("", "pods", "list"), ("", "events", "list")}
+    assert code_permissions(*CONTROLLER_CODE) >= {
         ("batch", "jobs", "create"), ("batch", "jobs", "get"), ("selfpruner.io", "prunejobs", "get"),
         ("selfpruner.io", "prunejobs/status", "patch"), ("", "events", "create")}
 
@@ -323,14 +342,14 @@ def test_rbac_is_exactly_what_the_code_calls(which):
     pod = deploy["spec"]["template"]["spec"]
     env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
     operator = grants(objs, NAMESPACE, pod["serviceAccountName"])
-    namespaced = code_permissions(OPERATOR_CODE) | KOPF_NAMESPACED | BLOCK_OWNER_DELETION
+    namespaced = code_permissions(*OPERATOR_CODE) | KOPF_NAMESPACED | BLOCK_OWNER_DELETION
     if which == "defaults":  # rbac.scope=cluster
         assert operator == {None: namespaced | KOPF_CLUSTER}
         watched = [NAMESPACE]
     else:  # rbac.scope=namespaced, two namespaces
         watched = ["ml-research", "ml-prod"]
         assert operator == {None: KOPF_CLUSTER, **{ns: namespaced for ns in watched}}
-    controller_needs = code_permissions(CONTROLLER_CODE) | BLOCK_OWNER_DELETION
+    controller_needs = code_permissions(*CONTROLLER_CODE) | BLOCK_OWNER_DELETION
     for ns in watched:
         assert grants(objs, ns, env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"]) == {ns: controller_needs}
     # nothing else is bound to anyone
@@ -379,7 +398,9 @@ def test_the_policy_reaches_the_operator_as_it_reads_it():
             assert loaded == yaml.safe_load(ALL_FEATURES.read_text())["policy"]
         else:  # the default: only the installation's Secrets and image, no hostPath
             assert loaded == {"allowedSecrets": [], "allowedImagePrefixes": [],
-                              "nodeCache": {"enabled": False, "path": "/var/cache/selfpruner"}}
+                              "nodeCache": {"enabled": False, "path": "/var/cache/selfpruner"},
+                              "allowedPriorityClasses": [], "allowedTolerationKeys": ["nvidia.com/gpu"],
+                              "allowAffinity": False}
     for bad in ("policy.nodeCache.path=relative", "policy.allowedSecret=x"):
         out = subprocess.run([str(HELM), "template", RELEASE, str(CHART), "--set", bad],
                              capture_output=True, text=True, timeout=60)

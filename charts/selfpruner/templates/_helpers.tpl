@@ -65,12 +65,12 @@ derives the same set from the sources and compares.
 - apiGroups: ["selfpruner.io"]
   resources: ["prunejobs/status"]
   verbs: ["patch"]
-# handlers.py: create_namespaced_job, read_namespaced_job, list_namespaced_job, patch_namespaced_job,
-# delete_namespaced_job (a finished PruneJob's unfinished Jobs).
+# handlers.py through kube.py: create_job, read_job, list_jobs, patch_job (suspend), delete_job (a
+# finished PruneJob's unfinished Jobs).
 - apiGroups: ["batch"]
   resources: ["jobs"]
   verbs: ["create", "get", "list", "patch", "delete"]
-# handlers.py: list_namespaced_pod (why a controller pod does not start).
+# kube.job_stuck: list_pods (why a controller pod does not start).
 - apiGroups: [""]
   resources: ["pods"]
   verbs: ["list"]
@@ -78,8 +78,9 @@ derives the same set from the sources and compares.
 - apiGroups: ["selfpruner.io"]
   resources: ["prunejobs/finalizers"]
   verbs: ["update"]
-# kopf: kopf.info/kopf.warn and handler progress become Events (POST only).
+# kopf: kopf.info/kopf.warn and handler progress become Events (POST); kube.job_stuck: list
+# (FailedCreate: a controller Job that cannot create its pod).
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end }}

@@ -45,6 +45,13 @@ def load(environ=os.environ) -> dict:
     return json_env(environ, "SELFPRUNER_POLICY", "policy")
 
 
+def from_env(environ=os.environ) -> tuple[dict, dict]:
+    """(policy, installation defaults) as the operator hands them to a controller pod."""
+    from .defaults import load as load_defaults
+
+    return load(environ), load_defaults(environ)
+
+
 def secrets_named(spec: dict) -> list[tuple[str, str]]:
     """(field, Secret name) for every Secret the spec hands to a pod."""
     out = []
