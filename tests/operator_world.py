@@ -93,6 +93,8 @@ def world(tmp_path, s3_endpoint, tiny_job):  # noqa: F811
     del doc["spec"]["output"]
     with Cluster(tmp_path / "cluster") as cluster:
         cluster.kubectl("apply", "--validate=false", "-f", str(Path(__file__).parents[1] / "crds" / "prunejob.yaml"))
+        # the chart creates the controllers' ServiceAccount; without it no controller pod can be created
+        cluster.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "selfpruner-controller"}})
         cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
                         "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
         override = {"SELFPRUNER_CACHE": str(tmp_path / "pod-cache"), "SELFPRUNER_NODE_CACHE": str(tmp_path / "node"),

@@ -79,16 +79,27 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
 
 
 def test_invalid_prunejob_is_refused_and_nothing_is_created(world, tmp_path):
+    """The API server refuses a PruneJob its CRD's rules refuse, and `kubectl apply` says why in one
+    line; a PruneJob the schema admits but the operator cannot run (a grid the bounds do not sit
+    on) is Invalid, with the reason in its status and an event."""
     cluster, kubelet, operator, doc, _ = world
     bad = json.loads(json.dumps(doc))
     bad["metadata"]["name"] = "bad"
-    bad["spec"]["target"]["ratio"] = 0.9  # above maxRate 0.6: a CEL rule the emulator does not run
-    apply(cluster, bad, tmp_path)
-    pj = wait_phase(cluster, "bad", ("Invalid",), timeout=60)
+    bad["spec"]["target"]["ratio"] = 0.9  # above maxRate 0.6: the CRD's CEL rule
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(bad))
+    refused = cluster.kubectl("apply", "-f", str(path), check=False)
+    assert refused.returncode != 0 and "ratio must lie between minRate and maxRate" in refused.stderr
+    assert cluster.get("prunejobs", "bad") is None
+    odd = json.loads(json.dumps(doc))
+    odd["metadata"]["name"] = "odd"
+    odd["spec"]["target"]["minRate"] = 0.005  # not on the 0.01 grid: the operator's own check
+    apply(cluster, odd, tmp_path)
+    pj = wait_phase(cluster, "odd", ("Invalid",), timeout=60)
     condition = {c["type"]: c for c in pj["status"]["conditions"]}["Invalid"]
-    assert "ratio must lie between minRate and maxRate" in condition["message"]
-    assert cluster.list("jobs", labels="selfpruner.io/prunejob=bad") == []
-    assert "Invalid" in {e["reason"] for e in cluster.events("bad")}
+    assert "spec.target.minRate: 0.005 is not a multiple of grid" in condition["message"]
+    assert cluster.list("jobs", labels="selfpruner.io/prunejob=odd") == []
+    assert "Invalid" in {e["reason"] for e in cluster.events("odd")}
 
 
 def test_prunejobs_outside_the_installation_policy_are_invalid(world, tmp_path):

@@ -20,6 +20,10 @@ import kmock
 import yaml
 from kmock._internal import enums, rendering
 
+from . import names
+from .admission import AdmissionMixin, begin_request, warning_header
+from .errors import ApiError, FieldError
+from .faults import Faults
 from .patches import PatchError, PatchTestFailed, json_patch, merge_patch
 from .selectors import match_fields, match_labels
 
@@ -52,19 +56,6 @@ def _age(timestamp: str | None) -> str:
 # ---------------------------------------------------------------------------------------------
 # Patching (RFC 6902 JSON patch, RFC 7386 merge patch, an approximation of strategic merge)
 # ---------------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, reason: str, message: str, details: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, details or {}
-
-    def status(self) -> dict[str, Any]:
-        body = {"apiVersion": "v1", "kind": "Status", "metadata": {}, "status": "Failure",
-                "message": self.message, "reason": self.reason, "code": self.code}
-        if self.details:
-            body["details"] = self.details
-        return body
 
 
 Key = tuple[kmock.resource, "str | None", str]
@@ -104,22 +95,7 @@ EVENT_COLUMNS = [
 ]
 
 
-def _default_structural(schema: dict[str, Any], value: Any) -> Any:
-    """The API server's defaulting of a custom resource: every absent property with a `default`
-    gets it, recursing into objects (including a defaulted `{}`); `metadata` is left alone."""
-    if not isinstance(value, dict) or schema.get("type") != "object":
-        return value
-    for key, sub in (schema.get("properties") or {}).items():
-        if key == "metadata":
-            continue
-        if key not in value and "default" in sub:
-            value[key] = copy.deepcopy(sub["default"])
-        if key in value:
-            _default_structural(sub, value[key])
-    return value
-
-
-class ClusterEmulator(kmock.KubernetesEmulator):
+class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
     """kmock's emulator with the API-server semantics the operator tests need (see module doc).
 
     All state lives in the event loop of the server's thread; other threads talk HTTP to it.
@@ -137,7 +113,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         self.request_count = 0
         self.server_errors: list[str] = []     # tracebacks of 500s (a bug in the emulator)
         self.crd_resources: dict[str, list[kmock.resource]] = {}   # CRD name -> declared resources
-        self.crd_schemas: dict[kmock.resource, dict[str, Any]] = {}  # its openAPIV3Schema, for defaulting
+        self.crd_schemas: dict[kmock.resource, dict[str, Any]] = {}  # its openAPIV3Schema
+        self.faults = Faults()     # injected errors (thread-safe: tests add them from their thread)
         self.printer_columns: dict[kmock.resource, list[dict[str, Any]]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -147,6 +124,9 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         and `/api/v1/namespaces/NAME` (500), and kmock keeps every request forever."""
         await raw_request.read()
         self.request_count += 1
+        fault = self.faults.take(raw_request.method, raw_request.path_qs)
+        if fault is not None:
+            return self._answer_fault(raw_request, fault)
         try:
             request = await self._parse(raw_request)
             self._requests.append(request)
@@ -157,7 +137,11 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                     del payload._requests[:-MAX_REQUEST_HISTORY // 2]
             if request.resource is None or request.resource.plural is None:
                 return await kmock.RawHandler._handle(self, request)   # discovery & co: kmock's DSL
-            return await self._serve(request)
+            state = begin_request(request.params)
+            response = await self._serve(request)
+            for text in state["warnings"]:
+                response.headers.add("Warning", warning_header(text))
+            return response
         except ApiError as e:
             return aiohttp.web.json_response(e.status(), status=e.code)
         except kmock.KubernetesError as e:   # kmock's 404s for unknown endpoints (e.g. /openapi/v3)
@@ -167,6 +151,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             self.server_errors.append(traceback.format_exc())
             del self.server_errors[:-50]
             return await self._render_error(e)
+
+    @staticmethod
+    def _answer_fault(raw: aiohttp.web.BaseRequest, fault: Any) -> aiohttp.web.StreamResponse:
+        """An injected fault: its error status, or a connection closed without an answer."""
+        if fault.reset:
+            if raw.transport is not None:
+                raw.transport.abort()
+            return aiohttp.web.Response(status=500)   # never reaches the client
+        return aiohttp.web.json_response(fault.status(), status=fault.code, headers=fault.headers())
 
     @staticmethod
     async def _parse(raw: aiohttp.web.BaseRequest) -> rendering.Request:
@@ -490,11 +483,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         meta = obj.setdefault("metadata", {})
         if not meta.get("name"):
             if meta.get("generateName"):
-                suffix = "".join(uuid.uuid4().hex[i] for i in range(5))
-                meta["name"] = meta["generateName"] + suffix
+                meta["name"] = names.generated_name(meta["generateName"], uuid.uuid4().hex[:5])
             else:
-                raise ApiError(422, "Invalid", "metadata.name: Required value: name or generateName is required",
-                               {"kind": self._kind(res)})
+                raise ApiError(422, "Invalid", f"{self._kind(res)} \"\" is invalid: metadata.name: Required value: "
+                                               "name or generateName is required", {"kind": self._kind(res)})
         if ns is not None:
             if meta.get("namespace") not in (None, ns):
                 raise ApiError(400, "BadRequest", "the namespace of the provided object does not match "
@@ -512,9 +504,6 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         for k in ("labels", "annotations"):
             if k in meta and meta[k] is None:
                 del meta[k]
-        if res in self.crd_schemas:
-            _default_structural(self.crd_schemas[res], obj)
-        self._normalize(res, obj)
         return obj
 
     def _normalize(self, res: kmock.resource, obj: dict[str, Any]) -> None:
@@ -531,8 +520,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if spec.get("completionMode") == "Indexed":
                 spec.setdefault("completions", 1)
             spec.setdefault("parallelism", 1)
-            labels = obj["metadata"].setdefault("labels", {})
-            labels.setdefault("job-name", obj["metadata"]["name"])
+            if len(obj["metadata"]["name"]) <= 63:   # a longer name is refused (names.validate_job)
+                obj["metadata"].setdefault("labels", {}).setdefault("job-name", obj["metadata"]["name"])
         if res.plural == "namespaces" and res.group == "":
             obj.setdefault("status", {}).setdefault("phase", "Active")
 
@@ -540,14 +529,20 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         if not isinstance(body, dict):
             raise ApiError(400, "BadRequest", "the body must be an object")
         info = self._info(res)
+        self._check_namespace(ns)
         obj = self._stamp_new(res, ns, body)
+        self._prune(res, obj, whole_body=True)
+        if "status" in info.subresources and res != self._crd_res():
+            obj.pop("status", None)  # the main resource ignores status (as the real API server does)
+        self._default(res, obj)
+        self._normalize(res, obj)
+        self._validate(res, obj, None)
         key = (res, ns, obj["metadata"]["name"])
         if key in self.store:
             raise ApiError(409, "AlreadyExists", f'{res.plural} "{key[2]}" already exists',
                            {"name": key[2], "group": res.group, "kind": res.plural})
-        if "status" in info.subresources and res != self._crd_res():
-            obj.pop("status", None)  # the main resource ignores status (as the real API server does)
         if res == self._crd_res():
+            self._check_crd(obj)
             self._declare_crd(obj)
         obj["metadata"]["resourceVersion"] = self._next_rv()
         self.store[key] = obj
@@ -592,6 +587,10 @@ class ClusterEmulator(kmock.KubernetesEmulator):
                            {"name": name, "group": res.group, "kind": res.plural})
         if not isinstance(new, dict):
             raise ApiError(422, "Invalid", "the patched object is not an object")
+        if replace and not want_rv and res in self.crd_schemas:   # custom resources: no blind PUT
+            raise self._invalid(res, name, [FieldError("metadata.resourceVersion", "Invalid",
+                                                       "must be specified for an update", 0)])
+        self._prune(res, new, whole_body=replace)
 
         has_status = "status" in info.subresources
         if sub == "status":       # the status subresource writes the status and nothing else
@@ -621,22 +620,27 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         for k in ("labels", "annotations", "finalizers", "ownerReferences"):
             if k in meta and not meta[k]:
                 del meta[k]
+        self._default(res, new)
         self._normalize(res, new)
         if old["metadata"].get("deletionTimestamp"):
             added = set(meta.get("finalizers", [])) - set(old["metadata"].get("finalizers", []))
             if added:
                 raise ApiError(422, "Invalid", "metadata.finalizers: Forbidden: no new finalizers can be added "
                                                "if the object is being deleted")
+        self._validate(res, new, old)
         if new == old:
             return old, 200       # a no-op write: no new resourceVersion, no watch event
 
         def body_part(o: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in o.items() if k not in ("metadata", "status", "apiVersion", "kind")}
+            """What the generation counts: all but metadata (and status where it has its own endpoint)."""
+            skip = ("metadata", "apiVersion", "kind", "status") if has_status else ("metadata", "apiVersion", "kind")
+            return {k: v for k, v in o.items() if k not in skip}
         if body_part(new) != body_part(old):
             meta["generation"] = int(old["metadata"].get("generation", 1)) + 1
-        meta["resourceVersion"] = self._next_rv()
         if res == self._crd_res():
+            self._check_crd(new)
             self._declare_crd(new)
+        meta["resourceVersion"] = self._next_rv()
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             self.store.pop(key, None)
             self._mirror(key, None)
@@ -662,6 +666,8 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if obj["metadata"].get("deletionTimestamp"):
                 return obj
             obj = copy.deepcopy(obj)
+            if obj["metadata"].get("generation"):   # deletion changes what controllers must do
+                obj["metadata"]["generation"] += 1
             obj["metadata"]["deletionTimestamp"] = _now()
             obj["metadata"]["deletionGracePeriodSeconds"] = 0
             obj["metadata"]["resourceVersion"] = self._next_rv()
@@ -703,13 +709,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         return kmock.resource("apiextensions.k8s.io", "v1", "customresourcedefinitions")
 
     def _declare_crd(self, crd: dict[str, Any]) -> None:
-        """A stored CRD declares its resource for discovery (and becomes Established)."""
+        """A stored CRD declares its resource for discovery (and becomes Established). Updating a
+        CRD keeps the objects of the versions it still serves, read through the new schema."""
         spec = crd.get("spec") or {}
         names = spec.get("names") or {}
         group, plural = spec.get("group"), names.get("plural")
         if not group or not plural:
             raise ApiError(422, "Invalid", "spec.group and spec.names.plural are required")
-        self._undeclare_crd(crd)
+        served = {kmock.resource(group, v["name"], plural) for v in spec.get("versions") or [] if v.get("served", True)}
+        self._undeclare_crd(crd, keep=served)
         declared = []
         for version in spec.get("versions") or []:
             if not version.get("served", True):
@@ -728,6 +736,7 @@ class ClusterEmulator(kmock.KubernetesEmulator):
             if schema:
                 self.crd_schemas[res] = schema
             declared.append(res)
+            self._refresh_stored(res)
         self.crd_resources[crd["metadata"]["name"]] = declared
         status = crd.setdefault("status", {})
         status["acceptedNames"] = {k: v for k, v in names.items()}
@@ -739,11 +748,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
              "message": "the initial names have been accepted", "lastTransitionTime": _now()},
         ]
 
-    def _undeclare_crd(self, crd: dict[str, Any]) -> None:
+    def _undeclare_crd(self, crd: dict[str, Any], keep: set[kmock.resource] = frozenset()) -> None:
+        """Forgets the CRD's resources; deletes the objects of those not in `keep`."""
         for res in self.crd_resources.pop(crd["metadata"]["name"], []):
             if res in self.resources:
                 del self.resources[res]
             self.printer_columns.pop(res, None)
+            self.crd_schemas.pop(res, None)
+            if res in keep:
+                continue
             for key in [k for k in self.store if k[0] == res]:
                 self.store.pop(key)
                 self._mirror(key, None)

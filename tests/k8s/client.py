@@ -119,6 +119,13 @@ class Cluster:
                 await asyncio.sleep(0.05)
 
     @property
+    def faults(self) -> Any:
+        """The emulator's injectable faults (k8s/faults.py), e.g.
+        `cluster.faults.add(code=503, method="PATCH", path_regex=r"/prunejobs/", times=2)`."""
+        assert self.emulator is not None, "start the cluster first"
+        return self.emulator.faults
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 

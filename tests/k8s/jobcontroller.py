@@ -78,6 +78,7 @@ class JobRun:
         self.waiting_reason: dict[int, str] = {}
         self.waiting_pod: dict[int, str] = {}             # index -> name of its Pod object while waiting
         self.all_pods: list[Pod] = []
+        self.failed_create: str | None = None              # the last FailedCreate message posted
 
     def pending_indexes(self) -> list[int]:
         done = self.succeeded | self.failed_indexes | set(self.pods)
@@ -223,6 +224,33 @@ class JobController:
             if cond.get("type") == "DisruptionTarget" and pod.preempted and cond.get("status", "True") == "True":
                 return True
         return False
+
+    def _admission_error(self, run: JobRun, pod_spec: dict[str, Any]) -> str | None:
+        """Why the API server's admission would refuse the Job's pod, or None. Emulated: the
+        ServiceAccount admission plugin (a pod's ServiceAccount must exist; `default` is taken to
+        exist, as the ServiceAccount controller creates it in every namespace)."""
+        account = pod_spec.get("serviceAccountName") or "default"
+        if account != "default" and self.cluster.get("serviceaccounts", account, run.namespace) is None:
+            return (f'pods "{run.name}-" is forbidden: error looking up service account '
+                    f'{run.namespace}/{account}: serviceaccount "{account}" not found')
+        return None
+
+    def _failed_create(self, run: JobRun, message: str) -> None:
+        """The Job controller's Warning event for a pod it cannot create, posted once per message
+        (the Job's status does not change: the pod simply never exists)."""
+        if run.failed_create == message:
+            return
+        run.failed_create = message
+        try:
+            self.cluster.create({"apiVersion": "v1", "kind": "Event", "metadata": {
+                "generateName": f"{run.name}.", "namespace": run.namespace},
+                "involvedObject": {"apiVersion": "batch/v1", "kind": "Job", "name": run.name,
+                                   "namespace": run.namespace, "uid": run.uid},
+                "reason": "FailedCreate", "message": f"Error creating: {message}", "type": "Warning",
+                "source": {"component": "job-controller"}, "firstTimestamp": _now(), "lastTimestamp": _now(),
+                "count": 1}, run.namespace)
+        except ClusterApiError:
+            pass
 
     def _finish(self, run: JobRun, kind: str, reason: str, message: str) -> None:
         run.finished, run.finish_reason, run.finish_message = kind, reason, message

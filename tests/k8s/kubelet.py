@@ -158,6 +158,11 @@ class Kubelet(JobController):
             self._finish(run, "Failed", "Unsupported", "the emulated kubelet runs exactly one container per pod")
             return
         container = containers[0]
+        refused = self._admission_error(run, pod_spec)
+        if refused:                          # no Pod object at all: the Job controller posts FailedCreate
+            self._failed_create(run, refused)
+            run.retry_at[index] = time.monotonic() + 0.2
+            return
         pod = Pod(run, index, run.attempts[index])
         if container.get("image") in self.unpullable:   # ErrImagePull: keep waiting, as a kubelet does
             self._wait_pod(run, index, container.get("name", ""), "ErrImagePull",
