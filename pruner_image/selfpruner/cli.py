@@ -1,6 +1,8 @@
 """`selfpruner` command line: prune, eval.
 
-Bad input ends with one line on stderr saying what to fix, and exit code 2.
+Bad input ends with one line on stderr saying what to fix, and exit code 2. The in-cluster
+commands (controller, worker, finalize) end the same way, in one line, with the exit codes their
+Jobs act on (`cluster.pod_env` has the table): 42 for bad input, 1 for a transient failure.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_cluster(args) -> int:
+    """The pods' entry points answer for themselves (`cluster.pod_env`): no UserError reaches main()."""
     from .cluster import controller, worker
 
     return {"controller": controller.main, "worker": worker.worker, "finalize": worker.finalize}[args.command]()
@@ -267,7 +270,8 @@ def _quiet_transformers() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_transformers()
+    if args.command != "controller":  # the controller runs no model: importing transformers costs its start
+        _quiet_transformers()
     try:
         commands = {"eval": cmd_eval, "prune": cmd_prune, "run": cmd_run, "validate": cmd_validate,
                     "controller": cmd_cluster, "worker": cmd_cluster, "finalize": cmd_cluster}

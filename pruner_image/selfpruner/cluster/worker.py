@@ -8,9 +8,13 @@ preparation task) and shared through storage.
 
 A candidate that cannot be evaluated (its error, or an exception while evaluating it) is
 recorded as its result, with the error text, and the worker carries on with the shard: one bad
-candidate costs only itself. Exit code `EXIT_UNEVALUABLE` is for a pod that cannot evaluate
-anything for a reason a retry would not change (the model cannot be loaded, the node cache is
-unusable): the pod failure policy then fails the index at once, without retries.
+candidate costs only itself. A failure of the device (CUDA out of memory, a CUDA or NCCL error)
+is not the candidate's: no result is written for it and the pod ends with `EXIT_DEVICE_ERROR`,
+so the Job retries the index on another pod, which skips the candidates already done. Exit code
+`EXIT_UNEVALUABLE` is for a pod that cannot evaluate anything for a reason a retry would not
+change (a bad environment, a missing task, a model that cannot be loaded or read with this
+PruneJob's credentials): the pod failure policy then fails the index at once, without retries.
+`pod_env` reads the environment and holds the whole exit-code contract.
 """
 
 from __future__ import annotations
@@ -28,15 +32,38 @@ from ..errors import UserError
 from ..executors.base import EvalOutcome, EvalTask
 from ..paths import cache_dir
 from ..executors.for_spec import make_executor
-from ..storage import open_store
+from ..storage import ObjectNotFound, open_store
+from . import pod_env
 from .layout import Layout
 from .manifests import EXIT_UNEVALUABLE
+from .pod_env import EXIT_DEVICE_ERROR, DeviceError, PodEnvError, is_device_error
+
+__all__ = ["worker", "finalize", "EXIT_DEVICE_ERROR", "is_device_error"]
 
 
 def _stores(spec):
     storage = spec.spec["storage"]
-    opts = {"endpoint_url": storage.get("endpointURL"), "region": storage.get("region")}
+    opts = {**pod_env.store_options(), "endpoint_url": storage.get("endpointURL"), "region": storage.get("region")}
     return open_store(storage["uri"], **opts), opts
+
+
+def _required(store, key: str, what: str, fix: str = f"{pod_env.UID} and {pod_env.STORE}"):
+    """The JSON object `key`, which the controller wrote before starting this pod: missing, the
+    pod was pointed at the wrong run, and no retry will make it appear."""
+    try:
+        return store.get_json(key)
+    except ObjectNotFound:
+        raise PodEnvError(f"{what} {store.uri(key)} does not exist; check {fix}") from None
+
+
+def _open_run(uid: str):
+    """The PruneJob's spec as the controller stored it, its store and the store options."""
+    store = open_store(pod_env.store_uri(), **pod_env.store_options())
+    spec = spec_mod.parse(_required(store, Layout(uid).spec, "the PruneJob's spec"))
+    if "storage" not in spec.spec:
+        raise PodEnvError(f"the PruneJob's spec in {store.uri(Layout(uid).spec)} has no spec.storage")
+    store, opts = _stores(spec)
+    return spec, store, opts
 
 
 def _local_model(spec, opts) -> str:
@@ -49,7 +76,10 @@ def _local_model(spec, opts) -> str:
     root = os.environ.get("SELFPRUNER_NODE_CACHE") or str(cache_dir("node"))
     bucket_uri, _, prefix = source[len("s3://"):].partition("/")
     store = open_store(f"s3://{bucket_uri}", **opts)
-    return str(NodeCache(root).fetch(store, prefix.rstrip("/")))
+    try:  # a hit is handed out only once this PruneJob's credentials prove access (CacheRefused)
+        return str(NodeCache(root).fetch(store, prefix.rstrip("/")))
+    except ObjectNotFound as e:  # no model there: a retry would not make one appear
+        raise UserError(f"spec.model.source: {e}") from None
 
 
 def _local_text(source: str, opts) -> str:
@@ -76,15 +106,17 @@ def _executor(spec, store, layout, opts):
 
 
 def worker() -> int:
-    uid = os.environ["SELFPRUNER_PRUNEJOB_UID"]
+    return pod_env.run_pod("worker", _worker)
+
+
+def _worker() -> int:
+    # every variable is checked before the first request
+    uid, batch, index = pod_env.prunejob_uid(), pod_env.batch(), pod_env.completion_index()
+    pod_env.store_uri(), pod_env.store_options()
     layout = Layout(uid)
-    store = open_store(os.environ["SELFPRUNER_STORE"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
-                       region=os.environ.get("AWS_DEFAULT_REGION"))
-    doc = store.get_json(layout.spec)
-    spec = spec_mod.parse(doc)
-    store, opts = _stores(spec)
-    index = int(os.environ.get("JOB_COMPLETION_INDEX", "0"))
-    shard = store.get_json(layout.shard(os.environ["SELFPRUNER_BATCH"], index))
+    spec, store, opts = _open_run(uid)
+    shard = _required(store, layout.shard(batch, index), "the task shard",
+                      f"{pod_env.BATCH}={batch} and {pod_env.INDEX}={index}")
     preparing = any(t.get("prepare") for t in shard["tasks"])
     todo = [t for t in shard["tasks"] if preparing or not store.exists(layout.result(t["id"]))]
     if not todo:
@@ -92,9 +124,9 @@ def worker() -> int:
     try:
         executor = _executor(spec, store, layout, opts)
     except UserError as e:
-        print(f"selfpruner worker: cannot evaluate anything: {e}", file=sys.stderr)
+        print(f"selfpruner worker: cannot evaluate anything: {pod_env.one_line(e)}", file=sys.stderr)
         if preparing:  # the controller puts this in the PruneJob's status
-            store.put_json(layout.prepare_failed, {"error": " ".join(str(e).split())})
+            store.put_json(layout.prepare_failed, {"error": pod_env.one_line(e)})
         return EXIT_UNEVALUABLE
     if preparing:
         for path in cache_dir("calibration").glob("*.safetensors"):
@@ -102,28 +134,46 @@ def worker() -> int:
         store.put_json(layout.prepared, {"geometry": asdict(executor.geometry), "prior": executor.prior,
                                          "memory_plan": executor.memory_plan})
         return 0
+    device_failures = record_results(store, layout, todo, executor)
+    if device_failures:
+        first = device_failures[0]
+        raise DeviceError(f"{len(device_failures)} of {len(todo)} candidate(s) hit a device error, no result "
+                          f"written for them (first: {first[0]}: {first[1]})")
+    return 0
+
+
+def record_results(store, layout: Layout, todo: list[dict], executor) -> list[tuple[str, str]]:
+    """Evaluate `todo` and write each candidate's result as it arrives; a candidate that fails is
+    recorded as such (the others go on), except when the device failed: that result is not the
+    candidate's and is not written. Returns (task id, error) of those."""
+    device_failures: list[tuple[str, str]] = []
 
     def record(i: int, outcome: EvalOutcome) -> None:
         task = todo[i]
+        if outcome.error and is_device_error(outcome.error):
+            # later candidates may still succeed (an OOM of one width); a broken device fails them fast
+            device_failures.append((task["id"], pod_env.one_line(outcome.error)))
+            return
         if outcome.error:
             print(f"selfpruner worker: candidate {task['id']} cannot be evaluated: {outcome.error}", file=sys.stderr)
         store.put_json(layout.result(task["id"]), asdict(outcome))
 
-    # the executor's replicas evaluate the shard's candidates in parallel; each result is written
-    # as it arrives, and a candidate that fails is recorded as such (the others go on)
+    # the executor's replicas evaluate the shard's candidates in parallel
     executor.evaluate([EvalTask(rates=t["rates"], tokens=t["tokens"], text=t["text"], sample=t.get("sample"))
                        for t in todo], on_result=record)
-    return 0
+    return device_failures
 
 
 def finalize() -> int:
-    uid = os.environ["SELFPRUNER_PRUNEJOB_UID"]
+    return pod_env.run_pod("finalize", _finalize)
+
+
+def _finalize() -> int:
+    uid = pod_env.prunejob_uid()
+    pod_env.store_uri(), pod_env.store_options()  # every variable is checked before the first request
     layout = Layout(uid)
-    store = open_store(os.environ["SELFPRUNER_STORE"], endpoint_url=os.environ.get("AWS_ENDPOINT_URL"),
-                       region=os.environ.get("AWS_DEFAULT_REGION"))
-    spec = spec_mod.parse(store.get_json(layout.spec))
-    store, opts = _stores(spec)
-    task = store.get_json(layout.finalize_task)
+    spec, store, opts = _open_run(uid)
+    task = _required(store, layout.finalize_task, "the finalize task")
     executor = _executor(spec, store, layout, opts)
     out = Path(tempfile.mkdtemp()) / "checkpoint"
     done = executor.finalize(task["rates"], str(out) if task.get("export", True) else None, task["info"],
