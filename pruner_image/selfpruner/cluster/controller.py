@@ -25,6 +25,7 @@ from .failures import Verdict
 from .k8s_executor import KubernetesExecutor
 from .kube import Kube
 from .layout import STATE_FILES, Layout
+from .pending import PendingTranscript
 
 
 def store_for(spec) -> object:
@@ -33,20 +34,47 @@ def store_for(spec) -> object:
 
 
 def main() -> int:
-    """Run the search; a final failure is reported and ends the pod cleanly (exit 0: nothing to
-    restart), a transient one fails the pod so that the operator starts a resuming controller."""
-    doc = json.loads(os.environ["SELFPRUNER_PRUNEJOB"])
-    kube = Kube(doc["metadata"].get("namespace") or os.environ.get("SELFPRUNER_NAMESPACE", "default"))
+    """Run the search; every ending is one line on stderr (a bug also keeps its traceback), with
+    the exit code of `pod_env`'s table: 0 after success or after a final failure reported into the
+    PruneJob's status (nothing to restart); 1 after a transient failure (the API server or the store
+    unreachable or overloaded), so the operator starts a controller that resumes from storage; 42
+    when the controller cannot identify or reach its PruneJob at all (a bad SELFPRUNER_PRUNEJOB, no
+    API configuration, no permission, the PruneJob gone): there is no status to report into, and a
+    new controller would fail the same way."""
+    from ..errors import UserError
+    from . import pod_env
+
+    def transient(e: BaseException) -> int:
+        print(f"selfpruner controller: transient failure ({type(e).__name__}: {pod_env.one_line(e)}); the "
+              "operator starts another controller, which resumes from storage", file=sys.stderr)
+        return pod_env.EXIT_TRANSIENT
+
+    try:
+        doc = pod_env.prunejob_document()
+        kube = pod_env.kube_for(doc)
+        pod_env.check_prunejob(kube, doc)
+    except UserError as e:
+        print(f"selfpruner controller: {pod_env.one_line(e)}", file=sys.stderr)
+        return pod_env.EXIT_UNEVALUABLE
+    except Exception as e:
+        if pod_env.is_transient(e):
+            return transient(e)
+        raise
     try:
         return run(doc, kube)
     except Exception as e:
         verdict = failures.classify(e)
-        traceback.print_exc()
         if verdict is None:
-            print("selfpruner controller: a transient failure; the operator starts another controller, "
-                  "which resumes from storage", file=sys.stderr)
+            return transient(e)
+        if verdict[0] == "ControllerError":
+            traceback.print_exc()  # a bug: the line in status is not enough to fix it
+        print(f"selfpruner controller: {verdict[0]}: {pod_env.one_line(verdict[1])}", file=sys.stderr)
+        try:
+            report_failure(kube, doc, *verdict)
+        except Exception as lost:
+            if pod_env.is_transient(lost):  # the next controller meets the same failure and reports it
+                return transient(lost)
             raise
-        report_failure(kube, doc, *verdict)
         return 0
 
 
@@ -74,9 +102,13 @@ def run(doc: dict, kube: Kube) -> int:
                 store.get_file(layout.state(name_, checkpoints["n"]), work / name_)
             except ObjectNotFound:
                 pass
+    pending = PendingTranscript(store, layout, work)
+    pending.restore()  # the LLM's replies since that checkpoint, if a lost controller had asked a batch with them
     image = os.environ.get("SELFPRUNER_IMAGE", "selfpruner-pruner:latest")
     plan = check_fit(job)
-    executor = KubernetesExecutor(with_cache_size(doc, job), store, kube, image)
+    executor = KubernetesExecutor(with_cache_size(doc, job), store, kube, image, before_submit=pending.save)
+    if checkpoints["n"]:  # the Jobs a resumed search creates carry its generation, not 0
+        executor.generation = _resumed_generation(store, layout)
     pj = kube.read_prunejob(name) or doc
     generation = pj["metadata"].get("generation")
     kube.patch_status(name, {"phase": status.RUNNING, "conditions": [
@@ -191,6 +223,13 @@ def check_fit(job) -> dict | None:
 
 def _number(x) -> str:
     return f"{x:.3f}" if isinstance(x, (int, float)) else "n/a"
+
+
+def _resumed_generation(store, layout: Layout) -> int:
+    try:
+        return int(store.get_json(layout.latest_state).get("generation") or 0)
+    except (ObjectNotFound, StorageError, ValueError, TypeError, AttributeError):
+        return 0
 
 
 def _latest_checkpoint(store, layout: Layout) -> int:

@@ -1,8 +1,8 @@
 """Where a PruneJob's things live in object storage, under `runs/<uid>/`.
 
-Tasks and results are keyed by content (a hash of the candidate, fidelity and text), so
-a restarted controller finds the results of evaluations it asked for before it died,
-and nothing is evaluated twice.
+Tasks and results are keyed by content (a hash of the candidate, fidelity, text and window
+sample), so a restarted controller finds the results of evaluations it asked for before it
+died, and nothing is evaluated twice.
 """
 
 from __future__ import annotations
@@ -14,8 +14,14 @@ STATE_FILES = ("state.json", "history.jsonl", "llm_transcript.jsonl")
 
 
 def task_id(task: dict) -> str:
-    raw = json.dumps({"rates": task["rates"], "tokens": task["tokens"], "text": task["text"]}, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+    """The content key of an evaluation: what decides its result, as the fitness cache
+    (`History.key`) keys it. A screen on windows drawn afresh (`sample`) is another evaluation
+    than the same candidate on other windows; a task on the fixed windows hashes without the
+    field, so its id is the one stores written before samples existed hold."""
+    content = {"rates": task["rates"], "tokens": task["tokens"], "text": task["text"]}
+    if task.get("sample") is not None:
+        content["sample"] = task["sample"]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:20]
 
 
 def batch_id(task_ids: list[str]) -> str:
@@ -34,6 +40,11 @@ class Layout:
         """State files of one checkpoint: never overwritten, so a controller that dies while
         uploading leaves the previous checkpoint intact (`latest_state` says which is whole)."""
         return f"{self.root}/state/{checkpoint}/{name}"
+
+    def pending_state(self, name: str) -> str:
+        """A state file as it stood when the last evaluation Job was created, newer than the last
+        checkpoint's: overwritten before every batch (see `cluster/pending.py`)."""
+        return f"{self.root}/state/pending/{name}"
 
     @property
     def latest_state(self) -> str:

@@ -186,6 +186,23 @@ def prompt_hash(prompt: Prompt) -> str:
     return hashlib.sha256(json.dumps([prompt.messages, prompt.schema], sort_keys=True).encode()).hexdigest()[:16]
 
 
+def read_calls(text: str) -> list[dict]:
+    """A transcript's calls, in order, up to a torn last line (a crash mid-write: asked again from there)."""
+    calls = []
+    for line in text.splitlines():
+        try:
+            calls.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return calls
+
+
+def continues(calls: list[dict], earlier: list[dict]) -> bool:
+    """Whether `calls` is `earlier` and more: the same search went on asking after `earlier` was
+    saved (and so its further calls are the ones a resumed search would ask next)."""
+    return len(calls) > len(earlier) and calls[: len(earlier)] == earlier
+
+
 @dataclass
 class Transcript:
     """Wraps a client: numbers calls, records them, replays recorded ones on resume."""
@@ -198,11 +215,7 @@ class Transcript:
     def __post_init__(self):
         self.path = Path(self.path)
         if self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    self.recorded.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break  # a torn last line from a crash: ask again from here
+            self.recorded = read_calls(self.path.read_text())
 
     def rewind(self, calls: int) -> None:
         """Continue from a checkpoint that had made `calls` calls."""
