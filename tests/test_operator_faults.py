@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -16,6 +17,7 @@ import yaml
 
 from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
 from s3_server import FaultProxy, s3_endpoint  # noqa: F401  (a pytest fixture)
+from k8s import ClusterApiError
 from selfpruner.storage import open_store
 from test_validate import CASES, mutate
 
@@ -158,21 +160,35 @@ EXTRA_CASES = [
 
 
 def test_malformed_prunejobs_are_refused_and_nothing_is_created(world, tmp_path):
+    """Each malformed PruneJob is refused by the API server (the CRD's schema and CEL rules, and
+    unknown fields under strict field validation, which `kubectl apply` asks for by default) or, for
+    what the schema cannot say, by the operator (phase Invalid); the reason names the field either
+    way, and nothing is created."""
     cluster, kubelet, operator, doc, endpoint = world
     cases = [c for c in CASES if c[0].startswith("spec.")] + EXTRA_CASES
     assert len(cases) >= 30
-    docs = []
+    by_server, by_operator = [], []
     for i, (path, value, message) in enumerate(cases):
         bad = mutate(path, value)
         bad["metadata"] = {"name": f"bad-{i}"}
-        docs.append(bad)
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump_all(docs))
-    cluster.kubectl("apply", "--validate=false", "-f", str(tmp_path / "bad.yaml"))
-    for i, (path, value, message) in enumerate(cases):
+        try:
+            cluster.request("POST", cluster.path("prunejobs"), bad, params={"fieldValidation": "Strict"})
+            by_operator.append((i, path, value, message))
+        except ClusterApiError as e:
+            assert e.code in (400, 422), (path, value, e)
+            field, _, detail = message.partition(": ")
+            text = e.status.get("message", "")
+            # a map's key is written spec.evaluator.nodeSelector[gpu] by the server
+            assert field in text or re.sub(r"\.([^.\[]+)$", r"[\1]", field) in text, (message, text)
+            if "must" in detail:  # a CEL rule of the CRD: the server says its message
+                assert detail in text, (message, text)
+            by_server.append(i)
+    for i, path, value, message in by_operator:
         pj = wait_phase(cluster, f"bad-{i}", ("Invalid", "Pending", "Running", "Succeeded", "Failed"), timeout=60)
         assert pj["status"]["phase"] == "Invalid", (path, value, pj["status"])
         condition = {c["type"]: c for c in pj["status"]["conditions"]}["Invalid"]
         assert message in condition["message"], (message, condition["message"])
+    assert by_server and by_operator  # both layers are exercised
     assert cluster.list("jobs") == []
 
 

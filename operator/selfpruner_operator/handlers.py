@@ -93,6 +93,9 @@ def _fail(body, meta, status, patch, key: str, reason: str, message: str, phase:
     patch.status["observedGeneration"] = meta.get("generation")
     metrics.record_phase(key, phase)
     kopf.warn(body, reason=phase, message=f"{reason}: {message}")
+    # the operator decided this, not the controller: a controller still running would go on building
+    # Jobs (and writing a phase over this one); its GPU Jobs are stopped by the next reconciliation
+    _stop_children(meta, logging.getLogger(__name__), components=("controller",))
 
 
 def _stop_children(meta, logger, components=("evaluator", "finalize")) -> int:
@@ -214,6 +217,12 @@ def _restart(body, meta, status, patch, key: str, job: dict | None, logger) -> N
     progressed = evaluations > (status.get("evaluationsAtRestart") or 0)
     without_progress = 0 if progressed else status.get("restartsWithoutProgress", 0)
     why = f"failed ({job_failure(job)})" if job_failure(job) else ("lost (its Job is gone)" if job is None else "failed")
+    if job_failure(job).startswith("PodFailurePolicy"):
+        # the controller exited EXIT_UNEVALUABLE: it could not identify or reach its PruneJob, and a
+        # new controller would not either (its one line is the last of its pod's log)
+        _fail(body, meta, status, patch, key, "ControllerCannotRun",
+              f"the controller stopped on input no retry can fix ({job_failure(job)}); its pod's log says which")
+        return
     if without_progress >= MAX_RESTARTS:
         _fail(body, meta, status, patch, key, "ControllerLost",
               f"the controller was lost {without_progress + 1} times in a row without progress ({why}); giving up")
@@ -249,7 +258,6 @@ def _watch_start(kube: Kube, body, meta, status, patch, key: str, job: dict, log
     if stuck_for >= START_TIMEOUT:
         _fail(body, meta, status, patch, key, "ControllerNotStarting",
               f"the controller pod did not start in {START_TIMEOUT:.0f} s: {message}")
-        _stop_children(meta, logger, components=("controller",))
         return
     patch.status["conditions"] = st.merge_conditions(status.get("conditions"), [
         st.condition(PENDING_CONDITION, "True", reason, message, meta.get("generation"))])

@@ -5,8 +5,10 @@ each evaluate a shard and write one result object per candidate. Results are key
 content, so after a controller restart the candidates already evaluated are read back,
 a batch asked again finds its Job (named by a hash of all its tasks, done or not: a
 restarted controller asking the same batch adopts the Job still running, and its pods skip
-the candidates done already), and nothing is evaluated twice. A shard whose pods keep
-failing is recorded as failed evaluations.
+the candidates done already), and nothing is evaluated twice. That needs the restarted
+controller to ask the same batch: what decided it and is not in storage yet (the LLM's replies
+since the last checkpoint) is put there before the Job is created (`before_submit`). A shard
+whose pods keep failing is recorded as failed evaluations.
 
 Time waiting for a Job counts only while it runs: not while it is suspended (by the user, or
 by Kueue while it waits for quota). Each Job has its own `activeDeadlineSeconds`, which
@@ -19,17 +21,23 @@ import time
 
 from ..architecture import Geometry
 from ..executors.base import EvalOutcome, EvalTask
-from . import manifests
+from ..errors import UserError
+from . import manifests, policy, status
 from .failures import Verdict
-from .kube import job_finished
+from .kube import job_finished, job_stuck
 from .layout import Layout, batch_id, task_id
 
 
 class KubernetesExecutor:
-    def __init__(self, prunejob: dict, store, kube, image: str, *, poll: float = 1.0, timeout: float | None = None):
+    def __init__(self, prunejob: dict, store, kube, image: str, *, poll: float = 1.0, timeout: float | None = None,
+                 before_submit=None):
         """`timeout`: seconds a Job may run (suspended time not counted) before the controller gives
-        up on it; by default a minute past the Jobs' own activeDeadlineSeconds."""
+        up on it; by default a minute past the Jobs' own activeDeadlineSeconds. `before_submit()`
+        runs before an evaluation batch's Job is created (or adopted): what decided the batch and
+        is not in storage yet (the LLM's replies since the last checkpoint) goes there, so that a
+        replacement controller asks the same batch and adopts the Job instead of starting another."""
         self.pj, self.store, self.kube, self.image = prunejob, store, kube, image
+        self.before_submit = before_submit
         self.layout = Layout(prunejob["metadata"]["uid"])
         self.poll = poll
         self.timeout = timeout if timeout is not None else manifests.active_deadline(prunejob) + 60
@@ -80,6 +88,8 @@ class KubernetesExecutor:
                 outcomes[i] = self._outcome(ids[i])
                 done(i, outcomes[i])
 
+            if self.before_submit is not None:
+                self.before_submit()
             job = self._run_batch(batch, shard_tasks, wanted=[(i, ids[i]) for i in missing], on_result=arrived)
             for i in missing:
                 if outcomes[i] is None:
@@ -108,6 +118,10 @@ class KubernetesExecutor:
         live = self.kube.read_prunejob(self.pj["metadata"]["name"])
         if live is not None:
             body["spec"]["suspend"] = bool((live.get("spec") or {}).get("suspend"))
+        try:  # the installation's policy, at every child: never only at admission
+            policy.check_job(body, self.pj["spec"], *policy.from_env(), self.image)
+        except UserError as e:
+            raise Verdict("PolicyViolation", f"Job {body['metadata']['name']} was not created: {e}") from None
         return self.kube.create_job(body)
 
     def _finished_ids(self) -> list[str]:
@@ -143,15 +157,20 @@ class KubernetesExecutor:
 
     def _wait(self, name: str, ready) -> dict | None:
         """Until `ready()` (all results in) or the Job has finished or is gone; only time while the
-        Job runs counts towards the timeout."""
+        Job runs counts towards the timeout. Pods that cannot start are watched (`_watch_start`)."""
         active, last, job = 0.0, time.monotonic(), None
+        watch = StartWatch(self, name)
         while active < self.timeout:
             if ready():
+                watch.clear()
                 return job
             job = self.kube.read_job(name)
             if job is None or job_finished(job):
                 ready()
+                watch.clear()
                 return job
+            if _running(job):
+                watch.check(job)
             time.sleep(self.poll)
             now = time.monotonic()
             if _running(job):
@@ -159,6 +178,55 @@ class KubernetesExecutor:
             last = now
         raise Verdict("JobTimeout", f"Job {name} ran {active:.0f} s without finishing (suspended time not counted); "
                                     f"its activeDeadlineSeconds should have ended it")
+
+
+class StartWatch:
+    """A GPU Job whose pods cannot start (no image, no Secret, no node, or no pod created at all: a
+    quota, a LimitRange, a missing ServiceAccount) shows as the PruneJob's condition EvaluationPending
+    with a warning, and after evaluator.startTimeoutSeconds of it the Job is deleted (its GPUs given
+    back) and the search fails with EvaluationNotStarting. Checked every CHECK_EVERY seconds: it
+    lists pods and events."""
+
+    CHECK_EVERY = 5.0
+    CONDITION = "EvaluationPending"
+
+    def __init__(self, executor: "KubernetesExecutor", name: str):
+        self.x, self.name = executor, name
+        self.timeout = float(manifests.evaluator(executor.pj).get("startTimeoutSeconds") or 900)
+        self.since: float | None = None
+        self.reported: str | None = None
+        self.next_check = 0.0
+
+    def check(self, job: dict) -> None:
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + min(self.CHECK_EVERY, self.timeout / 4)
+        stuck = job_stuck(self.x.kube, job)
+        if stuck is None:
+            self.clear()
+            return
+        reason, message = stuck
+        self.since = self.since or now
+        if now - self.since >= self.timeout:
+            self.x.kube.delete_job(self.name)
+            raise Verdict("EvaluationNotStarting", f"the pods of Job {self.name} did not start in {self.timeout:.0f} s "
+                                                   f"(spec.evaluator.startTimeoutSeconds): {message}; the Job was "
+                                                   f"deleted and its GPUs given back")
+        if self.reported != reason + message:
+            self.reported = reason + message
+            self._status("True", reason, message)
+            self.x.kube.event(self.x.pj, self.CONDITION, message, type_="Warning")
+
+    def clear(self) -> None:
+        if self.reported is not None:
+            self._status("False", "Started", f"the pods of Job {self.name} started")
+        self.since = self.reported = None
+
+    def _status(self, value: str, reason: str, message: str) -> None:
+        meta = self.x.pj["metadata"]
+        self.x.kube.patch_status(meta["name"], {"conditions": [
+            status.condition(self.CONDITION, value, reason, message, meta.get("generation"))]})
 
 
 def _running(job: dict) -> bool:

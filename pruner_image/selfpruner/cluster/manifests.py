@@ -14,7 +14,8 @@ from ..spec import defaulted_spec
 from .policy import LLM_KEY_ENV
 from .status import API_VERSION, KIND
 
-EXIT_UNEVALUABLE = 42  # a worker's exit code for "this shard's candidates cannot be evaluated"
+EXIT_UNEVALUABLE = 42  # a pod's exit code for "bad input: retrying cannot help" (cluster/pod_env.py)
+EXIT_DEVICE_ERROR = 43  # a worker's for "the GPU failed" (out of memory, CUDA/NCCL error): retry elsewhere
 RUN_AS_USER = 10001
 METRICS_PORT = 9090  # the controller's search metrics (workers report through it)
 KUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -169,7 +170,12 @@ def controller_job(pj: dict, *, image: str, service_account: str, attempt: int =
     pod = {"serviceAccountName": service_account, "restartPolicy": "Never", "securityContext": pod_security(),
            "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}
     name = child_name(pj, f"controller-{attempt}")
-    return _job(pj, name, "controller", pod, extra_labels={"selfpruner.io/attempt": str(attempt)})
+    # a controller that cannot identify or reach its PruneJob exits EXIT_UNEVALUABLE: the Job fails at
+    # once with reason PodFailurePolicy, which the operator reports instead of restarting it
+    failure_policy = {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "controller", "operator": "In", "values": [EXIT_UNEVALUABLE]}}]}
+    return _job(pj, name, "controller", pod, extra_labels={"selfpruner.io/attempt": str(attempt)},
+                job_spec={"podFailurePolicy": failure_policy})
 
 
 SHM_PER_GPU = 1  # GiB of memory-backed /dev/shm per GPU of a pod with several
@@ -230,6 +236,10 @@ def evaluation_job(pj: dict, *, generation: int, shards: int, image: str, batch:
             {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
             {"action": "FailIndex", "onExitCodes": {"containerName": "worker", "operator": "In",
                                                     "values": [EXIT_UNEVALUABLE]}},
+            # the device failed, not the candidate: a new pod (the scheduler may place it elsewhere)
+            # tries again, within backoffLimitPerIndex so a broken node cannot loop until the deadline
+            {"action": "Count", "onExitCodes": {"containerName": "worker", "operator": "In",
+                                                "values": [EXIT_DEVICE_ERROR]}},
         ]},
     }
     del job_spec["backoffLimit"]  # with backoffLimitPerIndex the Job-wide limit stays unset
