@@ -146,8 +146,9 @@ def test_child_names_are_unique_per_uid_and_bounded():
             assert name not in names, f"{kind} of {pj['metadata']['uid']} shares {name} with {names[name]}"
             names[name] = pj["metadata"]["uid"]
     assert manifests.owned_by(all_jobs(a)["controller"], a) and not manifests.owned_by(all_jobs(a)["controller"], b)
-    # the Kubernetes client's to_dict() spelling, as the operator reads Jobs
-    assert manifests.owned_by({"metadata": {"owner_references": [{"uid": a["metadata"]["uid"]}]}}, a)
+    # as the API returns a Job (kube.py reads plain JSON: no client model spelling)
+    assert manifests.owned_by({"metadata": {"ownerReferences": [{"uid": a["metadata"]["uid"]}]}}, a)
+    assert not manifests.owned_by({"metadata": {"owner_references": [{"uid": a["metadata"]["uid"]}]}}, a)
 
 
 def test_a_document_that_skipped_defaulting_gets_the_crds_defaults():

@@ -37,6 +37,9 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
     assert all(c["lastTransitionTime"] and "observedGeneration" in c for c in status["conditions"])
     assert status["generation"] == 3 and status["evaluations"] > 0
     assert status["restarts"] == 0
+    # the operator finds its controller through status.controllerJob: a field the CRD must declare, or
+    # the API server prunes it and a lost controller is never restarted
+    assert status["controllerJob"].endswith("-controller-0")
     assert status["checkpointURI"].startswith("s3://selfpruner/runs/")
     assert status["cost"]["tokensEvaluated"] > 0
 

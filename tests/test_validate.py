@@ -68,6 +68,10 @@ CASES = [
     ("spec.llm", {"provider": "openai"}, "spec: llm.model: name the model"),
     ("spec.llm", {"apiKeySecret": {"name": "s"}}, "spec.llm.apiKeySecret.key: required field is missing"),
     ("spec.llm", {"temperature": 3}, "spec.llm.temperature"),
+    # a controller Job with an empty variable name or a key Kubernetes refuses is refused for ever
+    ("spec.llm", {"apiKeyEnv": ""}, "spec.llm.apiKeyEnv"),
+    ("spec.llm", {"apiKeySecret": {"name": "s", "key": "a/b"}}, "spec.llm.apiKeySecret.key"),
+    ("spec.storage", {"uri": "s3://b", "credentialsSecret": {"name": "Not_A_Secret"}}, "spec.storage.credentialsSecret.name"),
     ("spec.output", {"export": "yes"}, "spec.output.export"),
     ("spec.extra", {}, "spec.extra: unknown field"),
 ]

@@ -24,7 +24,7 @@ from ..executors.base import EvalOutcome, EvalTask
 from ..errors import UserError
 from . import manifests, policy, status
 from .failures import Verdict
-from .kube import job_finished, job_stuck
+from .kube import job_failure, job_finished, job_stuck
 from .layout import Layout, batch_id, task_id
 
 
@@ -235,11 +235,9 @@ def _running(job: dict) -> bool:
 
 
 def _why(job: dict | None) -> str:
-    """' (reason: message)' of a failed Job, from its Failed condition."""
-    for c in ((job or {}).get("status") or {}).get("conditions") or []:
-        if c.get("type") == "Failed" and c.get("status") == "True":
-            return f" ({c.get('reason', '')}: {c.get('message', '')})"
-    return ""
+    """' (reason: message)' of a failed Job (kube.job_failure, the one reader of it), or ''."""
+    failure = job_failure(job)
+    return f" ({failure})" if failure else ""
 
 
 def _split(items: list, n: int) -> list[list]:

@@ -28,7 +28,6 @@ MAX_BACKOFF = 30.0
 SECRET_ENV = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN", "SELFPRUNER_LLM_API_KEY")
 
 _config_lock = threading.Lock()
-_config_loaded: dict[str, object] = {}
 
 
 class ChildConflict(Exception):
@@ -82,21 +81,28 @@ def redact(text: str, environ=os.environ) -> str:
     return text
 
 
-def load_config(config_file: str | None = None) -> None:
-    """Kubernetes credentials, once per process: in a pod its ServiceAccount, else KUBECONFIG."""
-    from kubernetes import config
+_clients: dict[str | None, object] = {}
+
+
+def _api_client(config_file: str | None):
+    """One client (and connection pool) per configuration and process: the operator makes a Kube
+    per handler call, and a pool per call would leak sockets until garbage collection. The
+    credentials: an explicit kubeconfig (tests, a workstation), else the pod's ServiceAccount, else
+    KUBECONFIG; none of them raises ConfigException."""
+    from kubernetes import client, config
 
     with _config_lock:
-        if _config_loaded.get("file", False) == config_file and _config_loaded.get("done"):
-            return
-        if config_file:
-            config.load_kube_config(config_file=config_file)
-        else:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-        _config_loaded.update(file=config_file, done=True)
+        if config_file not in _clients:
+            configuration = client.Configuration()
+            if config_file:
+                config.load_kube_config(config_file=config_file, client_configuration=configuration)
+            else:
+                try:
+                    config.load_incluster_config(client_configuration=configuration)
+                except config.ConfigException:
+                    config.load_kube_config(client_configuration=configuration)
+            _clients[config_file] = client.ApiClient(configuration)
+        return _clients[config_file]
 
 
 class Kube:
@@ -106,10 +112,9 @@ class Kube:
     def __init__(self, namespace: str, config_file: str | None = None, *, guard: Callable[[dict], None] | None = None):
         from kubernetes import client
 
-        load_config(config_file)
         self.namespace = namespace
         self.guard = guard
-        self.api = client.ApiClient()
+        self.api = _api_client(config_file)
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)

@@ -47,10 +47,9 @@ def child_name(pj: dict, suffix: str, limit: int = MAX_NAME) -> str:
 
 
 def owner_uids(obj: dict) -> set[str]:
-    """The owners' uids of an object as read from the API (either spelling: JSON's
-    `ownerReferences`, or the Kubernetes client's `to_dict()` `owner_references`)."""
+    """The owners' uids of an object as the API returns it (kube.py reads plain JSON)."""
     meta = obj.get("metadata") or {}
-    return {r.get("uid") for r in meta.get("ownerReferences") or meta.get("owner_references") or []}
+    return {r.get("uid") for r in meta.get("ownerReferences") or []}
 
 
 def owned_by(job: dict, pj: dict) -> bool:
