@@ -81,11 +81,27 @@ def default_reply(body: dict, dim: int) -> str:
     return good_candidates(prompt, max(count, 1), dim, ratio)
 
 
+def refusal(fmt: str) -> dict:
+    """OpenAI's answer to a response format the model does not take."""
+    return {"error": {"message": f"Invalid parameter: 'response_format' of type '{fmt}' is not supported with "
+                                 "this model.", "type": "invalid_request_error", "param": "response_format",
+                      "code": None}}
+
+
+def error_body(code: int, message) -> dict:
+    """The body of a scripted error: OpenAI's shape around a message, or a whole body as given."""
+    if isinstance(message, dict):
+        return message
+    return {"error": {"message": message if message is not None else f"scripted {code}", "type": "test"}}
+
+
 class ScriptedChat:
-    def __init__(self, script=None, dim: int = 6, delay: float = 0.0, refuse: tuple = ()):
+    def __init__(self, script=None, dim: int = 6, delay: float = 0.0, refuse: tuple = (),
+                 fail: tuple | None = None):
         self.script = list(script or [])
         self.dim, self.delay = dim, delay
         self.refuse = set(refuse)  # response_format types answered with 400, as a server without them does
+        self.fail = fail  # (status, message): the answer to every request once the script is done
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -108,10 +124,15 @@ class ScriptedChat:
     def _next(self, body: dict):
         with self.lock:
             self.requests.append(body)
-            if (body.get("response_format") or {}).get("type") in self.refuse:
-                return ("status", 400)
+            fmt = (body.get("response_format") or {}).get("type")
+            if fmt in self.refuse:
+                return ("status", 400, refusal(fmt))
             if self.script:
-                return self.script.pop(0)
+                action = self.script.pop(0)
+                if action[0] != "default":
+                    return action
+            elif self.fail is not None:
+                return ("status", *self.fail)
         return ("reply", default_reply(body, self.dim))
 
     def _handler(self):
@@ -141,7 +162,9 @@ class ScriptedChat:
                     action = ("reply", action[2])
                     kind = "reply"
                 if kind == "status":
-                    payload = json.dumps({"error": {"message": f"scripted {action[1]}", "type": "test"}}).encode()
+                    key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                    body = error_body(action[1], action[2] if len(action) > 2 else None)
+                    payload = json.dumps(body).replace("{key}", key).encode()
                     self.send_response(action[1])
                     self.send_header("retry-after-ms", "10")
                 else:

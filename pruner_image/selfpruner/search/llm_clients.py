@@ -5,16 +5,20 @@ generation's requests go out together:
 
 - `OpenAIChat`: any OpenAI-compatible endpoint through the `openai` SDK (hosted APIs,
   vLLM, SGLang, llama.cpp's server ...). It asks for `response_format: json_schema`
-  (strict); a server that answers 400 to that is asked with `json_object`, then plain,
-  and the refusal is remembered for the rest of the run and counted. A batch is sent as
-  concurrent requests, at most `concurrency` at a time. Timeouts and retries with backoff
-  on 429/5xx are the SDK's (it honours Retry-After).
+  (strict); a server that refuses that format (a 400 about the format: `refuses_format`)
+  is asked with `json_object`, then plain, and the refusal is remembered for the rest of
+  the run and counted; any other 400 is a failed call. A batch is sent as concurrent
+  requests, at most `concurrency` at a time. Timeouts and retries with backoff on 429/5xx
+  are the SDK's (it honours Retry-After). A refused key or an unknown model (401, 403,
+  404) ends the run at once (`LLMUnavailable`).
 - `LocalChat`: a transformers chat model in-process (`demo`, a GGUF file or a Hugging Face
   folder, with its own chat template), decoding constrained to the schema with llguidance
   (`constrained.py`), a whole batch in one `generate`.
 - `Transcript`: every call's prompt, schema, reply, token usage, error and time, one JSON
   line each; on resume, calls already in the transcript are replayed instead of asked
-  again, so a resumed search sees exactly the replies the interrupted one saw.
+  again, so a resumed search sees exactly the replies the interrupted one saw. It also
+  tells a dead endpoint from occasional failures (`Transcript.chat_many`): a round whose
+  calls all fail ends the run, unless calls were answered before and the round before it was.
 """
 
 from __future__ import annotations
@@ -27,12 +31,89 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from ..errors import LLMUnavailable
 
 RESPONSE_FORMATS = ("json_schema", "json_object", "text")  # tried in this order, from the configured one
 
 
 class LLMError(Exception):
     """The call produced no reply (timeout, refused, out of retries)."""
+
+
+# words in a 400's message that place it on the response format (see `refuses_format`)
+FORMAT_MARKERS = ("response_format", "json_schema", "json schema", "json_object", "structured output", "guided",
+                  "grammar")
+# statuses no retry or other call will change: the key is refused, or the model or path does not exist
+FATAL_STATUSES = {401: "check the API key (spec.llm.apiKeySecret or apiKeyEnv)",
+                  403: "check the API key (spec.llm.apiKeySecret or apiKeyEnv)",
+                  404: "check spec.llm.model and spec.llm.baseURL"}
+
+
+def server_message(error) -> str:
+    """The server's own words for an HTTP error, on one line: the `message` of its JSON body
+    (OpenAI's, vLLM's, SGLang's and llama.cpp's shapes alike; the SDK has already unwrapped
+    `{"error": ...}`), FastAPI's `detail`, or the raw body."""
+    body = getattr(error, "body", None)
+    if isinstance(body, dict):
+        text = body.get("message") or body.get("detail") or body
+    else:
+        text = body or getattr(error, "message", "") or str(error)
+    return " ".join(str(text).split())
+
+
+def refuses_format(error) -> bool:
+    """Whether a 400 (or 422) refuses the response format, rather than the request as a whole.
+
+    Only then may the client step down to a simpler format, and it does so for the rest of the
+    run: a 400 for a prompt past the context length or an unknown parameter would come back
+    whatever the format, and stepping down for it would lose the schema (and with it replies
+    valid as written) for good. Servers say it in their own words:
+
+    - OpenAI names the field: `param: "response_format"` with "Invalid parameter:
+      'response_format' of type 'json_schema' is not supported with this model"; other hosted
+      APIs `param: "response_format.type"` ("invalid value: `json_schema`, supported values are:
+      `json_object` and `text`"). A `param` naming another field (`messages`, for the context
+      length) is not about the format, whatever the message says.
+    - vLLM, SGLang and llama.cpp's server send no `param`, only a message: "The provided JSON
+      schema contains features not supported by xgrammar", "Failed to transform json schema
+      into a grammar" (vLLM); "Grammar-based generation (json_schema, ...) is not supported
+      when the server is launched with --grammar-backend none", "Invalid grammar request"
+      (SGLang); "JSON schema conversion failed" (llama.cpp). Their context-length messages
+      ("This model's maximum context length is 2048 tokens. However, you requested ...", "The
+      input (3000 tokens) is longer than the model's context length") and unknown-parameter
+      ones carry none of `FORMAT_MARKERS`; our prompts do not either (they say "JSON only").
+    """
+    param = str(getattr(error, "param", None) or "").strip().lower()
+    if param:
+        return param.split(".")[0].split("[")[0] == "response_format"
+    message = server_message(error).lower()
+    return any(marker in message for marker in FORMAT_MARKERS)
+
+
+def describe(error, timeout: float | None = None) -> str:
+    """A failed request on one line: the HTTP status and the server's message, or what kept the
+    request from being answered (nothing listening, no reply in time)."""
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        text = f"HTTP {error.status_code}: {server_message(error)}"
+    elif isinstance(error, openai.APITimeoutError):
+        text = f"no reply within {timeout:g} s" if timeout else "no reply within the timeout"
+    elif isinstance(error, openai.APIConnectionError):
+        text = f"cannot connect: {error.__cause__ or error}"
+    else:
+        text = f"{type(error).__name__}: {error}"
+    text = " ".join(text.split())
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def public_url(url: str) -> str:
+    """`url` without any user:password part, to be named in messages and logs."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit(parts._replace(netloc=host)).rstrip("/")
 
 
 @dataclass
@@ -62,12 +143,14 @@ class OpenAIChat:
                  max_retries: int = 5, response_format: str = "json_schema", concurrency: int = 8):
         from openai import OpenAI
 
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "not-needed",
-                             timeout=timeout, max_retries=max_retries)
-        self.model, self.temperature, self.seed = model, temperature, seed
+        self._key = os.environ.get(api_key_env) or ""
+        self.client = OpenAI(base_url=base_url, api_key=self._key or "not-needed", timeout=timeout,
+                             max_retries=max_retries)
+        self.endpoint = f"{public_url(str(self.client.base_url))} (model {model})"  # named in errors; no key
+        self.model, self.temperature, self.seed, self.timeout = model, temperature, seed, timeout
         self.max_tokens, self.concurrency = max_tokens, max(1, concurrency)
         self.format = response_format
-        self.refused: list[str] = []  # response formats this server answered 400 to, in order
+        self.refused: list[str] = []  # response formats this server refused (`refuses_format`), in order
         self._lock = threading.Lock()
 
     def _response_format(self, fmt: str, schema: dict | None):
@@ -89,16 +172,21 @@ class OpenAIChat:
                 kwargs["response_format"] = rf
             try:
                 resp = self.client.chat.completions.create(**kwargs)
-            except openai.BadRequestError as e:
+            except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
+                if fmt == "text" or not refuses_format(e):
+                    raise LLMError(self._describe(e)) from None
                 with self._lock:
-                    if fmt == "text":
-                        raise LLMError(f"request refused: {e}") from None
                     if self.format == fmt:  # this server does not take `fmt`: one step down, for good
                         self.refused.append(fmt)
                         self.format = RESPONSE_FORMATS[RESPONSE_FORMATS.index(fmt) + 1]
                 continue
-            except (openai.APIError, openai.APITimeoutError) as e:
-                raise LLMError(f"{type(e).__name__}: {e}") from None
+            except openai.APIStatusError as e:
+                if e.status_code in FATAL_STATUSES:
+                    raise LLMUnavailable(f"LLM endpoint {self.endpoint} refused the request: {self._describe(e)}; "
+                                         f"{FATAL_STATUSES[e.status_code]}") from None
+                raise LLMError(self._describe(e)) from None
+            except openai.APIError as e:
+                raise LLMError(self._describe(e)) from None
             if not resp.choices:
                 raise LLMError("reply had no choices")
             usage = resp.usage
@@ -106,17 +194,35 @@ class OpenAIChat:
                          prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
                          completion_tokens=getattr(usage, "completion_tokens", 0) or 0, response_format=fmt)
 
+    def _describe(self, error) -> str:
+        """`describe`, with the API key taken out (some servers quote the key they refused)."""
+        text = describe(error, self.timeout)
+        return text.replace(self._key, "***") if len(self._key) >= 4 else text
+
     def chat_many(self, prompts: list[Prompt], first_index: int = 0) -> list[_Outcome]:
+        """One outcome per prompt; raises `LLMUnavailable` on a refused key or an unknown model,
+        after asking nothing more once one call has met it."""
+        fatal: list[LLMUnavailable] = []
+
         def one(i: int) -> _Outcome:
+            if fatal:
+                return _Outcome(None, "not asked")
             try:
                 return _Outcome(self.chat(prompts[i], first_index + i))
             except LLMError as e:
                 return _Outcome(None, str(e))
+            except LLMUnavailable as e:
+                fatal.append(e)
+                return _Outcome(None, str(e))
 
         if self.concurrency == 1 or len(prompts) == 1:
-            return [one(i) for i in range(len(prompts))]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
-            return list(pool.map(one, range(len(prompts))))
+            outcomes = [one(i) for i in range(len(prompts))]
+        else:
+            with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prompts))) as pool:
+                outcomes = list(pool.map(one, range(len(prompts))))
+        if fatal:
+            raise fatal[0]
+        return outcomes
 
 
 class LocalChat:
@@ -211,6 +317,8 @@ class Transcript:
     path: Path
     recorded: list[dict] = field(default_factory=list)
     calls: int = 0
+    answered: int = 0  # calls of this search that got a reply so far (replayed ones included)
+    round_failed: bool = False  # whether every call of the last round failed
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -218,8 +326,32 @@ class Transcript:
             self.recorded = read_calls(self.path.read_text())
 
     def rewind(self, calls: int) -> None:
-        """Continue from a checkpoint that had made `calls` calls."""
+        """Continue from a checkpoint that had made `calls` calls (and had seen their answers)."""
         self.calls = calls
+        made = self.recorded[:calls]
+        self.answered = sum(1 for e in made if not e.get("error"))
+        last = [e for e in made if e.get("batch") == made[-1].get("batch")] if made else []
+        self.round_failed = bool(last) and all(e.get("error") for e in last)
+
+    def _give_up_if_unavailable(self, entries: list[dict]) -> None:
+        """Raise `LLMUnavailable` when a round's calls all failed (each after its retries) and
+        either none of the search's calls was ever answered (nothing listens there, or it refuses
+        every request) or the round before failed whole as well (the endpoint went away mid-run).
+        Otherwise the failures are occasional: the search replaces them with classical operators.
+        A round of one call (the selection) failing after answers is such an occasional failure."""
+        if not entries or any(not e["error"] for e in entries):
+            return
+        if self.answered and not self.round_failed:
+            return
+        why = "no call had been answered before" if not self.answered else "so had the round before"
+        endpoint = getattr(self.client, "endpoint", type(self.client).__name__)
+        raise LLMUnavailable(f"LLM endpoint {endpoint} is unavailable: all {len(entries)} calls of a round failed "
+                             f"and {why}; last error: {entries[-1]['error']}")
+
+    def _note(self, entries: list[dict]) -> None:
+        if entries:
+            self.answered += sum(1 for e in entries if not e.get("error"))
+            self.round_failed = all(e.get("error") for e in entries)
 
     @property
     def refused_formats(self) -> list[str]:
@@ -227,7 +359,10 @@ class Transcript:
 
     def chat_many(self, prompts: list[Prompt]) -> tuple[list[Reply | None], float]:
         """Replies (None for a failed call) to `prompts`, asked as one batch, and the batch's
-        seconds (as recorded, so a resumed run reports the time the first run spent)."""
+        seconds (as recorded, so a resumed run reports the time the first run spent). A recorded
+        failure is replayed as a failure. Raises `LLMUnavailable` for a dead endpoint (see
+        `_give_up_if_unavailable`; the client raises it for a refused key or an unknown model);
+        that round is not recorded, so a resumed run asks it again."""
         first = self.calls
         self.calls += len(prompts)
         keys = [prompt_hash(p) for p in prompts]
@@ -250,8 +385,10 @@ class Transcript:
                                 "response_format": r.response_format if r else None,
                                 "prompt_tokens": r.prompt_tokens if r else 0,
                                 "completion_tokens": r.completion_tokens if r else 0})
+            self._give_up_if_unavailable(entries)  # before recording: a resumed run asks that round again
             self.recorded += entries
             self._rewrite()
+        self._note(entries)
         replies = [None if e.get("error") else Reply(e["reply"], e["prompt_tokens"], e["completion_tokens"],
                                                      e.get("response_format") or "") for e in entries]
         return replies, float(entries[0].get("batch_seconds", 0.0)) if entries else 0.0
