@@ -96,19 +96,25 @@ def panels() -> list:
                       "{{prunejob}} {{origin}}")],
                (12, 40, 12, 8), "Did the LLM help? The share of each origin's candidates that entered the population "
                                 "(LLM crossover/mutation against classical fallbacks, or genetic's own operators)"),
+        series(16, "LLM share of offspring", "percentunit",
+               [query(f'max by (prunejob, operator) (selfpruner_search_offspring_share{{{PJ}, operator=~"llm-.*"}})',
+                      "{{prunejob}} {{operator}}")],
+               (0, 48, 24, 8), "Of each generation's crossovers, mutations, and parents of the LLM's offspring, the "
+                               "share the LLM's operators were given by their measured success (llm.allocation: "
+                               "adaptive; fixed gives the LLM every offspring; absent for genetic)"),
         # the operator
         series(11, "PruneJobs by phase", "short",
                [query("sum by (phase) (selfpruner_prunejobs)", "{{phase}}")],
-               (0, 48, 12, 8), "PruneJobs the operator knows, by phase"),
+               (0, 56, 12, 8), "PruneJobs the operator knows, by phase"),
         series(12, "Operator reconcile errors and controller restarts", "short",
                [query(f"sum(increase(selfpruner_operator_reconcile_errors_total{RI}))", "reconcile errors"),
                 query(f"sum(increase(selfpruner_operator_controller_restarts_total{RI}))",
                       "controller restarts", "B")],
-               (12, 48, 12, 8), "Reconciliations that raised an error; controller Jobs started again after a loss"),
+               (12, 56, 12, 8), "Reconciliations that raised an error; controller Jobs started again after a loss"),
         series(13, "Operator reconcile duration (p95)", "s",
                [query("histogram_quantile(0.95, sum by (le) "
                       f"(rate(selfpruner_operator_reconcile_duration_seconds_bucket{RI})))", "p95")],
-               (0, 56, 24, 8), "95th percentile of the time one reconciliation takes"),
+               (0, 64, 24, 8), "95th percentile of the time one reconciliation takes"),
     ]
 
 

@@ -3,6 +3,7 @@ exactly the asked shape, within bounds and on the grid, whatever the model's wei
 equals the same prompts one at a time at temperature 0. The encoding round-trips."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,11 +138,15 @@ def test_a_hugging_face_folder_runs_the_evolution(tiny_job, tmp_path):
     folder = tmp_path / "tiny-chat"
     chat.model.save_pretrained(folder)
     chat.tokenizer.save_pretrained(folder)
+    # the paper's allocation (every offspring the LLM's), so that every call can be counted
     doc = tiny_job("folder-llm", search={"strategy": "llm-evolution"},
-                   llm={"provider": "local", "model": str(folder), "temperature": 1.0})
+                   llm={"provider": "local", "model": str(folder), "temperature": 1.0, "allocation": "fixed"})
     result = runner.run(spec_mod.parse(doc), progress=False)
     llm = result["cost"]["llm"]
-    assert llm["unparseable_replies"] == llm["offspring_replaced"] == llm["offspring_repaired"] == 0
+    assert llm["unparseable_replies"] == llm["offspring_repaired"] == 0
+    assert llm["offspring_replaced"] == llm["offspring_duplicates_kept"]  # only repeats still not new when asked again
     assert llm["selections"] + llm["selections_repaired"] == 2 * (2 * 2 + 2)  # every pick accounted for
-    assert llm["offspring_used"] + llm["offspring_duplicates"] == llm["offspring_asked"] == 4 + 2 * 4
-    assert llm["batches"] == 1 + 2 * 2 and len(result["generations"]) == 3
+    assert llm["offspring_used"] + llm["offspring_duplicates_kept"] == llm["offspring_asked"] == 4 + 2 * 4
+    entries = [json.loads(line) for line in open(Path(doc["spec"]["output"]["path"]) / "llm_transcript.jsonl")]
+    asked_again = {e["batch"] for e in entries if e["kind"].endswith("-again")}
+    assert llm["batches"] == 1 + 2 * 2 + len(asked_again) and len(result["generations"]) == 3

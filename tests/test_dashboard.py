@@ -77,5 +77,6 @@ def test_every_expression_names_an_exported_series():
     for name in ("selfpruner_search_best_fitness", "selfpruner_search_evaluations_total",
                  "selfpruner_search_evaluation_device_seconds_total", "selfpruner_llm_calls_total",
                  "selfpruner_llm_tokens_total", "selfpruner_llm_invalid_replies_total", "selfpruner_prunejobs",
-                 "selfpruner_operator_reconcile_errors_total", "selfpruner_operator_controller_restarts_total"):
+                 "selfpruner_operator_reconcile_errors_total", "selfpruner_operator_controller_restarts_total",
+                 "selfpruner_search_offspring_share"):
         assert name in used, name

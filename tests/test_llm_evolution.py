@@ -15,9 +15,11 @@ DIM = 6
 
 
 def llm_job(tiny_job, name, url, search=None, **extra):
+    """The paper's llm-evolution (`allocation: fixed`: every offspring the LLM's), so that these
+    tests count the LLM's calls exactly; the shared allocation is tests/test_allocation.py's."""
     return tiny_job(name, search={"strategy": "llm-evolution", **(search or {})},
                     llm={"provider": "openai", "model": "scripted", "baseURL": url, "timeoutSeconds": 0.5,
-                         "maxRetries": 2, "offspringPerCall": 2, **extra})
+                         "maxRetries": 2, "offspringPerCall": 2, "allocation": "fixed", **extra})
 
 
 def transcript(doc):
@@ -82,7 +84,9 @@ def test_strict_schema_is_sent_and_every_offspring_is_used(tiny_job):
     assert llm["refused_response_formats"] == []
     assert llm["offspring_replaced"] == llm["offspring_repaired"] == llm["unparseable_replies"] == 0
     assert llm["selections"] == 2 * 6 and llm["selections_repaired"] == 0
-    assert llm["offspring_used"] + llm["offspring_duplicates"] == llm["offspring_asked"] == 12
+    # a repeat of an evaluated candidate is asked for again (this server then writes a new one)
+    assert llm["offspring_used"] + llm["offspring_duplicates_kept"] == llm["offspring_asked"] == 12
+    assert llm["offspring_duplicates"] == llm["offspring_new_when_asked_again"] + llm["offspring_duplicates_kept"]
     # the server's candidates are feasible as written: projection moved nothing
     assert llm["projection_max_abs_change"] == 0
     assert set(result["origins"]) <= {"llm-initial", "llm-crossover", "llm-mutation", "repaired"}
@@ -101,7 +105,8 @@ def test_response_format_falls_back_and_remembers(tiny_job, refuse, expected):
     sent = [(b.get("response_format") or {}).get("type", "text") for b in bodies]
     assert sent[: len(refuse)] == list(refuse)
     assert set(sent[len(refuse):]) == {expected}
-    assert llm["failed_calls"] == 0 and llm["offspring_replaced"] == 0
+    # nothing lost to the fallback (a repeat still not new after asking again is replaced, counted apart)
+    assert llm["failed_calls"] == 0 and llm["offspring_replaced"] == llm["offspring_duplicates_kept"]
     assert all(e["response_format"] == expected for e in transcript(llm_job(tiny_job, "fallback", server.url)))
 
 
@@ -115,7 +120,12 @@ def test_a_generation_goes_out_as_concurrent_requests(tiny_job):
     batches = {}
     for e in entries:
         batches.setdefault(e["batch"], []).append(e["kind"])
-    assert list(batches.values()) == [["initial"] * 4] + [["selection"], ["crossover"] * 2 + ["mutation"] * 2] * 2
+    # this server answers a prompt the same each time: repeats are asked for again, in a batch of their own
+    again = [kinds for kinds in batches.values() if kinds[0].endswith("-again")]
+    assert all(k.endswith("-again") for kinds in again for k in kinds)
+    assert sum(map(len, again)) == result["cost"]["llm"]["offspring_duplicates"]
+    first = [kinds for kinds in batches.values() if not kinds[0].endswith("-again")]
+    assert first == [["initial"] * 4] + [["selection"], ["crossover"] * 2 + ["mutation"] * 2] * 2
     gens = result["generations"]
     assert len(gens) == 3 and all(g["llm_seconds"] > 0 and g["evaluation_seconds"] > 0 for g in gens)
 
@@ -165,7 +175,8 @@ def test_edit_operators_write_new_children(tiny_job):
         doc = llm_job(tiny_job, "edits", server.url, operators="edits", search={"generations": 3})
         result = runner.run(spec_mod.parse(doc), progress=False)
         bodies = list(server.requests)
-    schemas = [b["response_format"]["json_schema"]["schema"] for b in bodies]
+    asked_again = [b for b in bodies if b["messages"][-1]["content"].startswith("Candidate ")]  # repeats
+    schemas = [b["response_format"]["json_schema"]["schema"] for b in bodies if b not in asked_again]
     takes = [s for s in schemas if "take" in s["properties"]]
     moves = [s for s in schemas if "moves" in s["properties"]]
     assert len(takes) == len(moves) == 3 * 2  # one prompt per pair and per parent in edit mode
@@ -175,7 +186,10 @@ def test_edit_operators_write_new_children(tiny_job):
     llm = result["cost"]["llm"]
     assert llm["unparseable_replies"] == llm["offspring_repaired"] == 0
     # a move clipped away entirely is unusable (replaced); everything else the LLM wrote is used or new
-    assert llm["offspring_used"] + llm["offspring_duplicates"] + llm["offspring_replaced"] == llm["offspring_asked"]
+    assert llm["offspring_used"] + llm["offspring_replaced"] == llm["offspring_asked"]
+    # every prompt with a repeat is asked again once (an initial prompt writes two candidates)
+    again = [e for e in transcript(doc) if e["kind"].endswith("-again")]
+    assert len(again) <= llm["offspring_duplicates"] and bool(again) == bool(llm["offspring_duplicates"])
     # children written as edits enter the search under the LLM's origins (that a move never gives back its
     # parent is test_moves_keep_the_mean_and_the_bounds; this server's random moves may still hit a
     # candidate seen elsewhere, or be clipped away, which the counts above account for)

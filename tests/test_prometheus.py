@@ -81,4 +81,8 @@ def test_every_dashboard_query_returns_data(world, tmp_path):
                      f"selfpruner_search_best_fitness{{{pj_sel}}}"):
             found = values(prom.query(expr, at))
             assert found and found[0] > 0, (expr, found)
+        # the default adaptive allocation's split of the one offspring generation: even, as nothing is known yet
+        split = {series["metric"]["operator"]: float(series["value"][1]) for series in
+                 prom.query(f"max_over_time(selfpruner_search_offspring_share{{{pj_sel}}}[10m])", at)}
+        assert split["llm-crossover"] == split["crossover"] == split["llm-mutation"] == split["mutation"] == 0.5, split
         assert values(prom.query(f'max_over_time(selfpruner_prunejobs{{phase="Running"}}[{RATE_INTERVAL}])', at)) == [1]

@@ -15,13 +15,14 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 from selfpruner.cluster.metrics import SearchMetrics  # noqa: E402
 
-ALLOWED_LABELS = {"prunejob", "outcome", "kind", "use", "origin"}
+ALLOWED_LABELS = {"prunejob", "outcome", "kind", "use", "origin", "operator"}
 
 
 class FakeStrategy:
-    def __init__(self, generation, best, counters, origins=None):
+    def __init__(self, generation, best, counters, origins=None, generation_log=None):
         self.generation, self._best, self.counters = generation, best, counters
         self.origins = origins or {}
+        self.generation_log = generation_log or []
 
     def best(self):
         return None if self._best is None else SimpleNamespace(fitness=self._best)
@@ -136,7 +137,7 @@ def test_series_follow_conventions(tmp_path):
     m = SearchMetrics("pj")
     m.update_from(tmp_path, FakeStrategy(1, 3.0, {}))
     fams = list(m.registry.collect())
-    assert len(fams) == 12
+    assert len(fams) == 13
     for fam in fams:
         assert fam.name.startswith("selfpruner_"), fam.name
         for smp in fam.samples:
@@ -148,6 +149,37 @@ def test_series_follow_conventions(tmp_path):
         assert fam.type in ("counter", "gauge")
     # a second registry for another PruneJob does not clash with the first
     SearchMetrics("other")
+
+
+def shares(generation, lx, x, lm, m, ls, t):
+    """A `generation_log` entry as strategy.py writes it for an llm-evolution generation."""
+    return {"generation": generation, "best": 1.0, "shares": {
+        "llm-crossover": lx, "crossover": x, "llm-mutation": lm, "mutation": m, "llm-selection": ls, "tournament": t}}
+
+
+def share_samples(registry) -> dict:
+    return {dict(labels)["operator"]: v for (name, labels), v in samples(registry).items()
+            if name == "selfpruner_search_offspring_share"}
+
+
+def test_offspring_share_is_the_newest_generations_split(tmp_path):
+    m = SearchMetrics("pj")
+    m.update_from(tmp_path, FakeStrategy(0, 3.0, {}, generation_log=[{"generation": 0, "best": 3.0}]))
+    assert share_samples(m.registry) == {}  # the initial population shares nothing: no series, not zeros
+    log = [{"generation": 0, "best": 3.0}, shares(1, 2, 2, 2, 2, 2, 2)]
+    m.update_from(tmp_path, FakeStrategy(1, 3.0, {}, generation_log=log))
+    assert share_samples(m.registry) == {arm: 0.5 for arm in ("llm-crossover", "crossover", "llm-mutation",
+                                                              "mutation", "llm-selection", "tournament")}
+    log.append(shares(2, 1, 9, 3, 7, 4, 0))
+    m.update_from(tmp_path, FakeStrategy(2, 3.0, {}, generation_log=log))
+    got = share_samples(m.registry)
+    assert got == {"llm-crossover": 0.1, "crossover": 0.9, "llm-mutation": 0.3, "mutation": 0.7,
+                   "llm-selection": 1.0, "tournament": 0.0}
+    # one slot each, both the classical operators': the LLM wrote no offspring, so its parents'
+    # group has no share at all (its series go), while the others are still a split of their slots
+    log.append(shares(3, 0, 1, 0, 1, 0, 0))
+    m.update_from(tmp_path, FakeStrategy(3, 3.0, {}, generation_log=log))
+    assert share_samples(m.registry) == {"llm-crossover": 0.0, "crossover": 1.0, "llm-mutation": 0.0, "mutation": 1.0}
 
 
 def free_port() -> int:
@@ -173,3 +205,34 @@ def test_serve_over_http(tmp_path):
     assert 'selfpruner_search_evaluations_total{outcome="failed",prunejob="pj"} 1.0' in body
     # only this registry: no process/platform collectors of the global one
     assert "process_" not in body and "python_gc" not in body
+
+
+def test_offspring_share_follows_an_llm_evolution_run(tiny_job):
+    """At every checkpoint of a real llm-evolution search, against an endpoint whose offspring are
+    bad so that the split moves, the gauge is the split in the strategy's state; the last one is
+    result.json's."""
+    from test_allocation import HostileChat
+
+    from selfpruner import spec as spec_mod
+    from selfpruner.search import runner
+
+    m, seen = SearchMetrics("pj"), []
+
+    def on_checkpoint(out, strategy):
+        m.update_from(out, strategy)
+        split = next((dict(g["shares"]) for g in reversed(strategy.generation_log) if g.get("shares")), {})
+        seen.append((split, share_samples(m.registry)))
+
+    with HostileChat() as server:
+        doc = tiny_job("shares", search={"strategy": "llm-evolution", "population": 8, "generations": 4,
+                                         "crossovers": 4, "mutations": 4, "seed": 1},
+                       llm={"provider": "openai", "model": "hostile", "baseURL": server.url, "timeoutSeconds": 5})
+        result = runner.run(spec_mod.parse(doc), progress=False, on_checkpoint=on_checkpoint)
+    assert seen[0] == ({}, {})  # the initial population: nothing shared yet
+    assert len(seen) == 5
+    for split, gauge in seen[1:]:
+        groups = [("llm-crossover", "crossover"), ("llm-mutation", "mutation"), ("llm-selection", "tournament")]
+        expected = {arm: split[arm] / (split[a] + split[b]) for a, b in groups if split[a] + split[b] for arm in (a, b)}
+        assert gauge == pytest.approx(expected), (split, gauge)
+    assert seen[-1][0] == result["generations"][-1]["shares"]
+    assert seen[1][1]["llm-crossover"] == 0.5 and seen[-1][1]["llm-crossover"] < 0.5  # even at first, then by success

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
+from ..search.allocation import GROUPS
 from ..search.history import read_jsonl
 from ..search.llm_clients import batch_seconds
 
@@ -59,6 +60,12 @@ class SearchMetrics:
         self.offspring_entered = Counter("selfpruner_search_offspring_entered_total",
                                          "Candidates that entered the population, by origin", pj + ["origin"],
                                          registry=r)
+        # operator: an arm of search/allocation.py (llm-crossover, crossover, llm-mutation, mutation,
+        # llm-selection, tournament). No child is made up front: a share of nothing is not zero
+        self.offspring_share = Gauge("selfpruner_search_offspring_share",
+                                     "Share of the last generation's slots of its group (crossovers, mutations, "
+                                     "the LLM offspring's parents) given to each operator, 0 to 1",
+                                     pj + ["operator"], registry=r)
         self._last: dict[tuple, float] = {}
         # every labelled child exists from the start, so a scrape shows zeros, not gaps
         for outcome in ("ok", "failed"):
@@ -97,10 +104,25 @@ class SearchMetrics:
         for origin, o in (getattr(strategy, "origins", None) or {}).items():
             self._total(self.offspring, o.get("made", 0), origin)
             self._total(self.offspring_entered, o.get("entered", 0), origin)
+        self._update_shares(getattr(strategy, "generation_log", None) or [])
         self.generation.labels(self.prunejob).set(strategy.generation)
         best = strategy.best()
         if best is not None and best.fitness is not None:
             self.best_fitness.labels(self.prunejob).set(best.fitness)
+
+    def _update_shares(self, generation_log: list[dict]) -> None:
+        """Each operator's slots in the newest generation that shared offspring (strategy.py's
+        `generation_log`, as in result.json) over its group's slots. A group with no slots then has
+        no series rather than a made-up value: the LLM offspring's parents in a generation where the
+        LLM was given no offspring, every group for a strategy that shares nothing (genetic)."""
+        shares = next((g["shares"] for g in reversed(generation_log) if g.get("shares")), {})
+        for arms in GROUPS.values():
+            slots = sum(shares.get(arm, 0) for arm in arms)
+            for arm in arms:
+                if slots:
+                    self.offspring_share.labels(self.prunejob, arm).set(shares.get(arm, 0) / slots)
+                else:
+                    self.offspring_share.remove(self.prunejob, arm)
 
     def serve(self, port: int):
         """Serve /metrics on `port` from a daemon thread; returns (server, thread)."""

@@ -24,6 +24,7 @@ class Offspring:
     units: np.ndarray
     origin: str
     parent_fitness: float | None = None  # the better parent's fitness; None for an initial member
+    arms: tuple[str, ...] = ()  # the operators (and selection) whose share it came from: credited with its fate
 
 
 class ClassicalProposer:
@@ -54,6 +55,7 @@ class Evolution(Strategy):
     def __init__(self, ctx, proposer=None, **kw):
         super().__init__(ctx, **kw)
         self.proposer = proposer or ClassicalProposer()
+        self.allocation = None  # an Allocation where operators share the offspring (llm-evolution)
         self.seen: set[tuple[int, ...]] = set()
         self._pending: list[Offspring] = []  # offspring of the generation under way
         self._phase = "propose"  # propose, stage (screen number self._stage), full
@@ -99,9 +101,9 @@ class Evolution(Strategy):
             stage = ctx.stages[self._stage]
             sample = sample_seed(ctx.seed, self.generation, self._stage)
             return [Request(units=o.units, tokens=stage.tokens, origin=o.origin, parent_fitness=o.parent_fitness,
-                            sample=sample) for o in self._pending]
-        return [Request(units=o.units, tokens=ctx.full_tokens, origin=o.origin, parent_fitness=o.parent_fitness)
-                for o in self._pending]
+                            sample=sample, arms=o.arms) for o in self._pending]
+        return [Request(units=o.units, tokens=ctx.full_tokens, origin=o.origin, parent_fitness=o.parent_fitness,
+                        arms=o.arms) for o in self._pending]
 
     def tell(self, requests: list[Request], results: list[Result]) -> None:
         self.charge(results)
@@ -116,7 +118,8 @@ class Evolution(Strategy):
             for req in requests:
                 if id(req) not in kept:  # screened out: made, never entered
                     self.note_offspring(req.origin, False, req.parent_fitness, None)
-            self._pending = [Offspring(req.units, req.origin, req.parent_fitness) for req, _ in best]
+                    self._credit(req, False)
+            self._pending = [Offspring(req.units, req.origin, req.parent_fitness, req.arms) for req, _ in best]
             self._stage += 1
             if self._stage >= len(self.ctx.stages):
                 self._phase = "full"
@@ -133,14 +136,26 @@ class Evolution(Strategy):
         for req, res in zip(requests, results):
             entered = id(req) in members and id(members[id(req)]) in survivors
             self.note_offspring(req.origin, entered, req.parent_fitness, res.fitness)
+            self._credit(req, entered)
+        if self.allocation is not None:
+            self.allocation.end_generation()
         self.record_generation()
         self.generation += 1
         self._pending = []
         self._phase = "propose"
         self.at_boundary = True
 
+    def _credit(self, req: Request, entered: bool) -> None:
+        if self.allocation is not None and req.arms:
+            self.allocation.credit(req.arms, entered)
+
     def extra_state(self) -> dict:
-        return {"seen": sorted(list(k) for k in self.seen)}
+        state = {"seen": sorted(list(k) for k in self.seen)}
+        if self.allocation is not None:
+            state["allocation"] = self.allocation.state()
+        return state
 
     def load_extra_state(self, extra: dict) -> None:
         self.seen = {tuple(k) for k in extra.get("seen", [])}
+        if self.allocation is not None:
+            self.allocation.load(extra.get("allocation") or {})

@@ -1,5 +1,8 @@
-"""Self-Pruner: the LLM writes the initial population, picks the parents, and writes every
-generation's crossovers and mutations.
+"""Self-Pruner: the LLM writes the initial population, picks the parents, and writes the
+generation's crossovers and mutations: all of them with `llm.allocation: fixed` (the paper), or
+the share its measured success earns beside the classical operators and tournament selection
+with `adaptive` (allocation.py; the initial population then also holds the uniform and OWL
+allocations).
 
 With `llm.operators: edits` a crossover is written as a choice of parent per block
 (`{"take":"ABBA..."}`) and a mutation as moves of pruning between blocks
@@ -13,7 +16,9 @@ rounds: the selection (one call), then all crossover and mutation prompts as one
 What still goes wrong with an endpoint that ignores the schema is handled and counted,
 never fatal: a reply with the right shape but values off bounds or grid is projected
 (`repaired`); a missing or unusable item is replaced by the classical operator on the same
-parents (`classical`); a candidate already seen is mutated until new (`repaired`);
+parents (`classical`); a candidate already evaluated (a parent included) is refused before it
+costs an evaluation and asked for once more, saying so, and replaced by the classical operator if
+it is still not new (`llm_duplicates`, `llm_new_when_asked_again`, `llm_duplicates_kept`);
 an invalid parent index is replaced by a tournament pick (`llm_selection_repaired`).
 """
 
@@ -28,6 +33,7 @@ from string import Template
 import numpy as np
 
 from . import operators
+from .allocation import CROSSOVER, LLM_CROSSOVER, LLM_MUTATION, LLM_SELECTION, MUTATION, TOURNAMENT, Allocation
 from .encoding import Codec, moves_schema, projection_distance, selection_schema, take_schema
 from .evolution import ClassicalProposer, Evolution, Offspring
 
@@ -137,9 +143,7 @@ class LLMProposer(ClassicalProposer):
             strategy.count("llm_repaired")
             origin = "repaired"
         if space.key(units) in strategy.seen:
-            origin = "repaired"  # mutated until new by fresh()
-            if clean:
-                strategy.count("llm_duplicates")
+            origin = "repaired"  # projected onto a candidate already seen (repeats were asked again): mutated by fresh()
         elif clean:
             strategy.count("llm_used")
         return strategy.fresh(units), origin
@@ -157,14 +161,16 @@ class LLMProposer(ClassicalProposer):
     def _ask_all(self, strategy: Evolution, jobs: list[dict]) -> list[tuple[np.ndarray, str]]:
         """One batch for all `jobs`, each a dict of: template, kind, fallbacks (one per offspring
         the prompt asks for; a missing or bad item i becomes fallbacks[i]()), extra (template
-        values), schema and read (reply text -> [(rates or None, clean)])."""
+        values), schema and read (reply text -> [(rates or None, clean)]). A candidate equal to one
+        already evaluated (a parent included) is refused before it costs an evaluation, and its
+        prompt asked once more, saying so (`_ask_again`); one still not new is replaced."""
         from .llm_clients import Prompt
 
         prompts = [Prompt(self._messages(j["template"], strategy, count=len(j["fallbacks"]), **j["extra"]),
                           j["schema"], j["kind"]) for j in jobs]
         replies, seconds = self.llm.chat_many(prompts)
         strategy.note_llm_seconds(seconds)
-        out = []
+        all_items = []
         for j, reply in zip(jobs, replies):
             n = len(j["fallbacks"])
             if reply is None:
@@ -174,33 +180,87 @@ class LLMProposer(ClassicalProposer):
                 items = j["read"](reply.text)
                 if not items:
                     strategy.count("llm_unparseable_replies")
-            items = (items + [(None, False)] * n)[:n]
-            out += [self._accept(strategy, rates, clean, fb, j["kind"]) for (rates, clean), fb in zip(items, j["fallbacks"])]
+            all_items.append((items + [(None, False)] * n)[:n])
+        all_items = self._ask_again(strategy, jobs, prompts, replies, all_items)
+        flat = [(j["kind"], rates, clean, fb) for j, items in zip(jobs, all_items)
+                for (rates, clean), fb in zip(items, j["fallbacks"])]
+        out: list = [None] * len(flat)
+        # the LLM's own candidates first, the fallbacks after: a classical fallback that happens to
+        # equal one of them is the one mutated until new
+        for second in (False, True):
+            for i, (kind, rates, clean, fb) in enumerate(flat):
+                if (rates is None) == second:
+                    out[i] = self._accept(strategy, rates, clean, fb, kind)
+        return out
+
+    def _ask_again(self, strategy: Evolution, jobs, prompts, replies, all_items):
+        """Novelty: the items that repeat a candidate already evaluated (or one earlier in this
+        batch) are asked for once more, in one batch, with that fact in the prompt; an item still
+        not new becomes unusable (its classical fallback takes its place)."""
+        from .llm_clients import Prompt
+
+        space = strategy.ctx.space
+        batch_keys: set = set()
+        repeats: dict[int, list[int]] = {}
+        for jn, items in enumerate(all_items):
+            for i, (rates, clean) in enumerate(items):
+                if rates is None:
+                    continue
+                key = space.key(space.project(rates))
+                if key in strategy.seen or key in batch_keys:
+                    repeats.setdefault(jn, []).append(i)
+                    strategy.count("llm_duplicates")
+                batch_keys.add(key)
+        if not repeats:
+            return all_items
+        again = []
+        for jn, idx in repeats.items():
+            which = ", ".join(str(i + 1) for i in idx)
+            note = (f"Candidate {which} of your reply repeats a candidate already evaluated (a parent or an earlier "
+                    f"one): each must be new. Reply again in the same form, with a different candidate in its place.")
+            messages = prompts[jn].messages + [{"role": "assistant", "content": replies[jn].text},
+                                               {"role": "user", "content": note}]
+            again.append(Prompt(messages, prompts[jn].schema, f"{jobs[jn]['kind']}-again"))
+        strategy.count("llm_asked_again", sum(len(v) for v in repeats.values()))
+        answers, seconds = self.llm.chat_many(again)
+        strategy.note_llm_seconds(seconds)
+        out = [list(items) for items in all_items]
+        for (jn, idx), reply in zip(repeats.items(), answers):
+            fresh = jobs[jn]["read"](reply.text) if reply is not None else []
+            for i in idx:
+                rates, clean = fresh[i] if i < len(fresh) else (None, False)
+                key = space.key(space.project(rates)) if rates is not None else None
+                if key is None or key in strategy.seen or key in batch_keys:
+                    out[jn][i] = (None, False)
+                    strategy.count("llm_duplicates_kept")
+                else:
+                    out[jn][i] = (rates, clean)
+                    batch_keys.add(key)
+                    strategy.count("llm_new_when_asked_again")
         return out
 
     # -- selection -------------------------------------------------------------------
-    def _select(self, strategy: Evolution) -> tuple[list[tuple], list]:
-        """Crossover pairs and mutation parents: chosen by the LLM (the paper) or by
-        tournament (`llm.selection: false`, the ablation)."""
-        ctx, pop = strategy.ctx, strategy.population
+    @staticmethod
+    def _tournament(strategy: Evolution, avoid: int | None = None) -> int:
+        pop, rng = strategy.population, strategy.ctx.rng
         fitness = [m.fitness for m in pop]
+        for _ in range(20):
+            i = operators.tournament(fitness, rng)
+            if i != avoid or len(pop) == 1:
+                return i
+        return next(i for i in range(len(pop)) if i != avoid)
 
-        def pick(avoid: int | None = None) -> int:
-            for _ in range(20):
-                i = operators.tournament(fitness, ctx.rng)
-                if i != avoid or len(pop) == 1:
-                    return i
-            return next(i for i in range(len(pop)) if i != avoid)
-
-        if not self.select:
-            strategy.count("tournament_selections", strategy.crossovers + strategy.mutations)
-            return ([(pop[pick()], pop[pick()]) for _ in range(strategy.crossovers)],
-                    [pop[pick()] for _ in range(strategy.mutations)])
+    def _select(self, strategy: Evolution, n_pairs: int, n_singles: int) -> tuple[list[tuple], list]:
+        """Crossover pairs and mutation parents chosen by the LLM in one call (the paper); an
+        invalid index is replaced by a tournament pick."""
         from .llm_clients import Prompt
 
+        pop = strategy.population
+        if n_pairs + n_singles == 0:
+            return [], []
         messages = self._messages("selection", strategy, population=self._population_text(strategy),
-                                  size=len(pop), pairs=strategy.crossovers, singles=strategy.mutations)
-        schema = selection_schema(strategy.crossovers, strategy.mutations, len(pop))
+                                  size=len(pop), pairs=n_pairs, singles=n_singles)
+        schema = selection_schema(n_pairs, n_singles, len(pop))
         replies, seconds = self.llm.chat_many([Prompt(messages, schema, "selection")])
         strategy.note_llm_seconds(seconds)
         data = parse_selection(replies[0].text) if replies[0] is not None else None
@@ -213,67 +273,128 @@ class LLMProposer(ClassicalProposer):
         def index(v, avoid=None) -> int:
             ok = isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= len(pop) and v - 1 != avoid
             strategy.count("llm_selections" if ok else "llm_selection_repaired")
-            return v - 1 if ok else pick(avoid)
+            return v - 1 if ok else self._tournament(strategy, avoid)
 
         raw_pairs = data.get("crossover") if isinstance(data.get("crossover"), list) else []
         raw_singles = data.get("mutation") if isinstance(data.get("mutation"), list) else []
         pairs = []
-        for k in range(strategy.crossovers):
+        for k in range(n_pairs):
             p = raw_pairs[k] if k < len(raw_pairs) and isinstance(raw_pairs[k], list) else [None, None]
             p = (list(p) + [None, None])[:2]
             a = index(p[0])
             b = index(p[1], avoid=a)  # a repeated index would cross a parent with itself
             pairs.append((pop[a], pop[b]))
-        singles = [pop[index(raw_singles[k] if k < len(raw_singles) else None)] for k in range(strategy.mutations)]
+        singles = [pop[index(raw_singles[k] if k < len(raw_singles) else None)] for k in range(n_singles)]
+        return pairs, singles
+
+    def _parents(self, strategy: Evolution, n_pairs: int, n_singles: int):
+        """Parents of the LLM's offspring, each with the selection arm that chose them: the LLM's
+        selection and tournament share them (allocation.py); without `llm.selection` all are
+        tournament's (the ablation)."""
+        alloc = strategy.allocation
+        if self.select:
+            sx, sm = alloc.shares("selection", n_pairs), alloc.shares("selection", n_singles)
+        else:
+            sx, sm = {LLM_SELECTION: 0, TOURNAMENT: n_pairs}, {LLM_SELECTION: 0, TOURNAMENT: n_singles}
+            strategy.count("tournament_selections", n_pairs + n_singles)
+        llm_pairs, llm_singles = self._select(strategy, sx[LLM_SELECTION], sm[LLM_SELECTION])
+        pop = strategy.population
+        pairs = [(a, b, LLM_SELECTION) for a, b in llm_pairs]
+        for _ in range(sx[TOURNAMENT]):
+            a = self._tournament(strategy)
+            pairs.append((pop[a], pop[self._tournament(strategy, avoid=a)], TOURNAMENT))
+        singles = [(p, LLM_SELECTION) for p in llm_singles] + \
+            [(pop[self._tournament(strategy)], TOURNAMENT) for _ in range(sm[TOURNAMENT])]
+        strategy.shares.update({LLM_SELECTION: sx[LLM_SELECTION] + sm[LLM_SELECTION],
+                                TOURNAMENT: sx[TOURNAMENT] + sm[TOURNAMENT]})
         return pairs, singles
 
     # -- the proposer interface ------------------------------------------------------
     def initial(self, strategy: Evolution, n: int) -> list[Offspring]:
+        """The LLM's proposals; with adaptive allocation beside heuristic seeds (uniform, OWL from
+        the calibration statistics), so a weak LLM cannot start the search from worse than those."""
         ctx = strategy.ctx
+        seeds = self._seeds(strategy, n) if strategy.allocation.adaptive else []
         jobs = []
-        for start in range(0, n, self.per_call):
-            k = min(self.per_call, n - start)
+        for start in range(0, n - len(seeds), self.per_call):
+            k = min(self.per_call, n - len(seeds) - start)
             schema, read = self._whole(strategy, k)
             jobs.append({"template": "initial", "kind": "initial", "fallbacks": [lambda: ctx.space.random(ctx.rng)] * k,
                          "extra": {}, "schema": schema, "read": read})
-        return [Offspring(u, o) for u, o in self._ask_all(strategy, jobs)]
+        return seeds + [Offspring(u, o) for u, o in self._ask_all(strategy, jobs)]
+
+    @staticmethod
+    def _seeds(strategy: Evolution, n: int) -> list[Offspring]:
+        from .baselines import Owl, Uniform
+
+        if n < 4:
+            return []
+        makers = [Uniform] + ([Owl] if (strategy.ctx.prior or {}).get("outlier_ratio") is not None else [])
+        return [Offspring(strategy.fresh(cls(strategy.ctx).allocation()), cls.name) for cls in makers]
 
     def offspring(self, strategy: Evolution) -> list[Offspring]:
+        """A generation's crossovers and mutations, shared between the LLM's operators and the
+        classical ones by their measured success (allocation.py; all the LLM's with `fixed`)."""
+        alloc = strategy.allocation
+        xs, ms = alloc.shares("crossover", strategy.crossovers), alloc.shares("mutation", strategy.mutations)
+        strategy.shares = {**xs, **ms}
+        pairs, singles = self._parents(strategy, xs[LLM_CROSSOVER], ms[LLM_MUTATION])
+        out = self._llm_offspring(strategy, pairs, singles)
+        ctx, pop = strategy.ctx, strategy.population
+        for _ in range(xs[CROSSOVER]):
+            a, b = pop[self._tournament(strategy)], pop[self._tournament(strategy)]
+            child = operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
+            out.append(Offspring(strategy.fresh(child), "crossover", min(a.fitness, b.fitness), (CROSSOVER,)))
+        for _ in range(ms[MUTATION]):
+            p = pop[self._tournament(strategy)]
+            out.append(Offspring(strategy.fresh(operators.mutate(ctx.space, np.array(p.units), ctx.rng)), "mutation",
+                                 p.fitness, (MUTATION,)))
+        return out
+
+    def _llm_offspring(self, strategy: Evolution, pairs: list[tuple], singles: list[tuple]) -> list[Offspring]:
         ctx = strategy.ctx
         codec = Codec(ctx.space)
-        pairs, singles = self._select(strategy)
         population = self._population_text(strategy, top=5)
-        jobs, parents_of = [], []
+        jobs, parents_of, arms = [], [], []
         per_call = 1 if self.edits else self.per_call  # an edit is about one parent (pair)
         for start in range(0, len(pairs), per_call):
             chunk = pairs[start:start + per_call]
             text = "\n".join(f"{i + 1}. A = {codec.fmt(a.units)} ({self.label} {a.fitness:{self.digits}}); "
                              f"B = {codec.fmt(b.units)} ({self.label} {b.fitness:{self.digits}})"
-                             for i, (a, b) in enumerate(chunk))
+                             for i, (a, b, _) in enumerate(chunk))
             fallbacks = [lambda a=a, b=b: operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
-                         for a, b in chunk]
+                         for a, b, _ in chunk]
             job = {"template": "crossover", "kind": "crossover", "fallbacks": fallbacks,
                    "extra": {"population": population, "parents": text}}
             if self.edits:
-                job.update(template="crossover_edit", schema=take_schema(ctx.space), read=self._read_take(ctx, *chunk[0]))
+                a, b, _ = chunk[0]
+                job.update(template="crossover_edit", schema=take_schema(ctx.space), read=self._read_take(ctx, a, b))
             else:
                 job["schema"], job["read"] = self._whole(strategy, len(chunk))
             jobs.append(job)
-            parents_of += [min(a.fitness, b.fitness) for a, b in chunk]
+            parents_of += [min(a.fitness, b.fitness) for a, b, _ in chunk]
+            arms += [(LLM_CROSSOVER, sel) for _, _, sel in chunk]
         for start in range(0, len(singles), per_call):
             chunk = singles[start:start + per_call]
-            text = "\n".join(f"{i + 1}. {codec.fmt(p.units)} ({self.label} {p.fitness:{self.digits}})" for i, p in enumerate(chunk))
-            fallbacks = [lambda p=p: operators.mutate(ctx.space, np.array(p.units), ctx.rng) for p in chunk]
+            text = "\n".join(f"{i + 1}. {codec.fmt(p.units)} ({self.label} {p.fitness:{self.digits}})"
+                             for i, (p, _) in enumerate(chunk))
+            fallbacks = [lambda p=p: operators.mutate(ctx.space, np.array(p.units), ctx.rng) for p, _ in chunk]
             job = {"template": "mutation", "kind": "mutation", "fallbacks": fallbacks,
                    "extra": {"population": population, "parents": text}}
             if self.edits:
-                job.update(template="mutation_edit", schema=moves_schema(codec),
-                           read=self._read_moves(ctx, chunk[0]))
+                job.update(template="mutation_edit", schema=moves_schema(codec), read=self._read_moves(ctx, chunk[0][0]))
             else:
                 job["schema"], job["read"] = self._whole(strategy, len(chunk))
             jobs.append(job)
-            parents_of += [p.fitness for p in chunk]
-        return [Offspring(u, o, parent) for (u, o), parent in zip(self._ask_all(strategy, jobs), parents_of)]
+            parents_of += [p.fitness for p, _ in chunk]
+            arms += [(LLM_MUTATION, sel) for _, sel in chunk]
+        out = []
+        for (units, origin), parent, arm in zip(self._ask_all(strategy, jobs), parents_of, arms):
+            if origin == "classical":  # the LLM wrote nothing usable here: its arms failed, whatever the fallback does
+                strategy.allocation.credit(arm, False)
+                arm = ()
+            out.append(Offspring(units, origin, parent, arm))
+        return out
 
     # -- edits (`llm.operators: edits`) ------------------------------------------------
     @staticmethod
@@ -309,6 +430,10 @@ class LLMProposer(ClassicalProposer):
 
 class LLMEvolution(Evolution):
     name = "llm-evolution"
+
+    def __init__(self, ctx, proposer=None, adaptive: bool = True, **kw):
+        super().__init__(ctx, proposer=proposer, **kw)
+        self.allocation = Allocation(adaptive=adaptive)
 
     def extra_state(self) -> dict:
         state = super().extra_state()

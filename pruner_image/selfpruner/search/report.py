@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from .allocation import GROUPS
 from .llm_clients import totals
 
 
@@ -40,7 +41,10 @@ def llm_summary(transcript, counters: dict, projection: dict) -> dict:
         "offspring_used": used,  # valid as written (shape, bounds, grid) and new
         "offspring_used_as_written": counters.get("llm_as_written", 0),
         "offspring_repaired": counters.get("llm_repaired", 0),
+        # repeats of a candidate already evaluated: asked for again once, then replaced if still not new
         "offspring_duplicates": counters.get("llm_duplicates", 0),
+        "offspring_new_when_asked_again": counters.get("llm_new_when_asked_again", 0),
+        "offspring_duplicates_kept": counters.get("llm_duplicates_kept", 0),
         "offspring_replaced": counters.get("llm_replaced", 0),
         "used_share": used / asked if asked else None,
         "as_written_share": counters.get("llm_as_written", 0) / asked if asked else None,
@@ -107,6 +111,24 @@ def plot(result: dict, out: Path, num_blocks: int, separate: bool) -> None:
     plt.close(fig)
 
 
+def shares_line(generations: list[dict]) -> str | None:
+    """How the offspring slots were shared between the LLM's operators and the classical ones,
+    in the first and the last generation that shared them, so that whether the LLM earned its
+    place or was pushed down to the floor reads at a glance. None where no generation shared any
+    (genetic, or llm-evolution stopped before its first offspring)."""
+    shared = [g for g in generations if g.get("shares")]
+    if not shared:
+        return None
+    ends = shared[:1] if len(shared) == 1 else [shared[0], shared[-1]]
+
+    def group(name: str) -> str:
+        return " -> ".join("/".join(str(g["shares"].get(arm, 0)) for arm in GROUPS[name]) for g in ends)
+
+    span = " -> ".join(str(g["generation"]) for g in ends)
+    return (f"offspring shares LLM/classical, generation {span}: crossover {group('crossover')}, "
+            f"mutation {group('mutation')}; LLM offspring's parents by LLM selection/tournament {group('selection')}")
+
+
 def summary_table(result: dict) -> str:
     rows = [("dense", result["dense"])]
     rows += [(name, b) for name, b in result["baselines"].items()]
@@ -127,6 +149,9 @@ def summary_table(result: dict) -> str:
         lines.append(f"LLM: {l['calls']} calls in {l['batches']} batches, {l['seconds']:.1f} s ({l['failed_calls']} failed), "
                      f"{l['prompt_tokens']} prompt + {l['completion_tokens']} completion tokens; offspring used as "
                      f"written: {'-' if share is None else f'{share * 100:.0f}%'} of {l['offspring_asked']}")
+    shares = shares_line(result.get("generations") or [])
+    if shares:
+        lines.append(shares)
     if result.get("origins"):
         lines.append("")
         lines.append(f"{'origin':<28}{'made':>6}{'entered':>9}{'vs parent':>11}")

@@ -24,6 +24,7 @@ class Request:
     origin: str  # who proposed it: uniform, random, crossover, mutation, llm-..., ...
     parent_fitness: float | None = None  # the better parent's fitness (offspring only)
     sample: int | None = None  # windows drawn afresh with this seed; None: the fixed windows
+    arms: tuple[str, ...] = ()  # the operators whose share this offspring came from (allocation.py)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Strategy:
         # per origin: offspring made, how many entered the population, improvement over the better parent
         self.origins: dict[str, dict] = {}
         self.projection = {"n": 0, "sum": 0.0, "max": 0.0}  # how far projection moved LLM candidates
+        self.shares: dict[str, int] = {}  # this generation's offspring per operator (allocation.py)
 
     # -- to implement ----------------------------------------------------------------
     def ask(self) -> list[Request]:
@@ -164,8 +166,10 @@ class Strategy:
         self.best_per_generation.append(best.fitness if best else float("nan"))
         self.generation_log.append({"generation": self.generation, "best": self.best_per_generation[-1],
                                     "llm_seconds": round(self._llm_seconds, 3),
-                                    "evaluation_seconds": round(self._evaluation_seconds, 3)})
+                                    "evaluation_seconds": round(self._evaluation_seconds, 3),
+                                    **({"shares": self.shares} if self.shares else {})})
         self._llm_seconds = self._evaluation_seconds = 0.0
+        self.shares = {}
 
     def state(self) -> dict:
         return {
