@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--strategies", default="genetic,random,llm-evolution")
     p.add_argument("--selection", default="llm", help="llm, tournament or both (llm-evolution's parents)")
     p.add_argument("--operators", default="whole", help="whole, edits or both (llm-evolution's offspring)")
+    p.add_argument("--allocation", default="adaptive",
+                   help="adaptive (the default: operators share the offspring by success), fixed (the paper's: "
+                        "every offspring the LLM's) or both")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
@@ -83,7 +86,7 @@ def sha256(path: str) -> str:
 
 
 def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, selection: bool, operators: str,
-        out: Path) -> dict:
+        out: Path, allocation: str = "adaptive") -> dict:
     spec = {"model": {"source": src["model"]},
             "target": {"ratio": ratio, "minRate": 0.0, "maxRate": a.max_rate},
             "pruning": {"metric": "wanda-sp", "biasCompensation": True},
@@ -93,7 +96,7 @@ def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, s
             "search": {"strategy": strategy, "population": a.population, "generations": a.generations,
                        "crossovers": a.offspring, "mutations": a.offspring, "seed": seed, "baselines": ["uniform"]},
             "llm": {"provider": "local", "model": llm_source, "temperature": a.temperature, "seed": seed,
-                    "selection": selection, "operators": operators},
+                    "selection": selection, "operators": operators, "allocation": allocation},
             "output": {"path": str(out), "export": False}}
     return {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
             "metadata": {"name": f"bench-{strategy}"}, "spec": spec}
@@ -103,26 +106,30 @@ def plan(a) -> list[dict]:
     llms = dict(item.split("=", 1) for item in a.llm.split(",") if item)
     selections = {"llm": [True], "tournament": [False], "both": [True, False]}[a.selection]
     operator_modes = {"whole": ["whole"], "edits": ["edits"], "both": ["whole", "edits"]}[a.operators]
+    allocations = {"adaptive": ["adaptive"], "fixed": ["fixed"], "both": ["adaptive", "fixed"]}[a.allocation]
     runs = []
     for ratio in [float(r) for r in a.ratios.split(",")]:
         for seed in [int(s) for s in a.seeds.split(",")]:
             for strategy in a.strategies.split(","):
                 if strategy != "llm-evolution":
                     runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": None, "selection": None,
-                                 "operators": None})
+                                 "operators": None, "allocation": None})
                     continue
                 for name, source in llms.items():
                     for sel in selections:
                         for ops in operator_modes:
-                            runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": name,
-                                         "llm_source": source, "selection": sel, "operators": ops})
+                            for alloc in allocations:
+                                runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": name,
+                                             "llm_source": source, "selection": sel, "operators": ops,
+                                             "allocation": alloc})
     return runs
 
 
 def label(run: dict) -> str:
     if run["strategy"] != "llm-evolution":
         return run["strategy"]
-    extra = ("" if run["selection"] else ", tournament") + ("" if run["operators"] == "whole" else ", edits")
+    extra = ("" if run["selection"] else ", tournament") + ("" if run["operators"] == "whole" else ", edits") + \
+        (", fixed" if run.get("allocation") == "fixed" else "")
     return f"llm-evolution[{run['llm']}{extra}]"
 
 
@@ -146,7 +153,15 @@ def summarize(run: dict, result: dict) -> dict:
                     "llm_completion_tokens": llm["completion_tokens"], "offspring_asked": llm["offspring_asked"],
                     "used_share": llm["used_share"], "unparseable_replies": llm["unparseable_replies"],
                     "offspring_replaced": llm["offspring_replaced"], "selections_repaired": llm["selections_repaired"],
-                    "projection_mean_abs_change": llm["projection_mean_abs_change"]})
+                    "projection_mean_abs_change": llm["projection_mean_abs_change"],
+                    "offspring_duplicates": llm["offspring_duplicates"],
+                    "offspring_new_when_asked_again": llm.get("offspring_new_when_asked_again", 0),
+                    # the LLM's share of each generation's crossovers and mutations (allocation.py)
+                    "llm_share_per_generation": [
+                        round((g["shares"].get("llm-crossover", 0) + g["shares"].get("llm-mutation", 0))
+                              / max(1, sum(g["shares"].get(k, 0) for k in ("llm-crossover", "llm-mutation",
+                                                                            "crossover", "mutation"))), 3)
+                        for g in gens if g.get("shares")]})
     return row
 
 
@@ -277,7 +292,7 @@ def main(argv=None) -> int:
     executor, clients, rows = None, {}, []
     for run in plan(a):
         doc = job(a, src, run["ratio"], run["strategy"], run["seed"], run.get("llm_source") or "demo",
-                  bool(run["selection"]), run["operators"] or "whole", a.workdir)
+                  bool(run["selection"]), run["operators"] or "whole", a.workdir, run["allocation"] or "adaptive")
         key = runner.spec_hash(spec_mod.parse(doc))
         out = a.workdir / f"r{run['ratio']}-s{run['seed']}-{label(run).replace('[', '-').replace(']', '')}-{key}"
         out = Path(str(out).replace(", ", "-").replace(" ", ""))
@@ -288,7 +303,7 @@ def main(argv=None) -> int:
         if not done:
             spec = spec_mod.parse(job(a, src, run["ratio"], run["strategy"], run["seed"],
                                       run.get("llm_source") or "demo", bool(run["selection"]),
-                                      run["operators"] or "whole", out))
+                                      run["operators"] or "whole", out, run["allocation"] or "adaptive"))
             if executor is None:  # one pruned model, calibrated once, shared by every run
                 executor = make_executor(spec, progress=False)
             client = None

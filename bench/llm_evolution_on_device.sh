@@ -3,13 +3,15 @@
 # shell that started them (a machine reached through short calls keeps working between them),
 # and packs what is there so far.
 #
-#   bench/llm_evolution_on_device.sh start     # genetic/random and the demo LLM's runs at once; the
-#                                              # runs of the second LLM start when its GGUF appears
+#   bench/llm_evolution_on_device.sh start     # genetic and the demo LLM's runs at once (both allocations:
+#                                              # adaptive, the default, and the paper's fixed); the runs of
+#                                              # the second LLM start when its GGUF appears
 #   bench/llm_evolution_on_device.sh status    # one line per process log
 #   bench/llm_evolution_on_device.sh collect D # D/llm_evolution.tgz: logs, JSON, the runs' result files
 #
 # Variables: MODEL (the demo GGUF: the model pruned, and the first LLM), QWEN (the second LLM's GGUF,
-# Qwen2.5-Coder-0.5B-Instruct; its sha256 is checked), WORK, LOGS, SEEDS (0,1,2), RATIOS (0.3 0.5).
+# Qwen2.5-Coder-0.5B-Instruct; its sha256 is checked), WORK, LOGS, SEEDS (0,1,2), RATIOS (0.3 0.5),
+# ALLOCATIONS (the demo LLM's: "adaptive fixed"), QWEN_ALLOCATIONS ("adaptive").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -20,7 +22,9 @@ LOGS=${LOGS:-runs/bench_llm_logs}
 SEEDS=${SEEDS:-0,1,2}
 RATIOS=${RATIOS:-0.3 0.5}
 QWEN_SEEDS=${QWEN_SEEDS:-$SEEDS}            # the second LLM's seeds (it arrives last: fewer fit a lease)
-QWEN_EXTRAS=${QWEN_EXTRAS:-tournament edits}  # ablations of the second LLM, at the first ratio and seed
+QWEN_EXTRAS=${QWEN_EXTRAS:-}               # ablations of the second LLM (tournament, edits), at the first ratio and seed
+ALLOCATIONS=${ALLOCATIONS:-adaptive fixed}
+QWEN_ALLOCATIONS=${QWEN_ALLOCATIONS:-adaptive}
 export PYTHONPATH=pruner_image${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 launch() {  # launch NAME ARGS...: one detached process, its log and JSON under $LOGS
@@ -38,14 +42,14 @@ start)
     # one process per LLM run and seed: generation is bound by kernel launches, so many processes
     # share the GPU well; the classical strategies are cheap and run their seeds in one process
     for r in $RATIOS; do
-        launch "classical-$r" --ratios "$r" --strategies genetic,random
+        launch "classical-$r" --ratios "$r" --strategies genetic
         for s in ${SEEDS//,/ }; do
-            launch "smollm2-$r-s$s" --ratios "$r" --seeds "$s" --strategies llm-evolution --llm "smollm2=$MODEL"
+            for alloc in $ALLOCATIONS; do
+                launch "smollm2-$r-s$s-$alloc" --ratios "$r" --seeds "$s" --strategies llm-evolution \
+                    --llm "smollm2=$MODEL" --allocation "$alloc"
+            done
         done
     done
-    set -- $RATIOS
-    launch "smollm2-edits-$1" --ratios "$1" --seeds "${SEEDS%%,*}" --strategies llm-evolution --llm "smollm2=$MODEL" \
-        --operators edits
     # the second LLM arrives in pieces over several calls: its runs start when it is whole
     setsid nohup "$0" wait-qwen >"$LOGS/waiter.log" 2>&1 </dev/null &
     echo "started; logs in $LOGS"
@@ -55,8 +59,10 @@ wait-qwen)
     python3 -c "import sys; from selfpruner.model_source import load; load(sys.argv[1])" "$QWEN"  # convert once
     for r in $RATIOS; do
         for s in ${QWEN_SEEDS//,/ }; do
-            launch "qwen05-$r-s$s" --ratios "$r" --seeds "$s" --strategies llm-evolution --llm "qwen05=$QWEN" \
-                --sha256 "qwen05=$QWEN_SHA"
+            for alloc in $QWEN_ALLOCATIONS; do
+                launch "qwen05-$r-s$s-$alloc" --ratios "$r" --seeds "$s" --strategies llm-evolution \
+                    --llm "qwen05=$QWEN" --sha256 "qwen05=$QWEN_SHA" --allocation "$alloc"
+            done
         done
     done
     set -- $RATIOS
