@@ -43,7 +43,8 @@ def _document(body) -> dict:
 
 
 def _admit(body, meta) -> list[str]:
-    """Check the defaulted spec (schema, storage, policy); returns the fields taken from defaults."""
+    """Check the defaulted spec (schema, storage); returns the fields taken from defaults. The policy
+    is checked where every controller is started (`_start_controller`)."""
     spec, from_defaults = defaults.apply(body.get("spec") or {}, DEFAULTS)
     try:
         spec_mod.parse({"apiVersion": body.get("apiVersion"), "kind": body.get("kind"),
@@ -51,7 +52,6 @@ def _admit(body, meta) -> list[str]:
         if not spec.get("storage"):
             raise spec_mod.UserError("spec.storage: required on a cluster (where weights, results and the "
                                      "search state live); set it, or the chart's defaults.storage")
-        policy.check(spec, POLICY, DEFAULTS, IMAGE)
     except spec_mod.UserError as e:
         raise Refused("; ".join(str(e).splitlines())) from None
     return from_defaults
@@ -61,13 +61,13 @@ def _start_controller(body, attempt: int, logger) -> str:
     """Create the controller Job number `attempt` (or find it): the policy is checked again first,
     on the spec as it is now, and on the Job itself."""
     pj = _document(body)
-    try:
-        policy.check(pj["spec"], POLICY, DEFAULTS, IMAGE)
-    except spec_mod.UserError as e:
-        raise Refused(str(e)) from None
     job = manifests.controller_job(pj, image=IMAGE, service_account=SERVICE_ACCOUNT, attempt=attempt,
                                    policy=POLICY, installation=DEFAULTS)
-    kube = Kube(body["metadata"]["namespace"], guard=lambda j: policy.check_job(j, pj["spec"], POLICY, DEFAULTS, IMAGE))
+    try:
+        policy.check_job(job, pj["spec"], POLICY, DEFAULTS, IMAGE)
+    except spec_mod.UserError as e:
+        raise Refused("; ".join(str(e).splitlines())) from None
+    kube = Kube(body["metadata"]["namespace"])
     name = job["metadata"]["name"]
     existing = kube.read_job(name)
     if existing is None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import traceback
 
 from ..errors import UserError
-from ..storage import ChecksumMismatch, StorageError
-from .kube import ChildConflict, http_status, is_transient, redact
+from .kube import ChildConflict, http_status, redact
+from .pod_env import is_transient
 
 
 class Verdict(Exception):
@@ -32,7 +32,7 @@ def classify(e: BaseException) -> tuple[str, str] | None:
         return "JobConflict", str(e)
     if isinstance(e, UserError):  # includes StorageAccessError: no bucket, no credentials
         return "InvalidInput", redact(" ".join(str(e).split()))
-    if isinstance(e, (ChecksumMismatch, StorageError)) or is_transient(e):
+    if is_transient(e):  # the store or the API server unreachable or overloaded
         return None
     status = http_status(e)
     if status is not None:
