@@ -11,7 +11,7 @@ import pytest
 from conftest import tiny_chat_model
 from selfpruner.search.encoding import Codec, selection_schema
 from selfpruner.search.llm_clients import LocalChat, Prompt
-from selfpruner.search.llm_evolution import parse_candidates, parse_selection
+from selfpruner.search.replies import parse_candidates, parse_selection
 from selfpruner.search.space import SearchSpace
 
 SHAPES = [  # (blocks, count, separate rates, grid, max rate)

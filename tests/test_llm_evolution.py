@@ -9,7 +9,7 @@ import pytest
 from chat_server import ScriptedChat, good_candidates
 from selfpruner import spec as spec_mod
 from selfpruner.search import runner
-from selfpruner.search.llm_evolution import parse_candidates
+from selfpruner.search.replies import parse_candidates
 
 DIM = 6
 

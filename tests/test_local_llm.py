@@ -10,7 +10,7 @@ from selfpruner import spec as spec_mod
 from selfpruner.search import runner
 from selfpruner.search.encoding import Codec, selection_schema
 from selfpruner.search.llm_clients import LocalChat, Prompt
-from selfpruner.search.llm_evolution import parse_candidates, parse_selection
+from selfpruner.search.replies import parse_candidates, parse_selection
 from selfpruner.search.space import SearchSpace
 
 pytestmark = pytest.mark.slow

@@ -34,18 +34,24 @@ class ClassicalProposer:
         return [Offspring(strategy.fresh(strategy.ctx.space.random(strategy.ctx.rng)), "random") for _ in range(n)]
 
     def offspring(self, strategy: "Evolution") -> list[Offspring]:
+        return self.classical(strategy, strategy.crossovers, strategy.mutations)
+
+    @staticmethod
+    def classical(strategy: "Evolution", crossovers: int, mutations: int) -> list[Offspring]:
+        """`crossovers` uniform crossovers and `mutations` level-switch mutations of tournament
+        parents (llm-evolution's classical share too, credited to those operators)."""
         ctx, pop = strategy.ctx, strategy.population
         fitness = [m.fitness for m in pop]
         out = []
-        for _ in range(strategy.crossovers):
+        for _ in range(crossovers):
             a = pop[operators.tournament(fitness, ctx.rng)]
             b = pop[operators.tournament(fitness, ctx.rng)]
             child = operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
-            out.append(Offspring(strategy.fresh(child), "crossover", min(a.fitness, b.fitness)))
-        for _ in range(strategy.mutations):
+            out.append(Offspring(strategy.fresh(child), "crossover", min(a.fitness, b.fitness), ("crossover",)))
+        for _ in range(mutations):
             p = pop[operators.tournament(fitness, ctx.rng)]
             out.append(Offspring(strategy.fresh(operators.mutate(ctx.space, np.array(p.units), ctx.rng)), "mutation",
-                                 p.fitness))
+                                 p.fitness, ("mutation",)))
         return out
 
 

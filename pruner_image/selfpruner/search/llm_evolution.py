@@ -24,8 +24,6 @@ an invalid parent index is replaced by a tournament pick (`llm_selection_repaire
 
 from __future__ import annotations
 
-import json
-import re
 from functools import lru_cache
 from importlib import resources
 from string import Template
@@ -36,6 +34,7 @@ from . import operators
 from .allocation import CROSSOVER, LLM_CROSSOVER, LLM_MUTATION, LLM_SELECTION, MUTATION, TOURNAMENT, Allocation
 from .encoding import Codec, moves_schema, projection_distance, selection_schema, take_schema
 from .evolution import ClassicalProposer, Evolution, Offspring
+from .replies import first_object, parse_candidates, parse_selection
 
 PROMPTS = resources.files("selfpruner.search") / "prompts"
 
@@ -44,58 +43,6 @@ PROMPTS = resources.files("selfpruner.search") / "prompts"
 def template(name: str) -> Template:
     """A prompt template, read once (a generation fills one per offspring)."""
     return Template((PROMPTS / f"{name}.txt").read_text())
-
-
-NUMBER_LIST = re.compile(r"\[\s*-?\d+(?:\.\d*)?(?:\s*,\s*-?\d+(?:\.\d*)?)*\s*\]")
-
-
-def parse_candidates(text: str) -> list | None:
-    """The list of candidates in a reply, or None if there is nothing usable.
-
-    Proper JSON first; failing that (an endpoint that ignored the schema), every complete
-    list of numbers in the text is salvaged."""
-    found = _parse_json(text)
-    if found is not None:
-        return found
-    salvaged = [json.loads(m) for m in NUMBER_LIST.findall(text)]
-    return salvaged or None
-
-
-def _parse_json(text: str) -> list | None:
-    text = text.strip()
-    text = re.sub(r"^```(?:json)?|```$", "", text, flags=re.MULTILINE).strip()
-    for opener, closer in (("{", "}"), ("[", "]")):
-        start, end = text.find(opener), text.rfind(closer)
-        if start == -1 or end <= start:
-            continue
-        try:
-            data = json.loads(text[start:end + 1])
-        except json.JSONDecodeError:
-            continue
-        if isinstance(data, dict) and not {"attention", "mlp"} <= data.keys():
-            data = data.get("candidates", data.get("children", data.get("mutants")))
-        elif isinstance(data, dict):
-            return [data]  # a single bare candidate with separate rates
-        if isinstance(data, list) and data and all(isinstance(c, (list, dict)) for c in data):
-            return data
-        if isinstance(data, list) and data and all(isinstance(v, (int, float)) for v in data):
-            return [data]  # a single bare candidate
-    return None
-
-
-def parse_selection(text: str) -> dict | None:
-    data = _first_object(text)
-    return data if isinstance(data, dict) else None
-
-
-def _first_object(text: str):
-    start, end = text.find("{"), text.rfind("}")
-    if start == -1 or end <= start:
-        return None
-    try:
-        return json.loads(text[start:end + 1])
-    except json.JSONDecodeError:
-        return None
 
 
 class LLMProposer(ClassicalProposer):
@@ -339,17 +286,7 @@ class LLMProposer(ClassicalProposer):
         xs, ms = alloc.shares("crossover", strategy.crossovers), alloc.shares("mutation", strategy.mutations)
         strategy.shares = {**xs, **ms}
         pairs, singles = self._parents(strategy, xs[LLM_CROSSOVER], ms[LLM_MUTATION])
-        out = self._llm_offspring(strategy, pairs, singles)
-        ctx, pop = strategy.ctx, strategy.population
-        for _ in range(xs[CROSSOVER]):
-            a, b = pop[self._tournament(strategy)], pop[self._tournament(strategy)]
-            child = operators.crossover(ctx.space, np.array(a.units), np.array(b.units), ctx.rng)
-            out.append(Offspring(strategy.fresh(child), "crossover", min(a.fitness, b.fitness), (CROSSOVER,)))
-        for _ in range(ms[MUTATION]):
-            p = pop[self._tournament(strategy)]
-            out.append(Offspring(strategy.fresh(operators.mutate(ctx.space, np.array(p.units), ctx.rng)), "mutation",
-                                 p.fitness, (MUTATION,)))
-        return out
+        return self._llm_offspring(strategy, pairs, singles) + self.classical(strategy, xs[CROSSOVER], ms[MUTATION])
 
     def _llm_offspring(self, strategy: Evolution, pairs: list[tuple], singles: list[tuple]) -> list[Offspring]:
         ctx = strategy.ctx
@@ -400,7 +337,7 @@ class LLMProposer(ClassicalProposer):
     @staticmethod
     def _read_take(ctx, a, b):
         def read(text: str) -> list:
-            data = _first_object(text)
+            data = first_object(text)
             pattern = data.get("take") if isinstance(data, dict) else None
             if not isinstance(pattern, str) or not pattern or set(pattern) - {"A", "B"}:
                 return []
@@ -414,7 +351,7 @@ class LLMProposer(ClassicalProposer):
         step = Codec(ctx.space).step or 1
 
         def read(text: str) -> list:
-            data = _first_object(text)
+            data = first_object(text)
             moves = data.get("moves") if isinstance(data, dict) else None
             ok = isinstance(moves, list) and moves and all(
                 isinstance(m, list) and len(m) == 3 and all(isinstance(x, int) and not isinstance(x, bool) for x in m)
