@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import torch
 import yaml
 
 from k8s import Cluster, Kubelet, find_kubectl
+from ports import PortTaken, address_in_use, free_port, start_listening
 from s3_server import make_bucket, s3_endpoint  # noqa: F401  (a pytest fixture)
 from selfpruner import corpus, evaluate
 from selfpruner.storage import open_store
@@ -26,12 +26,6 @@ from selfpruner.storage import open_store
 needs_kubectl = pytest.mark.skipif(find_kubectl() is None and not os.environ.get("CI"),
                                    reason="no kubectl: run `make tools/bin/kubectl`")
 IMAGE = "selfpruner-pruner:test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def selfpruner_command(argv: list[str]) -> list[str]:
@@ -44,27 +38,47 @@ class Operator:
 
     def __init__(self, cluster: Cluster, logs: Path, interval: float = 0.5):
         self.cluster, self.logs = cluster, logs
-        self.metrics_port, self.health_port = free_port(), free_port()
-        self.env = {**cluster.env, "SELFPRUNER_IMAGE": IMAGE, "SELFPRUNER_METRICS_PORT": str(self.metrics_port),
+        self.env = {**cluster.env, "SELFPRUNER_IMAGE": IMAGE,
                     "SELFPRUNER_RECONCILE_INTERVAL": str(interval), "PYTHONUNBUFFERED": "1",
                     "SELFPRUNER_POLICY": json.dumps({"allowedSecrets": ["s3-credentials", "absent-secret"]}),
                     "SELFPRUNER_CONTROLLER_START_TIMEOUT": "4"}
         self.proc = None
 
     def start(self) -> "Operator":
+        return start_listening(self._start_once)
+
+    def _start_once(self) -> "Operator":
+        self.metrics_port, self.health_port = free_port(), free_port()
+        self.env["SELFPRUNER_METRICS_PORT"] = str(self.metrics_port)
+        start = self.logs.stat().st_size if self.logs.exists() else 0
         log = open(self.logs, "a")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", "default",
              "--liveness", f"http://127.0.0.1:{self.health_port}/healthz", "-m", "selfpruner_operator.handlers"],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
         deadline = time.time() + 60
         while time.time() < deadline:
+            if self.proc.poll() is not None:
+                tail = self.logs.read_text(errors="replace")[start:]
+                if address_in_use(tail):
+                    raise PortTaken(tail[-500:])
+                raise RuntimeError(f"the operator exited with {self.proc.returncode}:\n{tail[-3000:]}")
             try:
+                # both ports answer: this process is the one serving them, not whoever else holds a port
                 urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz", timeout=1)
-                return self
+                self.metrics()
             except OSError:
                 time.sleep(0.2)
-        raise RuntimeError("the operator did not become live:\n" + self.logs.read_text()[-3000:])
+                continue
+            time.sleep(0.5)  # a process that found a port taken exits at once
+            if self.proc.poll() is None:
+                return self
+        self.stop()
+        tail = self.logs.read_text(errors="replace")[start:]
+        if address_in_use(tail):  # the metrics port, taken: kopf retries its startup handler instead of exiting
+            raise PortTaken(tail[-500:])
+        raise RuntimeError("the operator did not become live:\n" + tail[-3000:])
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -26,6 +25,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ports import PortTaken, address_in_use, free_port, start_listening
+
 
 def find_prometheus() -> str | None:
     return shutil.which("prometheus") or ("/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
@@ -34,12 +35,6 @@ def find_prometheus() -> str | None:
 # Skip where a developer has not installed it; in CI (`make test` installs it) a missing binary fails.
 needs_prometheus = pytest.mark.skipif(find_prometheus() is None and not os.environ.get("CI"),
                                       reason="no prometheus binary: `make prometheus` (apt-get install prometheus)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PromQLError(Exception):
@@ -56,8 +51,6 @@ class PrometheusServer:
                                "`make prometheus` installs the Debian package")
         self.binary, self.workdir = binary, Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.log = self.workdir / "prometheus.log"
         config = {"global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                              "evaluation_interval": scrape_interval},
@@ -74,6 +67,12 @@ class PrometheusServer:
         self.stop()
 
     def start(self, timeout: float = 30) -> "PrometheusServer":
+        return start_listening(lambda: self._start_once(timeout))
+
+    def _start_once(self, timeout: float) -> "PrometheusServer":
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
@@ -82,6 +81,8 @@ class PrometheusServer:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                if address_in_use(self.log.read_text(errors="replace")[start:]):
+                    raise PortTaken(self.url)
                 raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.logs()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as r:

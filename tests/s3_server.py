@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+
+from ports import PortTaken, address_in_use, free_port, start_listening
 
 DUMMY_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -41,13 +42,11 @@ UNSET_ENV = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_ENDP
              "AWS_ENDPOINT_URL_S3")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_moto(log_path) -> tuple[subprocess.Popen, str]:
+    return start_listening(lambda: _start_moto(log_path))
+
+
+def _start_moto(log_path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV} | DUMMY_ENV
     log = open(log_path, "wb")
@@ -58,6 +57,8 @@ def start_moto(log_path) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 60
     while True:
         if proc.poll() is not None:
+            if address_in_use(open(log_path).read()):
+                raise PortTaken(url)
             raise RuntimeError(f"moto server exited with {proc.returncode}:\n{open(log_path).read()[-3000:]}")
         try:
             urllib.request.urlopen(url + "/", timeout=1).read()

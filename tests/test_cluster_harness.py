@@ -4,7 +4,6 @@ kopf and the fake kubelet against kmock's emulator. See tests/README.md."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import urllib.request
 
 import pytest
 
+from ports import free_port
 from k8s import Cluster, ClusterApiError, Kubelet, find_kubectl
 
 pytestmark = pytest.mark.skipif(find_kubectl() is None, reason="no kubectl: run `make tools/bin/kubectl`")
@@ -52,11 +52,6 @@ def _client(cluster):
     import kubernetes
     return kubernetes.config.new_client_from_config(config_file=str(cluster.kubeconfig))
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_kubectl_and_client_see_api_server_semantics(cluster, tmp_path):
@@ -168,7 +163,7 @@ def test_kopf_operator_and_kubelet(cluster, kubelet, tmp_path):
         def deleted(name, **_):
             pass
         """))
-    port = _free_port()
+    port = free_port()
     log = open(tmp_path / "kopf.log", "wb")
     kopf_proc = subprocess.Popen(
         [sys.executable, "-m", "kopf", "run", "--standalone", "--namespace", "default",

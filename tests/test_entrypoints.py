@@ -18,7 +18,8 @@ from threading import Thread
 
 import pytest
 import torch
-from s3_server import FaultProxy, free_port, make_bucket, s3_endpoint  # noqa: F401  (fixture)
+from ports import free_port
+from s3_server import FaultProxy, make_bucket, s3_endpoint  # noqa: F401  (fixture)
 
 from selfpruner.cluster.layout import Layout
 from selfpruner.cluster.pod_env import EXIT_DEVICE_ERROR, EXIT_TRANSIENT, is_device_error

@@ -5,13 +5,13 @@ instead of quietly turning llm-evolution into a classical search. Against a real
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
 
+from ports import free_port
 from chat_server import ScriptedChat
 from selfpruner import spec as spec_mod
 from selfpruner.search import runner
@@ -125,11 +125,6 @@ def assert_one_line_naming(done, url, fragment):
     assert url in line and "model m" in line and fragment in line, line
     assert KEY not in done.stdout + done.stderr
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_dead_endpoint_ends_the_run_with_one_line(tiny_job, tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import urllib.request
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client import generate_latest  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
+from ports import free_port
 from selfpruner.cluster.metrics import SearchMetrics  # noqa: E402
 
 ALLOWED_LABELS = {"prunejob", "outcome", "kind", "use", "origin", "operator"}
@@ -181,11 +181,6 @@ def test_offspring_share_is_the_newest_generations_split(tmp_path):
     m.update_from(tmp_path, FakeStrategy(3, 3.0, {}, generation_log=log))
     assert share_samples(m.registry) == {"llm-crossover": 0.0, "crossover": 1.0, "llm-mutation": 0.0, "mutation": 1.0}
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_over_http(tmp_path):

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from ports import free_port
 from conftest import char_tokenizer, tiny_model
 from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
@@ -256,11 +256,6 @@ def test_zero_shot_through_lm_evals_vllm_backend_equals_transformers(demo, task_
         assert served[task]["documents"] == ours[task]["documents"] == ZERO_SHOT_LIMIT
         assert served[task]["metrics"] == pytest.approx(ours[task]["metrics"], abs=1e-9)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, body: dict) -> dict:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ports import free_port
 from s3_server import FaultProxy, s3_bucket, s3_client, s3_endpoint  # noqa: F401  (fixtures)
 
 from selfpruner.errors import UserError
@@ -281,11 +282,7 @@ def test_s3_too_many_server_errors(s3_bucket, s3_endpoint):
 
 
 def test_s3_unreachable_and_missing_bucket(s3_endpoint):
-    from socket import socket
-
-    with socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here
+    port = free_port()  # nothing listens here
     store = open_store("s3://b", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=2, connect_timeout=1)
     with pytest.raises(StorageError, match="s3://b/k: upload failed: Could not connect"):
         store.put_bytes("k", b"v")
