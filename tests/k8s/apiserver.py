@@ -10,6 +10,7 @@ import copy
 import datetime
 import json
 import pathlib
+import re
 import time
 import traceback
 import uuid
@@ -36,6 +37,39 @@ BOOKMARK_INTERVAL = 5.0       # seconds between watch bookmarks (kopf's inactivi
 
 def _now() -> str:
     return datetime.datetime.now(tz=datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_PATH_STEP = re.compile(r"""\.([A-Za-z0-9_-]+)|\[(\d+)\]|\[\?\(@\.([A-Za-z0-9_.-]+)\s*==\s*(?:"([^"]*)"|'([^']*)')\)\]""")
+
+
+def column_value(obj: Any, path: str) -> Any:
+    """A printer column's value as the API server's table convertor takes it: the first result of
+    the JSONPath, or None. Fields (`.a.b`), indexes (`[0]`) and equality filters on lists
+    (`[?(@.type=="Failed")]`, the form condition columns use) are understood; anything else raises,
+    so a column the emulator cannot print fails the test instead of showing blank."""
+    values, pos = [obj], 0
+    while pos < len(path):
+        m = _PATH_STEP.match(path, pos)
+        if m is None:
+            raise ValueError(f"printer column JSONPath {path!r}: unsupported at {path[pos:]!r}")
+        field, index, key, v1, v2 = m.groups()
+        pos = m.end()
+        nxt: list[Any] = []
+        for v in values:
+            if field is not None and isinstance(v, dict) and field in v:
+                nxt.append(v[field])
+            elif index is not None and isinstance(v, list) and int(index) < len(v):
+                nxt.append(v[int(index)])
+            elif key is not None and isinstance(v, list):
+                want = v1 if v1 is not None else v2
+                for item in v:
+                    cur = item
+                    for part in key.split("."):
+                        cur = cur.get(part) if isinstance(cur, dict) else None
+                    if cur is not None and str(cur) == want:
+                        nxt.append(item)
+        values = nxt
+    return values[0] if values and values[0] is not obj else None
 
 
 def _age(timestamp: str | None) -> str:
@@ -250,8 +284,13 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
 
     async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
         """kmock lists subresources with the parent's short names and verbs (kubectl then warns
-        that `pj` may mean `prunejobs/status`); list them as the API server does."""
+        that `pj` may mean `prunejobs/status`); list them as the API server does. The core group's
+        list is `groupVersion: v1` (kmock writes "/v1", and kubectl then finds no core kind at all:
+        `kubectl get secrets` fails and `kubectl get pods` lists metrics.k8s.io's PodMetrics)."""
         doc = await super()._serve_version(request)
+        assert request.resource is not None
+        if request.resource.group == "":
+            doc["groupVersion"] = request.resource.version  # type: ignore[index]
         for entry in doc.get("resources", []):  # type: ignore[union-attr]
             if "/" in entry["name"]:
                 entry.update(shortNames=[], categories=[], singularName="", verbs=["get", "patch", "update"])
@@ -364,8 +403,8 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
                 "metadata": {"resourceVersion": str(self.rv)}, "items": items}
 
     def _table(self, res: kmock.resource, items: list[dict[str, Any]]) -> dict[str, Any]:
-        """Server-side printing for `kubectl get`, with a CRD's additionalPrinterColumns
-        (simple `.a.b.c` JSON paths only)."""
+        """Server-side printing for `kubectl get`, with a CRD's additionalPrinterColumns (the
+        JSONPath subset of column_value)."""
         cols = [{"name": "Name", "type": "string", "format": "name", "description": "name", "priority": 0}]
         extra = self.printer_columns.get(res)
         if res == CORE_EVENTS:
@@ -379,9 +418,7 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
         for obj in items:
             cells: list[Any] = [obj["metadata"]["name"]]
             for c in extra:
-                cur: Any = obj
-                for part in c.get("jsonPath", "").strip(".").split("."):
-                    cur = cur.get(part) if isinstance(cur, dict) else None
+                cur = column_value(obj, c.get("jsonPath", ""))
                 if c.get("type") == "date":
                     cur = _age(cur)
                 cells.append(cur)
