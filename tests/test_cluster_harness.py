@@ -54,6 +54,20 @@ def _client(cluster):
 
 
 
+def test_kubectl_finds_the_core_kinds(cluster, kubelet, tmp_path):
+    """kubectl maps a core kind through /api/v1's discovery (`groupVersion: v1`); with kmock's "/v1"
+    it found none, `kubectl apply` of a Secret failed and `kubectl get pods` listed PodMetrics."""
+    (tmp_path / "s.yaml").write_text("apiVersion: v1\nkind: Secret\nmetadata: {name: s}\nstringData: {k: v}\n")
+    assert "secret/s created" in cluster.kubectl("apply", "-f", str(tmp_path / "s.yaml")).stdout
+    assert cluster.kubectl("get", "secrets", "-o", "name").stdout.split() == ["secret/s"]
+    cluster.create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "j"},
+                    "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [
+                        {"name": "c", "image": "i", "command": ["python", "-c", "pass"]}]}}}})
+    cluster.wait_for(lambda: (cluster.get("jobs", "j").get("status") or {}).get("succeeded"), 30, message="the Job")
+    pods = cluster.kubectl("get", "pods", "-o", "json").stdout
+    assert [p["metadata"]["labels"]["job-name"] for p in json.loads(pods)["items"]] == ["j"]
+
+
 def test_kubectl_and_client_see_api_server_semantics(cluster, tmp_path):
     import kubernetes
 
