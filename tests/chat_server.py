@@ -103,6 +103,7 @@ class ScriptedChat:
         self.refuse = set(refuse)  # response_format types answered with 400, as a server without them does
         self.fail = fail  # (status, message): the answer to every request once the script is done
         self.requests: list[dict] = []
+        self.authorizations: list[str | None] = []  # each request's Authorization header
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         handler = self._handler()
@@ -145,6 +146,7 @@ class ScriptedChat:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with chat.lock:
+                    chat.authorizations.append(self.headers.get("Authorization"))
                     chat.in_flight += 1
                     chat.max_in_flight = max(chat.max_in_flight, chat.in_flight)
                 try:
