@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1
 # Two images from one wheel:  docker build --target operator|pruner -t IMAGE .
-# Both run as uid 10001, the uid the operator's pod specs ask for (cluster/manifests.py RUN_AS_USER).
+# Both run as USER 10001 (numeric, so the kubelet can check runAsNonRoot; cluster/manifests.py RUN_AS_USER).
+# The pod specs fix no uid unless the chart's podSecurityContext does: OpenShift's restricted-v2 SCC runs them
+# as a uid of the namespace's range (gid 0) instead, which works since they write only to their /tmp emptyDir.
 
 # --- builder: the one pure-Python wheel both images install ---
 FROM python:3.11.14-slim-bookworm AS builder

@@ -63,6 +63,11 @@ def test_schema_rejects_bad_values():
 MONITORING_SPEC = {"ServiceMonitor": "endpoints", "PodMonitor": "podMetricsEndpoints"}
 
 
+def operator_monitors(objs) -> list[dict]:
+    """The ServiceMonitor/PodMonitor of the operator (not the controllers')."""
+    return [o for o in objs if o["kind"] in MONITORING_SPEC and o not in controller_monitors(objs)]
+
+
 @pytest.mark.parametrize("which", VALUES)
 def test_every_object_is_valid_kubernetes(which):
     objs = render(which)
@@ -71,13 +76,19 @@ def test_every_object_is_valid_kubernetes(which):
     for obj in objs:
         if obj["apiVersion"].startswith("monitoring.coreos.com/"):
             # prometheus-operator CRs: kubernetes-validate has no schema, so check the structure
-            assert obj["apiVersion"] == "monitoring.coreos.com/v1" and obj["kind"] in MONITORING_SPEC
+            assert obj["apiVersion"] == "monitoring.coreos.com/v1"
+            assert obj["kind"] in MONITORING_SPEC or obj["kind"] == "PrometheusRule"
             assert obj["metadata"]["namespace"] == NAMESPACE
+            if obj["kind"] == "PrometheusRule":
+                continue  # test_chart_alerts.py: promtool checks its groups
             if obj in controller_monitors(objs):
                 continue  # test_controller_pod_monitor_selects_the_controller_pods
             spec = obj["spec"]
             deploy = by_kind(objs, "Deployment")[0]
-            assert spec["selector"]["matchLabels"].items() <= deploy["spec"]["template"]["metadata"]["labels"].items()
+            # a ServiceMonitor selects the Service (by its labels), a PodMonitor the pod
+            target = by_kind(objs, "Service")[0]["metadata"] if obj["kind"] == "ServiceMonitor" \
+                else deploy["spec"]["template"]["metadata"]
+            assert spec["selector"]["matchLabels"].items() <= target["labels"].items(), obj["kind"]
             assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
             assert [e["port"] for e in spec[MONITORING_SPEC[obj["kind"]]]] == ["metrics"]
             continue
@@ -88,7 +99,7 @@ def test_features_toggle():
     default, full = render("defaults"), render("all-features")
     assert not [o for o in default if o["apiVersion"].startswith("monitoring.coreos.com/")]
     assert sorted(o["kind"] for o in full if o["apiVersion"].startswith("monitoring.coreos.com/")) == \
-        ["PodMonitor", "PodMonitor", "ServiceMonitor"]
+        ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
     assert len(controller_monitors(full)) == 1
     assert not [o for o in default if o["kind"] == "ConfigMap"]
     (dash,) = by_kind(full, "ConfigMap")
@@ -142,7 +153,9 @@ def assert_restricted(pod: dict, where: str):
     for c in pod["containers"] + pod.get("initContainers", []):
         sc = c["securityContext"]
         assert sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, where
-        assert sc.get("runAsUser", psc.get("runAsUser")) == 10001, where
+        # no uid unless the installation fixes one (OpenShift's restricted-v2 assigns one of the
+        # namespace's range); the images' USER is numeric and non-root (test_dockerfile.py)
+        assert sc.get("runAsUser", psc.get("runAsUser")) in (None, 10001), where
         assert sc["allowPrivilegeEscalation"] is False, where
         assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
         assert (sc.get("seccompProfile") or psc.get("seccompProfile"))["type"] == "RuntimeDefault", where
@@ -200,8 +213,8 @@ def test_controller_pod_monitor_selects_the_controller_pods():
         assert not selects(selector, pod_labels["evaluation"]) and not selects(selector, pod_labels["finalize"])
         (deploy,) = by_kind(objs, "Deployment")
         assert not selects(selector, deploy["spec"]["template"]["metadata"]["labels"])
-        (operator_monitor,) = [o for o in by_kind(objs, "PodMonitor") if o is not monitor]
-        assert not selects(operator_monitor["spec"]["selector"], pod_labels["controller"])
+        for operator_monitor in operator_monitors(objs):
+            assert not selects(operator_monitor["spec"]["selector"], pod_labels["controller"])
         (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
         assert ports[endpoint["port"]] == served, (endpoint, ports)  # the named port is the one served
         # controllers run where their ServiceAccount is: every such namespace, and no other
@@ -360,7 +373,7 @@ def test_rbac_is_exactly_what_the_code_calls(which):
 
 def test_observe_crds_off_leaves_no_cluster_rule_in_namespaced_scope():
     text = helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", str(ALL_FEATURES),
-                "--set", "rbac.observeCRDs=false")
+                "--set", "rbac.observeCRDs=false,rbac.aggregateRoles=false")
     objs = [d for d in yaml.safe_load_all(text) if d]
     assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
 
@@ -396,12 +409,222 @@ def test_the_policy_reaches_the_operator_as_it_reads_it():
         loaded = policy.load({"SELFPRUNER_POLICY": env["SELFPRUNER_POLICY"]})
         if which == "all-features":
             assert loaded == yaml.safe_load(ALL_FEATURES.read_text())["policy"]
-        else:  # the default: only the installation's Secrets and image, no hostPath
+        else:  # the default: only the installation's Secrets and image, no hostPath, no demo inputs
             assert loaded == {"allowedSecrets": [], "allowedImagePrefixes": [],
                               "nodeCache": {"enabled": False, "path": "/var/cache/selfpruner"},
                               "allowedPriorityClasses": [], "allowedTolerationKeys": ["nvidia.com/gpu"],
-                              "allowAffinity": False}
-    for bad in ("policy.nodeCache.path=relative", "policy.allowedSecret=x"):
+                              "allowAffinity": False, "allowedWorkloadPriorityClasses": [],
+                              "allowDemoTexts": False, "allowDemoModel": False}
+    for bad in ("policy.nodeCache.path=relative", "policy.allowedSecret=x", "policy.allowDemoTexts=yes"):
         out = subprocess.run([str(HELM), "template", RELEASE, str(CHART), "--set", bad],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and "policy" in out.stderr, (bad, out.stderr[-500:])
+
+
+# --- the operator scraped once; people's roles; the README's tables ----------------------------------
+
+def template(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(HELM), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_the_operator_is_scraped_once():
+    """A ServiceMonitor and a PodMonitor would both scrape the operator's pod: every count twice. The
+    schema refuses both (and the template too, where the schema is skipped); either alone selects the
+    operator and keeps the series' own `namespace` label (honorLabels)."""
+    both = "metrics.serviceMonitor.enabled=true,metrics.podMonitor.enabled=true"
+    out = template("--set", both)
+    assert out.returncode != 0 and "metrics.podMonitor.enabled" in out.stderr, out.stderr
+    out = template("--set", both, "--skip-schema-validation")
+    assert out.returncode != 0 and "both scrape the operator's pod" in out.stderr, out.stderr
+    for kind, value in (("ServiceMonitor", "metrics.serviceMonitor.enabled=true"),
+                        ("PodMonitor", "metrics.podMonitor.enabled=true")):
+        objs = [d for d in yaml.safe_load_all(helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE,
+                                                   "--set", value)) if d]
+        (monitor,) = operator_monitors(objs)
+        assert monitor["kind"] == kind
+        (endpoint,) = monitor["spec"][MONITORING_SPEC[kind]]
+        assert endpoint["honorLabels"] is True
+        (svc,), (deploy,) = by_kind(objs, "Service"), by_kind(objs, "Deployment")
+        pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+        if kind == "ServiceMonitor":  # it selects the Service, which selects the pod
+            assert selects(monitor["spec"]["selector"], svc["metadata"]["labels"])
+            assert svc["spec"]["selector"].items() <= pod_labels.items()
+        else:
+            assert selects(monitor["spec"]["selector"], pod_labels)
+    assert not operator_monitors(render("defaults"))
+    assert [m["kind"] for m in operator_monitors(render("all-features"))] == ["ServiceMonitor"]
+
+
+VIEW = {("selfpruner.io", r, v) for r in ("prunejobs", "prunejobs/status") for v in ("get", "list", "watch")}
+EDIT = VIEW | {("selfpruner.io", "prunejobs", v) for v in ("create", "update", "patch", "delete", "deletecollection")}
+AGGREGATE = "rbac.authorization.k8s.io/aggregate-to-"
+
+
+def test_people_get_prunejobs_through_the_built_in_roles():
+    """<fullname>-view and -edit aggregate into view/edit/admin; nobody may write a status by them."""
+    for which in VALUES:
+        roles = {o["metadata"]["name"]: o for o in by_kind(render(which), "ClusterRole")}
+        view, edit = roles[f"{RELEASE}-selfpruner-view"], roles[f"{RELEASE}-selfpruner-edit"]
+        assert rules_of(view) == VIEW and rules_of(edit) == EDIT
+        assert {k[len(AGGREGATE):] for k, v in view["metadata"]["labels"].items()
+                if k.startswith(AGGREGATE) and v == "true"} == {"view", "edit", "admin"}
+        assert {k[len(AGGREGATE):] for k, v in edit["metadata"]["labels"].items()
+                if k.startswith(AGGREGATE) and v == "true"} == {"edit", "admin"}
+        assert not {r for r in rules_of(view) | rules_of(edit) if r[1] == "prunejobs/status"} - VIEW
+        # bound to nobody by the chart
+        refs = {b["roleRef"]["name"] for b in render(which) if b["kind"].endswith("Binding")}
+        assert not refs & {view["metadata"]["name"], edit["metadata"]["name"]}
+    off = [d for d in yaml.safe_load_all(helm("template", RELEASE, str(CHART), "--set", "rbac.aggregateRoles=false")) if d]
+    assert not [o for o in by_kind(off, "ClusterRole") if o["metadata"]["name"].endswith(("-view", "-edit"))]
+
+
+API_GROUPS = {"prunejobs": "selfpruner.io", "prunejobs/status": "selfpruner.io", "prunejobs/finalizers": "selfpruner.io",
+              "jobs": "batch", "pods": "", "events": "",
+              "customresourcedefinitions": "apiextensions.k8s.io"}
+README = CHART / "README.md"
+
+
+def readme_table(heading: str) -> list[list[str]]:
+    """The rows (cells) of the first table under `## heading` in the chart's README."""
+    text = README.read_text().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def test_the_readme_rbac_table_is_what_the_chart_grants():
+    """Every rule of the chart's Roles is in the README's table, and nothing else is."""
+    table: dict[str, set] = {}
+    for identity, rule, _ in readme_table("RBAC: exactly what the code calls"):
+        for part in rule.split(";"):
+            m = re.fullmatch(r"`([a-z/]+)` ([a-z, ]+)", part.strip())
+            assert m, f"README RBAC row {identity!r}: cannot read {part!r}"
+            table.setdefault(identity.strip("`"), set()).update(
+                (API_GROUPS[m.group(1)], m.group(1), v.strip()) for v in m.group(2).split(","))
+    objs = render("defaults")
+    (deploy,) = by_kind(objs, "Deployment")
+    env = {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+    operator = grants(objs, NAMESPACE, deploy["spec"]["template"]["spec"]["serviceAccountName"])
+    controller = grants(objs, NAMESPACE, env["SELFPRUNER_CONTROLLER_SERVICE_ACCOUNT"])
+    roles = {o["metadata"]["name"]: o for o in by_kind(objs, "ClusterRole")}
+    assert table == {"operator": set().union(*operator.values()), "controller": set().union(*controller.values()),
+                     "<fullname>-view": rules_of(roles[f"{RELEASE}-selfpruner-view"]),
+                     "<fullname>-edit": rules_of(roles[f"{RELEASE}-selfpruner-edit"])}
+
+
+def value_paths(node, prefix="") -> list[str]:
+    """values.yaml's leaves (a map value, e.g. podLabels, counts as one)."""
+    if isinstance(node, dict) and node:
+        return [p for k, v in node.items() for p in value_paths(v, f"{prefix}{k}.")]
+    return [prefix.rstrip(".")]
+
+
+def test_the_readme_values_table_names_every_value():
+    named = []
+    for cells in readme_table("Values"):
+        last = ""
+        for token in re.findall(r"`([^`]+)`", cells[0]):
+            if token.startswith("."):  # `.x` after `a.b`: a.x
+                token = last.rsplit(".", 1)[0] + token
+            named.append(token)
+            last = token
+    missing = []
+    for path in value_paths(yaml.safe_load((CHART / "values.yaml").read_text())):
+        if not any(path == t or path.startswith(t + ".") or (t.endswith(".*") and path.startswith(t[:-1]))
+                   for t in named):
+            missing.append(path)
+    assert not missing, f"values missing from the README's Values table: {missing}"
+
+
+# --- the pruner pods' installation settings -----------------------------------------------------------
+
+def operator_env(objs) -> dict:
+    (deploy,) = by_kind(objs, "Deployment")
+    return {e["name"]: e["value"] for e in deploy["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_the_pruner_pod_settings_reach_every_pod_as_manifests_reads_them():
+    """pruner.* (but the image) -> the operator's SELFPRUNER_PODS -> manifests.pod_settings -> the controller,
+    evaluation and finalize pods, each knob where Kubernetes reads it; policy.check_job accepts them."""
+    from test_manifests import prunejob
+    from test_manifests_installation import job_pod, texts
+    from selfpruner.cluster import defaults, policy
+
+    values = yaml.safe_load(ALL_FEATURES.read_text())["pruner"]
+    for which in VALUES:
+        env = operator_env(render(which))
+        pods = manifests.pod_settings({"SELFPRUNER_PODS": env["SELFPRUNER_PODS"]})
+        pol, installation = policy.load(env), defaults.load(env)
+        pol["allowedSecrets"] = [*pol.get("allowedSecrets", []), "s3-creds", "llm"]  # test_manifests' PruneJob's
+        pj = prunejob(evaluator={"gpusPerPod": 2}, **texts())
+        jobs = {"controller": manifests.controller_job(pj, image=env["SELFPRUNER_IMAGE"], service_account="sa",
+                                                       policy=pol, installation=installation, pods=pods),
+                "evaluation": manifests.evaluation_job(pj, generation=0, shards=2, image=env["SELFPRUNER_IMAGE"],
+                                                       batch="abc", pods=pods),
+                "finalize": manifests.finalize_job(pj, image=env["SELFPRUNER_IMAGE"], pods=pods)}
+        for name, job in jobs.items():
+            kubernetes_validate.validate(job, K8S, strict=True)
+            policy.check_job(job, pj["spec"], pol, installation, env["SELFPRUNER_IMAGE"])
+            assert_restricted(job["spec"]["template"]["spec"], f"{which}: {name}")
+        (controller,) = jobs["controller"]["spec"]["template"]["spec"]["containers"]
+        # the controller builds its Jobs with the same settings
+        assert json.loads({e["name"]: e.get("value") for e in controller["env"]}["SELFPRUNER_PODS"]) == pods
+        if which == "defaults":
+            assert pods.get("imagePullPolicy") is None
+            for name, job in jobs.items():
+                pod = job_pod(job)
+                assert "imagePullSecrets" not in pod and "runtimeClassName" not in pod, name
+                assert not {"runAsUser", "runAsGroup", "fsGroup"} & pod["securityContext"].keys(), name
+            assert controller["resources"] == manifests.CONTROLLER_RESOURCES
+            assert job_pod(jobs["evaluation"])["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+            continue
+        assert {k: v for k, v in pods.items() if k != "imagePullPolicy"} == {k: v for k, v in values.items() if k != "image"}
+        for name, job in jobs.items():
+            pod, template = job_pod(job), job["spec"]["template"]["metadata"]
+            assert pod["imagePullSecrets"] == values["imagePullSecrets"], name
+            assert all(c["imagePullPolicy"] == "Always" for c in pod["containers"]), name
+            assert values["podLabels"].items() <= template["labels"].items(), name
+            assert template["annotations"] == values["podAnnotations"], name
+            assert {k: pod["securityContext"][k] for k in ("runAsUser", "runAsGroup", "fsGroup")} == \
+                values["podSecurityContext"], name
+            if name != "controller":
+                assert pod["runtimeClassName"] == "nvidia", name
+                resources = pod["containers"][0]["resources"]
+                assert resources["limits"]["nvidia.com/mig-1g.10gb"] == resources["requests"]["nvidia.com/mig-1g.10gb"] == 2
+                assert not any("nvidia.com/gpu" in r for r in resources.values()), name
+        assert controller["resources"] == values["controller"]["resources"]
+        assert "runtimeClassName" not in job_pod(jobs["controller"])
+
+
+@pytest.mark.parametrize("flag,bad,where", [
+    ("--set", "pruner.gpuResource=gpu", "pruner.gpuResource"),  # not an extended resource name (no domain)
+    ("--set", "pruner.gpuResource=kubernetes.io/gpu", "pruner.gpuResource"),  # the kubernetes.io domain's
+    ("--set", "pruner.runtimeClassName=Nvidia_Runtime", "pruner.runtimeClassName"),
+    ("--set", "pruner.podLabels.app\\.kubernetes\\.io/component=x", "pruner.podLabels"),  # selfpruner's own
+    ("--set", "pruner.podLabels.kueue\\.x-k8s\\.io/queue-name=q", "pruner.podLabels"),  # the PruneJob's to say
+    ("--set", "pruner.podSecurityContext.runAsUser=0", "pruner.podSecurityContext.runAsUser"),  # root
+    ("--set", "operator.podSecurityContext.runAsUser=0", "operator.podSecurityContext.runAsUser"),
+    ("--set", "pruner.podSecurityContext.privileged=true", "pruner.podSecurityContext"),  # only uid/gid
+    ("--set", "pruner.imagePullSecrets[0].nam=x", "pruner.imagePullSecrets"),
+    ("--set-json", "metrics.prometheusRule.alerts.evaluationsFailing.threshold=1.5",
+     "metrics.prometheusRule.alerts.evaluationsFailing.threshold"),
+    ("--set", "metrics.prometheusRule.alerts.prunejobFailed.window=15 minutes",
+     "metrics.prometheusRule.alerts.prunejobFailed.window"),
+    ("--set", "policy.allowedWorkloadPriorityClasses[0]=", "policy.allowedWorkloadPriorityClasses"),
+])
+def test_the_schema_refuses_bad_installation_settings(flag, bad, where):
+    out = template(flag, bad)
+    assert out.returncode != 0 and f"- {where}" in out.stderr, (bad, out.stderr[-500:])
+
+
+def test_openshift_values_set_no_uid():
+    """With no podSecurityContext (the default) neither the operator's pod nor a pruner pod fixes a uid,
+    gid or fsGroup: OpenShift's restricted-v2 SCC assigns them from the namespace's range."""
+    (deploy,) = by_kind(render("defaults"), "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert "runAsUser" not in pod["containers"][0]["securityContext"]
+    uid = [d for d in yaml.safe_load_all(helm("template", RELEASE, str(CHART), "--set",
+                                              "operator.podSecurityContext.runAsUser=1000680000")) if d]
+    (deploy,) = by_kind(uid, "Deployment")
+    assert deploy["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 1000680000

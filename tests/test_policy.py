@@ -15,8 +15,14 @@ DEFAULTS = {"storage": {"uri": "s3://runs", "credentialsSecret": {"name": "s3-cr
             "llm": {"baseURL": "http://vllm/v1", "apiKeySecret": {"name": "llm-key", "key": "token"}}}
 
 
+TEXTS = {"calibration": {"text": "s3://texts/calibration.txt"},
+         "fitness": {"text": "s3://texts/fitness.txt", "heldOutText": "s3://texts/heldout.txt"}}
+
+
 def spec(**sections):
-    return {"storage": {"uri": "s3://runs"}, **sections}
+    """A spec with texts of its own and a search without an LLM (test_policy_cluster_inputs.py: what
+    a PruneJob that omits them gets on a cluster)."""
+    return {"storage": {"uri": "s3://runs"}, **TEXTS, "search": {"strategy": "genetic"}, **sections}
 
 
 def refused(s, pol, message):
@@ -82,7 +88,7 @@ def test_every_child_is_checked_as_it_is_created():
 
     pj = {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
           "metadata": {"name": "a", "namespace": "team-a", "uid": "11111111-2222-3333-4444-555555555555"},
-          "spec": {"model": {"source": "s3://runs/m"}, "target": {"ratio": 0.3},
+          "spec": {"model": {"source": "s3://runs/m"}, "target": {"ratio": 0.3}, **TEXTS,
                    "storage": {"uri": "s3://runs/a", "credentialsSecret": {"name": "s3-credentials"}},
                    "llm": {"provider": "openai", "model": "m", "baseURL": "http://vllm/v1",
                            "apiKeySecret": {"name": "llm-key", "key": "token"}, "apiKeyEnv": "AWS_ENDPOINT_URL_S3"}}}

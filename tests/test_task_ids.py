@@ -11,8 +11,10 @@ from selfpruner.storage import open_store
 
 PJ = {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
       "metadata": {"name": "ids", "namespace": "default", "uid": "44444444-dddd-4ddd-8ddd-dddddddddddd"},
-      "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.3}, "storage": {"uri": "file:///unused"},
-               "evaluator": {"parallelism": 1}}}
+      "spec": {"model": {"source": "s3://models/m"}, "target": {"ratio": 0.3}, "storage": {"uri": "file:///unused"},
+               "calibration": {"text": "s3://texts/c.txt"},
+               "fitness": {"text": "s3://texts/f.txt", "heldOutText": "s3://texts/h.txt"},
+               "search": {"strategy": "genetic"}, "evaluator": {"parallelism": 1}}}
 
 
 def test_task_ids_tell_window_samples_apart_and_keep_sampleless_ids():

@@ -51,6 +51,18 @@ app.kubernetes.io/component: operator
 {{- end }}
 
 {{/*
+The pruner pods' settings as JSON (SELFPRUNER_PODS, read by pruner_image/selfpruner/cluster/manifests.py
+pod_settings): pruner.* without the image (SELFPRUNER_IMAGE carries it), with its pull policy.
+*/}}
+{{- define "selfpruner.prunerPods" -}}
+{{- $pods := omit (deepCopy .Values.pruner) "image" }}
+{{- with .Values.pruner.image.pullPolicy }}
+{{- $_ := set $pods "imagePullPolicy" . }}
+{{- end }}
+{{- $pods | toJson }}
+{{- end }}
+
+{{/*
 The operator's rules on namespaced resources, used by its ClusterRole (scope cluster) or by its Role
 in each watched namespace (scope namespaced). Exactly what the code calls; tests/test_chart.py
 derives the same set from the sources and compares.

