@@ -42,9 +42,13 @@ class PromQLError(Exception):
 
 
 class PrometheusServer:
-    """`targets`: {job name: port on 127.0.0.1}; every job is scraped at `scrape_interval`."""
+    """`targets`: {job name: port on 127.0.0.1}; every job is scraped at `scrape_interval`.
+    `labels` (optional): {job name: {label: value}}, target labels as service discovery would add them
+    (a PodMonitor adds the pod's `namespace`); `honor_labels` (optional): the jobs whose own labels win
+    over those target labels (a monitor's `honorLabels: true`)."""
 
-    def __init__(self, workdir: Path, targets: dict[str, int], scrape_interval: str = "1s"):
+    def __init__(self, workdir: Path, targets: dict[str, int], scrape_interval: str = "1s",
+                 labels: dict[str, dict[str, str]] | None = None, honor_labels: tuple[str, ...] = ()):
         binary = find_prometheus()
         if binary is None:
             raise RuntimeError("no prometheus binary on PATH or at /usr/bin/prometheus: "
@@ -54,7 +58,9 @@ class PrometheusServer:
         self.log = self.workdir / "prometheus.log"
         config = {"global": {"scrape_interval": scrape_interval, "scrape_timeout": scrape_interval,
                              "evaluation_interval": scrape_interval},
-                  "scrape_configs": [{"job_name": job, "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}
+                  "scrape_configs": [{"job_name": job, "honor_labels": job in honor_labels,
+                                      "static_configs": [{"targets": [f"127.0.0.1:{port}"],
+                                                          "labels": (labels or {}).get(job, {})}]}
                                      for job, port in targets.items()]}
         self.config = self.workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config))

@@ -77,7 +77,8 @@ def test_kubectl_and_client_see_api_server_semantics(cluster, tmp_path):
     assert "unchanged" in cluster.kubectl("apply", "-f", str(tmp_path / "pj.yaml")).stdout
 
     table = cluster.kubectl("get", "prunejobs").stdout
-    assert table.split()[:2] == ["NAME", "PHASE"] and "demo" in table and "0.2" in table
+    assert table.split()[:3] == ["NAME", "PHASE", "REASON"] and "demo" in table
+    assert "0.2" in cluster.kubectl("get", "prunejobs", "-o", "wide").stdout  # Ratio: a wide column
     assert "demo" in cluster.kubectl("get", "pj", "-l", "team=search", "-o", "name").stdout
     assert cluster.kubectl("get", "pj", "-l", "team=other", "-o", "name").stdout.strip() == ""
 

@@ -58,8 +58,13 @@ def test_panels_have_unique_ids_and_queries():
         for t in p["targets"]:
             assert t["datasource"]["uid"] == "${datasource}"
     variables = {v["name"]: v for v in b["templating"]["list"]}
+    assert list(variables) == ["datasource", "namespace", "prunejob"]  # Grafana resolves them in this order
     assert variables["datasource"]["type"] == "datasource"
-    assert variables["prunejob"]["type"] == "query"
+    for name in ("namespace", "prunejob"):
+        assert variables[name]["type"] == "query"
+        assert variables[name]["multi"] and variables[name]["includeAll"] and variables[name]["allValue"] == ".*"
+    assert variables["namespace"]["query"] == "label_values(selfpruner_prunejobs, namespace)"
+    assert 'namespace=~"$namespace"' in variables["prunejob"]["query"]  # the PruneJobs of the chosen namespaces
 
 
 def test_every_expression_names_an_exported_series():
@@ -71,12 +76,38 @@ def test_every_expression_names_an_exported_series():
             assert names, (p["title"], t["expr"])
             assert names <= known, (p["title"], names - known)
             used |= names
-    variable = {v["name"]: v for v in board()["templating"]["list"]}["prunejob"]["query"]
-    assert set(re.findall(r"\bselfpruner_[a-z0-9_]+", variable)) <= known
+    for variable in ("namespace", "prunejob"):
+        query = {v["name"]: v for v in board()["templating"]["list"]}[variable]["query"]
+        assert set(re.findall(r"\bselfpruner_[a-z0-9_]+", query)) <= known
     # every search series and every operator series has a panel
     for name in ("selfpruner_search_best_fitness", "selfpruner_search_evaluations_total",
                  "selfpruner_search_evaluation_device_seconds_total", "selfpruner_llm_calls_total",
                  "selfpruner_llm_tokens_total", "selfpruner_llm_invalid_replies_total", "selfpruner_prunejobs",
                  "selfpruner_operator_reconcile_errors_total", "selfpruner_operator_controller_restarts_total",
-                 "selfpruner_search_offspring_share"):
+                 "selfpruner_search_offspring_share", "selfpruner_search_budget_spent_ratio",
+                 "selfpruner_prunejobs_succeeded_total", "selfpruner_prunejobs_failed_total"):
         assert name in used, name
+
+
+# the operator process's own health: one process, not a namespace's (the only unfiltered panels)
+OPERATOR_PROCESS = {"selfpruner_operator_reconcile_errors_total", "selfpruner_operator_controller_restarts_total",
+                    "selfpruner_operator_reconcile_duration_seconds_bucket"}
+
+
+def test_every_panel_follows_the_namespace_and_a_prunejob_is_its_namespace_and_name():
+    for p in board()["panels"]:
+        for t in p["targets"]:
+            expr = t["expr"]
+            names = set(re.findall(r"\bselfpruner_[a-z0-9_]+", expr))
+            if names <= OPERATOR_PROCESS:
+                assert "$namespace" not in expr, (p["title"], expr)
+                continue
+            # every selector of the expression filters by the namespace variable
+            selectors = re.findall(r"\bselfpruner_[a-z0-9_]+(\{[^}]*\})?", expr)
+            assert all('namespace=~"$namespace"' in sel for sel in selectors), (p["title"], expr)
+            if any(n.startswith(("selfpruner_search_", "selfpruner_llm_")) for n in names):
+                # per-PruneJob series: the same name in two namespaces is two PruneJobs
+                assert 'prunejob=~"$prunejob"' in expr, (p["title"], expr)
+                groupings = re.findall(r"\bby \(([^)]*)\)", expr)
+                assert groupings and all(g.startswith("namespace, prunejob") for g in groupings), (p["title"], expr)
+                assert "{{namespace}}/{{prunejob}}" in t["legendFormat"], (p["title"], t["legendFormat"])

@@ -14,6 +14,7 @@ import torch
 from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
 from selfpruner import corpus, evaluate
+from selfpruner.cluster.status import progress
 from selfpruner.storage import open_store
 
 pytestmark = needs_kubectl
@@ -37,6 +38,12 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
     assert all(c["lastTransitionTime"] and "observedGeneration" in c for c in status["conditions"])
     assert status["generation"] == 3 and status["evaluations"] > 0
     assert status["restarts"] == 0
+    # what `kubectl get pj -o wide` shows, from fields the CRD declares (else the API server prunes them)
+    assert status["fitnessMetric"] == "perplexity"
+    assert 0 < status["budgetSpent"] <= status["budget"] == 4 + 2 * 4  # population + generations × offspring
+    assert status["progress"] == progress(status["budgetSpent"], 12)["progress"]  # e.g. "9.5/12"
+    assert status["observedGeneration"] == pj["metadata"]["generation"]
+    assert conditions["Running"]["reason"] == "SearchFinished"  # the printer column's Reason
     # the operator finds its controller through status.controllerJob: a field the CRD must declare, or
     # the API server prunes it and a lost controller is never restarted
     assert status["controllerJob"].endswith("-controller-0")
@@ -77,7 +84,9 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
         time.sleep(0.1)
     assert cluster.get("prunejobs", "e2e")["status"].get("childrenStopped"), "the operator never saw Succeeded"
     text = operator.metrics()
-    assert 'selfpruner_prunejobs{phase="Succeeded"} 1.0' in text
+    assert 'selfpruner_prunejobs{namespace="default",phase="Succeeded"} 1.0' in text
+    assert 'selfpruner_prunejobs_succeeded_total{namespace="default"} 1.0' in text
+    assert 'selfpruner_prunejobs_failed_total{namespace="default",reason="ControllerLost"} 0.0' in text
     assert "selfpruner_operator_reconcile_duration_seconds_count" in text
 
 

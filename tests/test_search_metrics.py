@@ -137,7 +137,7 @@ def test_series_follow_conventions(tmp_path):
     m = SearchMetrics("pj")
     m.update_from(tmp_path, FakeStrategy(1, 3.0, {}))
     fams = list(m.registry.collect())
-    assert len(fams) == 13
+    assert len(fams) == 14
     for fam in fams:
         assert fam.name.startswith("selfpruner_"), fam.name
         for smp in fam.samples:
@@ -231,3 +231,33 @@ def test_offspring_share_follows_an_llm_evolution_run(tiny_job):
         assert gauge == pytest.approx(expected), (split, gauge)
     assert seen[-1][0] == result["generations"][-1]["shares"]
     assert seen[1][1]["llm-crossover"] == 0.5 and seen[-1][1]["llm-crossover"] < 0.5  # even at first, then by success
+
+
+def test_budget_spent_ratio_is_the_strategys_spent_over_its_budget(tmp_path):
+    m = SearchMetrics("pj")
+    strategy = FakeStrategy(1, 3.0, {})
+    strategy.ctx, strategy.spent = SimpleNamespace(budget=430.0), 43.0
+    m.update_from(tmp_path, strategy)
+    assert value(samples(m.registry), "selfpruner_search_budget_spent_ratio") == pytest.approx(0.1)
+
+
+def test_budget_spent_ratio_follows_a_search_with_screens_to_its_end(tiny_job):
+    """A token budget spent partly on screens: at every checkpoint the gauge is what the strategy has
+    spent over its budget, both in full evaluations, and the last one is result.json's."""
+    from selfpruner import spec as spec_mod
+    from selfpruner.search import runner
+
+    m, seen = SearchMetrics("pj"), []
+
+    def on_checkpoint(out, strategy):
+        m.update_from(out, strategy)
+        gauge = value(samples(m.registry), "selfpruner_search_budget_spent_ratio")
+        seen.append((strategy.spent / strategy.ctx.budget, gauge))
+
+    doc = tiny_job("budget", fitness={"screenTokens": 128, "screenKeep": 0.5}, search={"budget": {"tokens": 512 * 10}})
+    result = runner.run(spec_mod.parse(doc), progress=False, on_checkpoint=on_checkpoint)
+    assert len(seen) >= 2 and all(gauge == pytest.approx(want) for want, gauge in seen), seen
+    assert [g for _, g in seen] == sorted(g for _, g in seen) and 0 < seen[0][1] < seen[-1][1] <= 1 + 1e-9
+    cost = result["cost"]
+    assert seen[-1][1] == pytest.approx(cost["budget_spent"] / cost["budget_full_evaluations"], abs=1e-3)
+    assert cost["budget_full_evaluations"] == 10

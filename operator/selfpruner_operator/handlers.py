@@ -29,6 +29,7 @@ INTERVAL = float(os.environ.get("SELFPRUNER_RECONCILE_INTERVAL", "5"))
 START_TIMEOUT = float(os.environ.get("SELFPRUNER_CONTROLLER_START_TIMEOUT", "600"))
 DEFAULTS = defaults.load()
 POLICY = policy.load()
+PODS = manifests.pod_settings()  # a bad chart value stops the operator here, not at the first PruneJob
 PENDING_CONDITION = "ControllerPending"
 
 
@@ -62,7 +63,7 @@ def _start_controller(body, attempt: int, logger) -> str:
     on the spec as it is now, and on the Job itself."""
     pj = _document(body)
     job = manifests.controller_job(pj, image=IMAGE, service_account=SERVICE_ACCOUNT, attempt=attempt,
-                                   policy=POLICY, installation=DEFAULTS)
+                                   policy=POLICY, installation=DEFAULTS, pods=PODS)
     try:
         policy.check_job(job, pj["spec"], POLICY, DEFAULTS, IMAGE)
     except spec_mod.UserError as e:
@@ -88,6 +89,7 @@ def _fail(body, meta, status, patch, key: str, reason: str, message: str, phase:
     failed = st.failed(reason, message, meta.get("generation"), status.get("conditions"))
     if phase == st.INVALID:
         failed = {"phase": st.INVALID, "conditions": st.merge_conditions(status.get("conditions"), [
+            st.condition(st.RUNNING, "False", reason, message, meta.get("generation")),
             st.condition(st.INVALID, "True", reason, message, meta.get("generation"))])}
     patch.status.update(failed)
     patch.status["observedGeneration"] = meta.get("generation")
@@ -180,21 +182,28 @@ def reconcile(body, meta, status, patch, logger, **_):
             stopped = _stop_children(meta, logger)
             if stopped:
                 kopf.warn(body, reason="ChildrenStopped", message=f"{phase}: deleted {stopped} unfinished Job(s)")
+            if not status.get("childrenStopped"):
+                # the first reconciliation of this finished PruneJob: counted once (metrics.record_finished)
+                metrics.record_finished(meta["uid"], meta["namespace"], phase,
+                                        st.failure_reason(status.get("conditions")))
             patch.status["childrenStopped"] = True
             return
         if not status.get("controllerJob"):
             return
+        if status.get("observedGeneration") != meta.get("generation"):
+            patch.status["observedGeneration"] = meta.get("generation")  # this run acts on the spec as it is now
         kube = Kube(meta["namespace"])
         job = kube.read_job(status["controllerJob"])
         state = job_finished(job)
         if job is not None and state is None:
-            _watch_start(kube, body, meta, status, patch, key, job, logger)
+            stuck = _watch_start(kube, body, meta, status, patch, key, job, logger)
             if patch.status.get("phase") == st.FAILED:
                 return
-            if body["spec"].get("suspend") and phase != st.SUSPENDED:
-                patch.status["phase"] = st.SUSPENDED
-            elif not body["spec"].get("suspend") and phase in (st.PENDING, st.SUSPENDED):
-                patch.status["phase"] = st.RUNNING
+            # Pending while the controller pod cannot start (the Running condition says why), a new
+            # one after a loss included
+            want = st.SUSPENDED if body["spec"].get("suspend") else st.PENDING if stuck else st.RUNNING
+            if want != phase:
+                patch.status["phase"] = want
             return
         if state == "Complete":
             return  # the controller writes the final status itself; nothing to restart
@@ -243,31 +252,38 @@ def _restart(body, meta, status, patch, key: str, job: dict | None, logger) -> N
     kopf.warn(body, reason="ControllerRestarted", message=f"controller Job {why}; started {name}, which resumes from storage")
 
 
-def _watch_start(kube: Kube, body, meta, status, patch, key: str, job: dict, logger) -> None:
+def _watch_start(kube: Kube, body, meta, status, patch, key: str, job: dict, logger) -> bool:
     """A controller pod stuck before it runs (no image, no Secret, no node, or no pod at all) is a
-    condition and a warning at once, and the PruneJob fails after START_TIMEOUT seconds of it."""
+    condition and a warning at once, and the PruneJob fails after START_TIMEOUT seconds of it.
+    The Running condition says so too (False, with the pod's reason: `kubectl get pj`'s Reason).
+    Returns whether the pod is stuck."""
     waiting = job_stuck(kube, job)
     previous = st.find(status.get("conditions"), PENDING_CONDITION)
     if waiting is None:
         if previous and previous.get("status") == "True":
             patch.status["conditions"] = st.merge_conditions(status.get("conditions"), [
                 st.condition(PENDING_CONDITION, "False", "Started", "the controller pod started", meta.get("generation"))])
-        return
+        return False
     reason, message = waiting
     stuck_for = st.seconds_since(previous.get("lastTransitionTime")) if previous and previous.get("status") == "True" else 0
     if stuck_for >= START_TIMEOUT:
         _fail(body, meta, status, patch, key, "ControllerNotStarting",
               f"the controller pod did not start in {START_TIMEOUT:.0f} s: {message}")
-        return
+        return True
     patch.status["conditions"] = st.merge_conditions(status.get("conditions"), [
-        st.condition(PENDING_CONDITION, "True", reason, message, meta.get("generation"))])
+        st.condition(PENDING_CONDITION, "True", reason, message, meta.get("generation")),
+        st.condition(st.RUNNING, "False", reason, f"the controller pod cannot start: {message}",
+                     meta.get("generation"))])
     if not previous or previous.get("reason") != reason or previous.get("status") != "True":
         kopf.warn(body, reason=PENDING_CONDITION, message=message)
+    return True
 
 
 @kopf.on.field(GROUP, VERSION, PLURAL, field="spec.suspend")
-def suspend_changed(body, meta, new, logger, **_):
+def suspend_changed(body, meta, status, patch, new, logger, **_):
     """Suspend (or resume) the PruneJob's running evaluation and finalize Jobs."""
+    if status.get("phase") not in TERMINAL and status.get("observedGeneration") != meta.get("generation"):
+        patch.status["observedGeneration"] = meta.get("generation")
     kube = Kube(meta["namespace"])
     for job in kube.list_jobs(manifests.children_selector(meta)):
         component = (job["metadata"].get("labels") or {}).get(manifests.COMPONENT_LABEL)
@@ -281,3 +297,4 @@ def suspend_changed(body, meta, new, logger, **_):
 @kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
 def deleted(meta, **_):
     metrics.record_phase(f"{meta['namespace']}/{meta['name']}", None)
+    metrics.forget(meta.get("uid"))

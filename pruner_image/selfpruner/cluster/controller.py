@@ -111,7 +111,10 @@ def run(doc: dict, kube: Kube) -> int:
         executor.generation = _resumed_generation(store, layout)
     pj = kube.read_prunejob(name) or doc
     generation = pj["metadata"].get("generation")
-    kube.patch_status(name, {"phase": status.RUNNING, "conditions": [
+    # what bestFitness is measured in, and the budget status.progress counts against, from the start
+    metric = job.spec.fitness.metric
+    kube.patch_status(name, {"phase": status.RUNNING, "fitnessMetric": metric,
+                             "budget": status.progress(0, spec_mod.budget(job))["budget"], "conditions": [
         status.condition(status.RUNNING, "True", "SearchRunning", "the controller is running the search", generation)]})
     executor.prepare()
     executor.memory_plan = executor.memory_plan or plan
@@ -142,7 +145,8 @@ def run(doc: dict, kube: Kube) -> int:
         best = strategy.best()
         totals = runner.History(out / "history.jsonl").totals()
         kube.patch_status(name, {"generation": strategy.generation, "evaluations": totals["evaluations"],
-                                 **({"bestFitness": best.fitness} if best else {})})
+                                 **status.progress(strategy.spent, strategy.ctx.budget),
+                                 **({"bestFitness": best.fitness, "fitnessMetric": metric} if best else {})})
         failed = totals["failed_evaluations"]
         if failed > max_failed:
             raise Verdict("TooManyFailedEvaluations", f"{failed} evaluations failed for good, more than "
@@ -156,7 +160,8 @@ def run(doc: dict, kube: Kube) -> int:
     llm = c.get("llm") or {}
     kube.patch_status(name, {
         "phase": status.SUCCEEDED, "generation": len(result["best_per_generation"]),
-        "evaluations": c["evaluations"], "bestFitness": result["best"]["fitness"],
+        "evaluations": c["evaluations"], "bestFitness": result["best"]["fitness"], "fitnessMetric": metric,
+        **status.progress(c["budget_spent"], c["budget_full_evaluations"]),
         "achievedRatio": result["best"]["achieved_ratio"], "checkpointURI": result.get("checkpoint"),
         "cost": {"deviceSeconds": c["device_seconds"], "tokensEvaluated": c["tokens_evaluated"],
                  "llmCalls": llm.get("calls", 0),

@@ -42,6 +42,11 @@ class SearchMetrics:
                                 "Generations the search has completed", pj, registry=r)
         self.best_fitness = Gauge("selfpruner_search_best_fitness",
                                   "Fitness of the best candidate so far", pj, registry=r)
+        # the search's own budget (spec.budget: full-fidelity evaluations, a screen counting its share
+        # of fitness.tokens; a token budget is the same number of tokens / fitness.tokens)
+        self.budget_spent = Gauge("selfpruner_search_budget_spent_ratio",
+                                  "Share of the search's budget spent, 0 to 1 (full-fidelity evaluations spent / "
+                                  "budget)", pj, registry=r)
         self.llm_calls = Counter("selfpruner_llm_calls_total", "LLM calls made by the search", pj, registry=r)
         self.llm_tokens = Counter("selfpruner_llm_tokens_total", "LLM tokens, by kind (prompt or completion)",
                                   pj + ["kind"], registry=r)
@@ -106,6 +111,9 @@ class SearchMetrics:
             self._total(self.offspring_entered, o.get("entered", 0), origin)
         self._update_shares(getattr(strategy, "generation_log", None) or [])
         self.generation.labels(self.prunejob).set(strategy.generation)
+        budget = getattr(getattr(strategy, "ctx", None), "budget", None)
+        if budget:
+            self.budget_spent.labels(self.prunejob).set(strategy.spent / budget)
         best = strategy.best()
         if best is not None and best.fitness is not None:
             self.best_fitness.labels(self.prunejob).set(best.fitness)

@@ -9,6 +9,7 @@ is read from it).
 from __future__ import annotations
 
 import datetime
+import math
 
 from ..spec import API_VERSION, GROUP, KIND, PHASES, PLURAL, VERSION  # noqa: F401  (re-exported)
 
@@ -16,6 +17,16 @@ PENDING, RUNNING, SUSPENDED = "Pending", "Running", "Suspended"
 SUCCEEDED, FAILED, INVALID = "Succeeded", "Failed", "Invalid"
 TERMINAL = (SUCCEEDED, FAILED, INVALID)
 assert set(TERMINAL) | {PENDING, RUNNING, SUSPENDED} <= set(PHASES), "phases the CRD does not list"
+
+# Every reason a Failed condition is written with: the controller's verdicts (failures.Verdict and
+# failures.classify) and the operator's (handlers._fail). A closed set, so that a metric may carry it
+# as a label (the operator's selfpruner_prunejobs_failed_total); tests/test_crd_conventions.py finds
+# every reason in the code and fails on one missing here. Anything else is counted as OTHER_REASON.
+FAILURE_REASONS = (
+    "ApiRejected", "ControllerCannotRun", "ControllerError", "ControllerLost", "ControllerNotStarting",
+    "EvaluationNotStarting", "FinalizeFailed", "InvalidInput", "JobConflict", "JobTimeout", "ModelDoesNotFit",
+    "PolicyViolation", "PrepareFailed", "TooManyFailedEvaluations")
+OTHER_REASON = "Other"
 
 
 def now() -> str:
@@ -55,3 +66,25 @@ def failed(reason: str, message: str, generation: int | None, old: list | None =
     return {"phase": FAILED, "conditions": merge_conditions(old, [
         condition(RUNNING, "False", reason, message, generation),
         condition(FAILED, "True", reason, message, generation)])}
+
+
+def failure_reason(conditions: list | None) -> str:
+    """The Failed condition's reason, as a bounded label value: one of FAILURE_REASONS, else OTHER_REASON."""
+    reason = (find(conditions, FAILED) or {}).get("reason")
+    return reason if reason in FAILURE_REASONS else OTHER_REASON
+
+
+def progress(spent: float, budget: float) -> dict:
+    """status.budget, status.budgetSpent (full-fidelity evaluations) and status.progress, the two as
+    "spent/budget" text for `kubectl get -o wide` (e.g. "128/430", "2.5/8")."""
+    return {"budget": round(float(budget), 3), "budgetSpent": round(float(spent), 3),
+            "progress": f"{_amount(spent, down=True)}/{_amount(budget)}"}
+
+
+def _amount(x: float, down: bool = False) -> str:
+    """Whole numbers from 10 up, one decimal below; what is spent is rounded down (never "430/430"
+    before the last evaluation)."""
+    x = float(x)
+    if down:
+        x = math.floor(x + 1e-9) if x >= 10 else math.floor(x * 10 + 1e-9) / 10
+    return f"{x:.0f}" if round(x, 1) >= 10 else f"{x:.1f}".removesuffix(".0")
