@@ -1,4 +1,4 @@
-"""`selfpruner` command line: prune, eval.
+"""selfpruner: run or validate a PruneJob's search, prune a model, evaluate one; and the in-cluster entry points.
 
 Bad input ends with one line on stderr saying what to fix, and exit code 2. The in-cluster
 commands (controller, worker, finalize) end the same way, in one line, with the exit codes their
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, default=None, help="with --tasks: the first N documents of each task")
     ev.add_argument("--backend", default="hf", choices=("hf", "vllm"),
                     help="with --tasks: transformers in this process (default) or vLLM (the serve extra)")
-    ev.add_argument("--output", default=None, help="with --tasks: also write the scores and the table as JSON here")
+    ev.add_argument("--output", default=None,
+                    help="also write the result as JSON here (with --tasks: the scores and the table)")
     ev.add_argument("--json", action="store_true", help='print {"perplexity": ..., "tokens": ...} (or the scores)')
     ev.set_defaults(batch_size=None)  # 1 for perplexity, 8 for zero-shot tasks
     return parser
@@ -133,9 +134,33 @@ def cmd_cluster(args) -> int:
     return {"controller": controller.main, "worker": worker.worker, "finalize": worker.finalize}[args.command]()
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise UserError(f"{name} must be a positive integer, got {value}")
+# flags that set what a PruneJob's field sets: they take the CRD's bounds (one source for both)
+CRD_FIELDS = {
+    "calibration_windows": ("calibration", "windows"), "calibration_seq_len": ("calibration", "seqLen"),
+    "mlp_multiple": ("pruning", "mlpMultiple"), "seq_len": ("fitness", "seqLen"), "tokens": ("fitness", "tokens"),
+    "batch_size": ("fitness", "batchSize"), "eval_seq_len": ("fitness", "seqLen"), "eval_tokens": ("fitness", "tokens"),
+    "eval_batch_size": ("fitness", "batchSize"), "limit": ("search", "zeroShotLimit"),
+}
+
+
+def _check_minima(args, names: tuple[str, ...]) -> None:
+    """Each of these flags at least its PruneJob field's minimum (a window of 1 token is no window)."""
+    from . import spec as spec_mod
+
+    props = spec_mod.schema()["properties"]["spec"]["properties"]
+    for name in names:
+        value = getattr(args, name)
+        section, field = CRD_FIELDS[name]
+        minimum = props[section]["properties"][field].get("minimum", 1)
+        if value is not None and value < minimum:
+            raise UserError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}")
+
+
+def _device(args) -> str:
+    """The device the flags (or SELFPRUNER_DEVICE) name, if this machine has it: checked before loading."""
+    from . import model_source
+
+    return model_source.check_device(args.device) if args.device else model_source.default_device()
 
 
 def _read_text(source: str) -> str:
@@ -144,24 +169,28 @@ def _read_text(source: str) -> str:
     return corpus.load_text(source)
 
 
-def _ids(tokenizer, text: str):
-    from . import corpus
-
-    return corpus.tokenize(tokenizer, text)
-
-
 def cmd_eval(args) -> int:
-    from . import evaluate, model_source
+    from . import corpus, evaluate, model_source, preflight
+    from .paths import check_writable
 
-    for name in ("seq_len", "tokens", "batch_size", "limit"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    _check_minima(args, ("seq_len", "tokens", "batch_size", "limit"))
+    device = _device(args)
+    if args.output:
+        check_writable(args.output, "--output", folder=False)
     if args.tasks is not None:
-        return _zero_shot(args)
-    text = _read_text(args.text)  # a bad text file should not cost a model load
-    loaded = model_source.load(args.model, dtype=args.dtype, device=args.device or model_source.default_device())
-    ids = _ids(loaded.tokenizer, text)
+        return _zero_shot(args, device)
+    text = _read_text(args.text)  # a bad text file should not cost a model load, nor a short one
+    tokenizer = model_source.load_tokenizer(args.model)
+    ids = corpus.tokenize(tokenizer, text)
+    tokens = f", --tokens {args.tokens}" if args.tokens else ""
+    preflight.evaluation_text(tokenizer, args.text, text, seq_len=args.seq_len, tokens=args.tokens, ids=ids,
+                              what="--text", lower="--seq-len", asked=f"--seq-len {args.seq_len}{tokens}")
+    loaded = model_source.load(args.model, dtype=args.dtype, device=device)
     result = evaluate.perplexity(loaded.model, ids, seq_len=args.seq_len, max_tokens=args.tokens,
                                  batch_size=args.batch_size or 1, progress=not args.json)
+    if args.output:
+        _write_json(args.output, {"model": args.model, "text": args.text, "seq_len": args.seq_len,
+                                  **result.to_dict()})
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -169,15 +198,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _zero_shot(args) -> int:
+def _write_json(path: str, data: dict) -> None:
     from pathlib import Path
 
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _zero_shot(args, device: str) -> int:
     from . import model_source, zero_shot
 
     tasks = zero_shot.parse_tasks(args.tasks)  # a wrong task name should not cost a model load
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    device = args.device or model_source.default_device()
     batch = args.batch_size or 8
     if args.backend == "vllm":
         folder, _ = model_source.resolve(args.model)
@@ -189,39 +220,56 @@ def _zero_shot(args) -> int:
                                     device=device)
     result = {"model": args.model, "limit": args.limit, **zero_shot.summary({args.model: scores}, args.limit)}
     if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+        _write_json(args.output, result)
     print(json.dumps(result) if args.json else zero_shot.markdown(result["table"]))
     return 0
 
 
 def cmd_prune(args) -> int:
-    from . import engine, evaluate, export, structure
-    from .architecture import geometry_of
+    from .paths import check_output_folder
 
-    for name in ("calibration_windows", "calibration_seq_len", "eval_seq_len", "eval_tokens", "eval_batch_size",
-                 "mlp_multiple"):
-        _positive("--" + name.replace("_", "-"), getattr(args, name))
+    _check_minima(args, ("calibration_windows", "calibration_seq_len", "eval_seq_len", "eval_tokens",
+                         "eval_batch_size", "mlp_multiple"))
     if args.ratio is not None and not 0.0 <= args.ratio < 1.0:
         raise UserError(f"--ratio {args.ratio}: a rate must be in [0, 1)")
-    export.check_output_dir(args.output, args.force)  # fail before any expensive work
+    check_output_folder(args.output, force=args.force, what="--output")  # fail before any expensive work
+    device = _device(args)
+    from . import corpus, engine, model_source, preflight, structure
+    from .architecture import check_supported, geometry_of
+
     settings = engine.PruneSettings(
         metric=args.metric, bias_compensation=args.bias_compensation, refit=args.refit, head_mode=args.head_mode,
         mlp_multiple=args.mlp_multiple, calibration_text=args.calibration_text,
         calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len,
     )
-    # cheap checks first: the rates file, then the model's block count, then calibration
+    # cheap checks first: the rates file and the texts, then the model's config and tokenizer, and
+    # only then its weights and the calibration
     raw_rates = structure.read_json(args.rates) if args.rates else None
     eval_text = _read_text(args.eval_text) if args.eval else None
     _read_text(settings.calibration_text)
-    loaded = engine.load(args.model, dtype=args.dtype, device=args.device)
-    g = geometry_of(loaded.model.config)
+    config = model_source.load_config(args.model)
+    check_supported(config)
+    g = geometry_of(config)
     rates = (structure.Rates.parse(raw_rates, g.num_layers, source=args.rates) if raw_rates is not None
              else structure.Rates.uniform(args.ratio, g.num_layers))
+    structure.check_mlp_multiple(g, rates, head_mode=args.head_mode, multiple=args.mlp_multiple,
+                                 name="--mlp-multiple")
+    tokenizer = model_source.load_tokenizer(args.model)
+    preflight.calibration_text(tokenizer, settings, text="--calibration-text", windows="--calibration-windows",
+                               seq_len="--calibration-seq-len")
+    if args.eval:
+        ids = corpus.tokenize(tokenizer, eval_text)
+        tokens = f", --eval-tokens {args.eval_tokens}" if args.eval_tokens else ""
+        preflight.evaluation_text(tokenizer, args.eval_text, eval_text, seq_len=args.eval_seq_len,
+                                  tokens=args.eval_tokens, ids=ids, what="--eval-text", lower="--eval-seq-len",
+                                  asked=f"--eval-seq-len {args.eval_seq_len}{tokens}")
+    from . import evaluate, export
+
+    loaded = engine.load(args.model, dtype=args.dtype, device=device)
     plan = structure.plan_from_rates(g, rates, head_mode=args.head_mode, mlp_multiple=args.mlp_multiple)
     eng = engine.build(loaded, settings, progress=not args.json)
     summary = {"model": args.model, "target_ratio": _mean_target(rates, g), "achieved_ratio": plan.achieved_ratio}
     if args.eval:
-        ids = _ids(eng.loaded.tokenizer, eval_text)
         kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_tokens, batch_size=args.eval_batch_size,
                   progress=not args.json)
         summary["dense"] = evaluate.perplexity(eng.loaded.model, ids, **kw).to_dict()
@@ -259,13 +307,12 @@ def _quiet_transformers() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    try:
-        from transformers.utils import logging
+    if "transformers" not in sys.modules:
+        return  # it reads the two variables when first imported: importing it now would cost a second
+    from transformers.utils import logging
 
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-    except ImportError:
-        pass
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:

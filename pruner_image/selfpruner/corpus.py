@@ -88,5 +88,18 @@ def tokenize(tokenizer, text: str):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def count_tokens(tokenizer, text: str, enough: int) -> int:
+    """The text's token count where it is below `enough`; otherwise some count of at least `enough`.
+    Only a growing prefix is tokenized, so checking that a book holds a few thousand tokens costs
+    those tokens, not the book (the cut can split a word: a margin covers it)."""
+    margin = 64
+    chars = 8 * (enough + margin)
+    while True:
+        n = len(tokenizer(text[:chars], add_special_tokens=False, return_attention_mask=False)["input_ids"])
+        if chars >= len(text) or n >= enough + margin:
+            return n
+        chars *= 4
+
+
 def text_fingerprint(ids) -> str:
     return hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16]

@@ -7,9 +7,12 @@ one way to get from a model name to a `PrunableModel`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from . import calibration, corpus, importance, memory_plan, model_source
-from .pruned_model import PrunableModel
+
+if TYPE_CHECKING:  # its modeling code costs seconds to import: the CLI's checks run first
+    from .pruned_model import PrunableModel
 
 
 @dataclass
@@ -27,6 +30,11 @@ class PruneSettings:
     @property
     def compensate(self) -> bool:
         return self.metric == "flap" if self.bias_compensation is None else self.bias_compensation
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether anything reads the calibration text: every metric but magnitude, compensation, refit."""
+        return self.metric != "magnitude" or self.compensate or self.refit
 
     def describe(self) -> dict:
         return {
@@ -75,11 +83,12 @@ def load(model: str, *, dtype: str = "float32", device: str | None = None, devic
 def build(loaded: model_source.Loaded, settings: PruneSettings, *, progress: bool = True) -> Engine:
     """Calibrate (or reuse the cached statistics), score, and sort the model once."""
     from .errors import UserError
+    from .pruned_model import PrunableModel
 
     if settings.metric not in importance.METRICS:
         raise UserError(f"unknown metric {settings.metric!r}; use one of {', '.join(importance.METRICS)}")
     stats = None
-    if settings.metric != "magnitude" or settings.compensate or settings.refit:
+    if settings.needs_calibration:
         ids = corpus.tokenize(loaded.tokenizer, corpus.load_text(settings.calibration_text))
         stats = calibration.calibrate(loaded.model, ids, num_windows=settings.calibration_windows,
                                       seq_len=settings.calibration_seq_len,

@@ -33,14 +33,23 @@ class Perplexity:
         return {"perplexity": self.perplexity, "tokens": self.tokens}
 
 
+def window_length(seq_len: int, max_tokens: int | None = None) -> int:
+    """Tokens per window: seq_len, or the whole budget where that is smaller (a cheap screen)."""
+    return seq_len if max_tokens is None else min(seq_len, max_tokens)
+
+
 def eval_windows(ids: torch.Tensor, seq_len: int = 2048, max_tokens: int | None = None) -> torch.Tensor:
-    """[n, L] windows: L = min(seq_len, budget), as many whole windows as the budget holds."""
+    """[n, L] windows: L = `window_length`, as many whole windows as the budget holds. A text
+    shorter than one window is refused: scoring what there is would measure another context
+    length than the one asked for (callers that know the text's name check it up front)."""
     if seq_len < 2:
         raise UserError(f"seq len must be at least 2, got {seq_len}")
-    budget = ids.numel() if max_tokens is None else min(max_tokens, ids.numel())
-    length = min(seq_len, budget)
+    length = window_length(seq_len, max_tokens)
     if length < 2:
-        raise UserError(f"the evaluation text has {ids.numel()} tokens; at least 2 are needed")
+        raise UserError(f"an evaluation of {max_tokens} tokens is too short; at least 2 are needed")
+    if ids.numel() < length:
+        raise UserError(f"the evaluation text has {ids.numel()} tokens, fewer than one window of {length}")
+    budget = ids.numel() if max_tokens is None else min(max_tokens, ids.numel())
     n = budget // length
     return ids[: n * length].view(n, length)
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .errors import UserError
+from .paths import check_output_folder
 from .hf_code.modeling_selfpruner import CLASS_FOR_MODEL_TYPE
 from .pruned_model import PrunableModel
 
@@ -30,12 +30,7 @@ MIN_SHARD = 256 * 2**20  # small models still come out as one file
 
 
 def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"output folder {out} is not empty; choose another or pass --force to replace it")
-    return out
+    return check_output_folder(out_dir, force=force)
 
 
 def _plain_config(pm: PrunableModel, shapes: list[dict]) -> dict | None:

@@ -168,6 +168,7 @@ class MemoryPlan:
     shares: list[GpuShare] = field(default_factory=list)
     block_of: list[int] = field(default_factory=list)  # device index (within a replica) of each block
     head_device: int = 0
+    on_cpu: bool = False  # the devices are the CPU (a local run without GPUs): no GPU to speak of
 
     @property
     def usable(self) -> int | None:
@@ -181,8 +182,10 @@ class MemoryPlan:
 
     def lines(self) -> list[str]:
         cap = f" of {gib(self.usable)} usable" if self.usable else ""
-        out = [f"memory plan: {self.params / 1e9:.2f}B parameters, {gib(self.weights)} of weights; "
-               f"{self.replicas} replica(s) of {self.gpus_per_replica} GPU(s) on {self.gpus} GPU(s)"]
+        unit = "CPU device(s)" if self.on_cpu else "GPU(s)"
+        layout = ("1 replica on the CPU" if self.on_cpu and self.gpus == 1 else
+                  f"{self.replicas} replica(s) of {self.gpus_per_replica} {unit} on {self.gpus} {unit}")
+        out = [f"memory plan: {_count(self.params)} parameters, {gib(self.weights)} of weights; {layout}"]
         for s in self.shares:
             where = f"blocks {s.blocks[0]}-{s.blocks[1]}" if s.blocks else "no blocks"
             out.append(f"  device {s.device}: {where}: weights {gib(s.weights)} + copies {gib(s.copies)} + "
@@ -199,6 +202,10 @@ class MemoryPlan:
         m.update({f"model.layers.{i}": devices[d] for i, d in enumerate(self.block_of)})
         m.update({"model.norm": head, "lm_head": head})
         return m
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def _split(size: ModelSize, k: int) -> list[int]:
@@ -248,9 +255,10 @@ def _shares(size: ModelSize, work: Workload, k: int) -> tuple[list[GpuShare], li
 
 
 def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None,
-         gpus_per_replica: int = 0) -> MemoryPlan:
+         gpus_per_replica: int = 0, on_cpu: bool = False) -> MemoryPlan:
     """The split of `config`'s model over the fewest GPUs that hold it (or `gpus_per_replica`),
-    and ⌊gpus / k⌋ replicas. Raises UserError, one line naming what to change, when it cannot fit."""
+    and ⌊gpus / k⌋ replicas. Raises UserError, one line naming what to change, when it cannot fit.
+    `on_cpu`: the devices are the CPU (the plan's lines then speak of it, not of GPUs)."""
     size = ModelSize.of(config)
     gpus = max(1, gpus)
 
@@ -258,7 +266,7 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
         shares, block_of, head = _shares(size, work, k)
         return MemoryPlan(params=size.total_params, weights=size.total_params * work.bytes, gpus=gpus,
                           gpu_memory=gpu_memory, gpus_per_replica=k, replicas=gpus // k, shares=shares,
-                          block_of=block_of, head_device=head)
+                          block_of=block_of, head_device=head, on_cpu=on_cpu)
 
     def fits(p: MemoryPlan) -> bool:
         return p.usable is None or all(s.total <= p.usable for s in p.shares)

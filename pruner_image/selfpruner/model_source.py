@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -50,24 +51,64 @@ def demo_gguf() -> Path:
     return path
 
 
+def check_source(source: str, what: str = "model") -> None:
+    """The cheap checks of a model source, before anything is converted or loaded: it exists,
+    a folder has a config.json, a GGUF file is whole. One line naming the source otherwise."""
+    if source == DEMO:
+        check_gguf(demo_gguf(), what)
+        return
+    if source.startswith("s3://"):
+        raise UserError(f"{what} {source}: s3:// models are read only in a cluster run (a PruneJob with spec.storage, "
+                        "applied with kubectl: its workers fetch the model into their node cache); on this machine, "
+                        "copy the folder here (e.g. aws s3 sync) and give that folder")
+    if source.startswith("hf://"):
+        return
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        check_gguf(path, what)
+        return
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"{what} folder {source} has no config.json; give a Hugging Face model folder")
+        return
+    raise UserError(
+        f"{what} {source!r} not found: give a Hugging Face folder, a .gguf file, hf://org/name or '{DEMO}'"
+    )
+
+
+def check_gguf(gguf: Path, what: str = "model") -> None:
+    """Refuse a GGUF file that is cut short (an interrupted download) or not GGUF at all, in one
+    line and in milliseconds: its header and tensor table are read, no tensor data is."""
+    size = gguf.stat().st_size
+    fix = "download it again" if size else "it is empty; download it again"
+    try:
+        from transformers.integrations.gguf.reader import GgufHeader
+    except ImportError:  # another transformers: its own reader still fails in one line (`_converted`)
+        return
+    try:
+        header = GgufHeader.from_file(str(gguf))
+    except struct.error:
+        raise UserError(f"{what} {gguf}: GGUF file is truncated ({size} bytes end inside its header); {fix}") from None
+    except (ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{what} {gguf}: not a readable GGUF file ({first}); {fix}") from None
+    need = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    if need > size:
+        raise UserError(f"{what} {gguf}: GGUF file is truncated: it has {size} bytes, its tensor table needs "
+                        f"{need}; {fix}")
+
+
 def resolve(source: str) -> tuple[str, bool]:
     """(folder to load, whether it is one of our pruned checkpoints)."""
+    check_source(source)
     if source == DEMO:
         return str(_converted(demo_gguf(), name="smollm2-135m-instruct")), False
-    if source.startswith("s3://"):
-        raise UserError(f"{source}: s3:// model sources need the cluster storage, which this version lacks")
     if source.startswith("hf://"):
         return source[len("hf://"):], False
     path = Path(source)
-    if path.is_file() and path.suffix == ".gguf":
+    if path.is_file():
         return str(_converted(path)), False
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(f"model folder {source} has no config.json; give a Hugging Face model folder")
-        return str(path), (path / "pruning.json").is_file()
-    raise UserError(
-        f"model {source!r} not found: give a Hugging Face folder, a .gguf file, hf://org/name or '{DEMO}'"
-    )
+    return str(path), (path / "pruning.json").is_file()
 
 
 def _converted(gguf: Path, name: str | None = None) -> Path:
@@ -82,8 +123,9 @@ def _converted(gguf: Path, name: str | None = None) -> Path:
     try:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"could not read GGUF file {gguf}: {e}") from None
+    except (OSError, ValueError, KeyError, struct.error) as e:
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"could not read GGUF file {gguf}: {first}") from None
     # the weights are plain float32 now: forget the GGUF "quantisation" so they save as such
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -97,6 +139,17 @@ def _converted(gguf: Path, name: str | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def load_tokenizer(source: str):
+    """The model's tokenizer alone: enough to measure texts before the weights load."""
+    folder, _ = resolve(source)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the tokenizer of model {source}: {str(e).splitlines()[0]}") from None
 
 
 def load_config(source: str):
@@ -146,6 +199,8 @@ def load(source: str = DEMO, *, dtype: str = "float32", device: str = "cpu", che
     of the model is ever made in host memory."""
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    for d in dict.fromkeys(device_map.values()) if device_map else [device]:
+        check_device(d, "device")
     folder, ours = resolve(source)
     config = _config(folder, source)
     if check is not None:
@@ -204,4 +259,29 @@ def _load_split(folder: str, config, cls, dtype: str, device_map: dict[str, str]
 def default_device() -> str:
     import torch
 
-    return os.environ.get("SELFPRUNER_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = os.environ.get("SELFPRUNER_DEVICE")
+    if device:
+        return check_device(device, "SELFPRUNER_DEVICE")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str, what: str = "--device") -> str:
+    """`device` if this machine has it; one line saying which devices it has otherwise. Checked
+    before a model loads: torch itself would say it only once the weights are on their way."""
+    import torch
+
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        d = None
+    if d is None or d.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"{what} {device!r} is not a device; give cpu, cuda or cuda:N")
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"{what} {device}: this machine has no CUDA GPU that torch can use; give cpu")
+        if d.index is not None and d.index >= count:
+            raise UserError(f"{what} {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{what} {device}: this machine has no MPS device; give cpu")
+    return device

@@ -6,7 +6,10 @@ never sees half an entry and two writers of the same entry never write into one 
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
+
+from .errors import UserError
 
 
 def cache_dir(*parts: str) -> Path:
@@ -36,3 +39,40 @@ def publish_dir(staging: Path, root: Path) -> None:
         if not root.is_dir() or not any(root.iterdir()):
             raise
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def check_writable(path: str | Path, what: str, *, folder: bool) -> Path:
+    """Refuse, in one line, an output that cannot be written, before the work that would fill it:
+    `path` is to be a folder (`folder=True`) or a file, written next to its parent and renamed
+    into place. The nearest existing parent must be a folder this process can create entries in;
+    a probe folder proves it (made and removed at once: permissions alone do not tell for root,
+    a read-only mount or /proc). Nothing is left behind."""
+    out = Path(path).expanduser()
+    if out.is_dir() and not folder:
+        raise UserError(f"{what} {out} is a folder; give a file name")
+    if out.exists() and not out.is_dir() and folder:
+        raise UserError(f"{what} {out} is a file; give a folder")
+    parent = out.parent
+    try:
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+    except OSError as e:
+        raise UserError(f"{what} {out} cannot be written: {e.strerror or e}") from None
+    if not parent.is_dir():
+        raise UserError(f"{what} {out}: {parent} is a file, not a folder; give a path in a folder")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".selfpruner-probe-", dir=parent))
+    except OSError as e:
+        raise UserError(f"{what} {out} cannot be written: nothing can be created in {parent} "
+                        f"({e.strerror or e})") from None
+    return out
+
+
+def check_output_folder(path: str | Path, *, force: bool = False, what: str = "output") -> Path:
+    """A folder to write a result into: absent, empty, or (with `force`) to be replaced; and writable."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{what} {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{what} folder {out} is not empty; choose another or pass --force to replace it")
+    return check_writable(out, what, folder=True)

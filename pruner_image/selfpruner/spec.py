@@ -225,6 +225,10 @@ def _place_problems(spec: dict) -> list[str]:
     return problems
 
 
+def _budget_text(given: dict) -> str:
+    return f"{given['tokens']} tokens" if "tokens" in given else f"{given.get('evaluations'):g} evaluations"
+
+
 def _rule_problems(doc: dict) -> list[str]:
     """What neither the schema nor CEL can say well."""
     problems = _cluster_problems(doc["spec"]) + _place_problems(doc["spec"])
@@ -233,8 +237,12 @@ def _rule_problems(doc: dict) -> list[str]:
         problems.append("metadata.name: required; lower-case letters, digits and '-', at most 63 characters")
     s, f = doc["spec"]["search"], doc["spec"]["fitness"]
     given = s.get("budget") or {}
-    if given and s["strategy"] in ("genetic", "llm-evolution"):
-        evaluations = given["tokens"] / f["tokens"] if "tokens" in given else given.get("evaluations", 0)
+    evaluations = (given["tokens"] / f["tokens"] if "tokens" in given else given.get("evaluations", 0)) if given else 0
+    if given and evaluations < 1:  # not one candidate could be scored: the search would end with nothing
+        problems.append(f"spec.search.budget: {_budget_text(given)} pays for less than one evaluation of "
+                        f"spec.fitness.tokens = {f['tokens']} tokens; give at least {f['tokens']} tokens "
+                        "(or evaluations: 1)")
+    elif given and s["strategy"] in ("genetic", "llm-evolution"):
         if evaluations < s["population"]:
             problems.append(f"spec.search.budget: {evaluations:g} full evaluations do not pay for the initial "
                             f"population of {s['population']}; raise the budget or lower spec.search.population")

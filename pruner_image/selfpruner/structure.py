@@ -191,6 +191,29 @@ def _uniform(rates: Rates) -> bool:
     return len(set(rates.block)) == 1
 
 
+MLP_TOLERANCE = 0.05  # of the prunable parameters: what an MLP multiple may add to the rounding of heads
+
+
+def check_mlp_multiple(g: Geometry, rates: Rates, *, head_mode: str, multiple: int, name: str) -> None:
+    """Refuse an MLP multiple so coarse that the rates' ratio is out of reach: wider than the MLP
+    (every pruned MLP would go whole), or rounding the widths so far that the achieved ratio misses
+    by more than `MLP_TOLERANCE` what multiples of 1 achieve. The line names a power of two that
+    reaches it. Cheap (a plan is arithmetic on the config), so callers run it before loading."""
+    width = g.intermediate_size
+    if multiple > width:
+        raise UserError(f"{name} {multiple} is wider than the model's MLP ({width} channels): every pruned MLP "
+                        f"would go whole; give at most {width} (the default, 8, keeps GPU kernels aligned)")
+    ratio = lambda m: plan_from_rates(g, rates, head_mode=head_mode, mlp_multiple=m).achieved_ratio  # noqa: E731
+    fine, got = ratio(1), ratio(multiple)
+    if abs(got - fine) <= MLP_TOLERANCE:
+        return
+    powers = [2 ** i for i in range(multiple.bit_length() - 1, -1, -1) if 2 ** i < multiple]
+    fits = next(m for m in powers + [1] if abs(ratio(m) - fine) <= MLP_TOLERANCE)
+    raise UserError(f"{name} {multiple}: MLP widths in multiples of {multiple} (of {width} channels) reach a "
+                    f"pruning ratio of {got:.2f} where the rates ask {fine:.2f}; give {fits} or another multiple "
+                    "that reaches it")
+
+
 def plan_from_rates(
     g: Geometry, rates: Rates, *, head_mode: str = "per-group", mlp_multiple: int = 8
 ) -> PrunePlan:

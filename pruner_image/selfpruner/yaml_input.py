@@ -3,8 +3,8 @@
 PyYAML alone reads YAML 1.1: `5e-3` becomes a string where kubectl (YAML 1.2) reads a number,
 duplicate keys silently keep the last one (kubectl refuses them), an alias bomb expands into
 billions of nodes once anything walks the result, deep nesting overflows the stack, and `.nan`,
-`.inf` and integers past int64 load fine but cannot be sent to the API server. Each of these is
-one line here, naming where it is.
+`.inf`, integers past int64 and a list or mapping as a key (`? [a, b]`) load fine but cannot be
+sent to the API server. Each of these is one line here, naming where it is.
 """
 
 from __future__ import annotations
@@ -33,6 +33,10 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_12, list("-+01234
 def _no_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
     seen: dict = {}
     for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):  # `? [a, b]`: JSON, and so Kubernetes, has none
+            kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+            raise UserError(f"line {key_node.start_mark.line + 1}: a mapping key is a {kind}; a PruneJob's keys "
+                            "are field names (plain strings)")
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise UserError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on line "

@@ -1,4 +1,5 @@
-"""The in-process executor a PruneJob spec describes: its pruning settings, model and texts.
+"""The in-process executor a PruneJob spec describes: its pruning settings, model and texts,
+checked against the model's config and tokenizer (`check_inputs`) before its weights load.
 Shared by a local run and the cluster's GPU workers, which must not need the search loop. The
 engine (torch, transformers) is imported only when an executor is made: the cluster's controller
 imports the search loop, and this module with it, without ever running a model itself."""
@@ -35,13 +36,44 @@ def make_executor(spec: Section, progress: bool = True, model: str | None = None
     """The in-process executor; `model` and `texts` override where the model and the
     texts are read from (a worker pod passes the node-cache copy of an s3:// model)."""
     from .. import corpus
-    from .local import LocalExecutor
 
     f = spec.spec.fitness
     if texts is None:
         texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
     devices = os.environ.get("SELFPRUNER_DEVICES")
-    return LocalExecutor(model or spec.spec.model.source, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
+    model = model or spec.spec.model.source
+    check_inputs(spec, model, texts, devices.split(",") if devices else [])
+    from .local import LocalExecutor  # the engine: seconds to import, so after the checks
+
+    return LocalExecutor(model, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
                          seq_len=f.seq_len, batch_size=f.batch_size, devices=devices.split(",") if devices else None,
                          progress=progress, gpus_per_replica=spec.spec.evaluator.gpus_per_replica,
                          metric=f.metric, top_k=f.top_k)
+
+
+def check_inputs(spec: Section, model: str, texts: dict[str, str], devices: list[str]) -> None:
+    """What the spec asks of this machine, the model and the texts, checked with the model's config
+    and tokenizer before its weights load or calibration runs; one line naming the field otherwise."""
+    from .. import model_source, preflight, structure
+    from ..architecture import check_supported, geometry_of
+
+    for d in devices:
+        model_source.check_device(d, "SELFPRUNER_DEVICES")
+    s = spec.spec
+    config = model_source.load_config(model)
+    check_supported(config)
+    g = geometry_of(config)
+    structure.check_mlp_multiple(g, structure.Rates.uniform(s.target.ratio, g.num_layers),
+                                 head_mode=s.pruning.head_mode, multiple=s.pruning.mlp_multiple,
+                                 name="spec.pruning.mlpMultiple")
+    tokenizer = model_source.load_tokenizer(model)
+    preflight.calibration_text(tokenizer, engine_settings(spec), text="spec.calibration.text",
+                               windows="spec.calibration.windows", seq_len="spec.calibration.seqLen")
+    f = s.fitness
+    preflight.evaluation_text(tokenizer, f.text, texts["fitness"], seq_len=f.seq_len, tokens=f.tokens, whole=True,
+                              what="spec.fitness.text", lower="spec.fitness.tokens",
+                              asked=f"spec.fitness.tokens {f.tokens}, seqLen {f.seq_len}")
+    preflight.evaluation_text(tokenizer, f.held_out_text, texts["heldout"], seq_len=f.seq_len,
+                              tokens=f.held_out_tokens, what="spec.fitness.heldOutText",
+                              lower="spec.fitness.heldOutTokens",
+                              asked=f"spec.fitness.heldOutTokens {f.held_out_tokens}, seqLen {f.seq_len}")

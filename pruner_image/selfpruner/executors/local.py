@@ -124,7 +124,8 @@ class LocalExecutor:
                                         calibration_seq_len=settings.calibration_seq_len, head_mode=settings.head_mode,
                                         refit=settings.refit)
         plan = memory_plan.plan(load_config(model), workload, gpus=len(devices), gpu_memory=gpu_memory(devices),
-                                gpus_per_replica=gpus_per_replica)
+                                gpus_per_replica=gpus_per_replica,
+                                on_cpu=not any(d.startswith("cuda") for d in devices))
         print("\n".join(plan.lines()), file=sys.stderr, flush=True)
         self.memory_plan = {**plan.to_dict(), "devices": devices}
         self.workers = [_Worker(model, dtype, group, settings, texts, seq_len, batch_size, progress, workload,

@@ -18,6 +18,13 @@ def _baseline_units(name: str, strategy):
     return cls(strategy.ctx).allocation()
 
 
+def _read_whole(scored: int | None, asked: int, seq_len: int) -> bool:
+    """Whether an evaluation that predicted `scored` tokens ran out of text before the `asked`
+    tokens: a text that holds them gives (asked // L) windows of L, each predicting L - 1."""
+    length = min(seq_len, asked)
+    return scored is not None and scored < (asked // length) * (length - 1)
+
+
 def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wall_seconds: float) -> dict:
     f = spec.spec.fitness
     best = strategy.best()
@@ -31,9 +38,12 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     items += [(r, f.held_out_tokens, "heldout", name) for name, r in candidates.items()]
     entries = evaluator.run([(r, t, x, f"report:{n}", None) for r, t, x, n in items], generation=strategy.generation)
     numbers: dict[str, dict] = {}
+    scored = {}  # tokens each text's evaluation predicted: a text shorter than asked gives fewer
     for (rates, tokens, text, name), (entry, _) in zip(items, entries):
         numbers.setdefault(name, {"rates": rates})[text] = entry["fitness"]
         numbers[name]["achieved_ratio"] = entry.get("achieved_ratio")
+        if name == "dense" and entry.get("fitness") is not None:
+            scored[text] = entry.get("tokens")
     checkpoint, zero_shot = None, {}
     search = spec.spec.search
     request = None
@@ -60,10 +70,11 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
         "baselines": {name: {"fitness": numbers[name]["fitness"], "held_out_perplexity": numbers[name]["heldout"],
                              "achieved_ratio": numbers[name]["achieved_ratio"], "rates": numbers[name]["rates"]}
                       for name in spec.spec.search.baselines},
-        "fitness_text": {"text": spec.spec.fitness.text, "tokens": spec.spec.fitness.tokens,
-                         "metric": spec.spec.fitness.metric,
-                         **({"top_k": spec.spec.fitness.top_k} if spec.spec.fitness.metric == "kl" else {})},
-        "held_out_text": {"text": spec.spec.fitness.held_out_text, "tokens": spec.spec.fitness.held_out_tokens},
+        "fitness_text": {"text": f.text, "tokens": scored.get("fitness"), "tokens_asked": f.tokens,
+                         "metric": f.metric, **({"top_k": f.top_k} if f.metric == "kl" else {})},
+        "held_out_text": {"text": f.held_out_text, "tokens": scored.get("heldout"),
+                          "tokens_asked": f.held_out_tokens,
+                          "whole_text": _read_whole(scored.get("heldout"), f.held_out_tokens, f.seq_len)},
         "best_per_generation": strategy.best_per_generation,
         "generations": strategy.generation_log,
         "origins": origin_table(strategy.origins),

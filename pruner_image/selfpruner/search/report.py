@@ -139,6 +139,10 @@ def summary_table(result: dict) -> str:
         fit = r.get("fitness")
         held = r.get("held_out_perplexity")
         lines.append(f"{name:<28}{_num(fit):>12}{_num(held):>14}")
+    held = result.get("held_out_text") or {}
+    if held.get("whole_text"):  # asked for more than the text holds: say what the numbers rest on
+        lines.append(f"held-out text {held['text']}: {held['tokens']} tokens scored, all it holds "
+                     f"(heldOutTokens asked {held['tokens_asked']})")
     c = result["cost"]
     lines.append("")
     lines.append(f"cost: {c['evaluations']} evaluations, {c['tokens_evaluated']} tokens, "

@@ -66,6 +66,32 @@ def _write_json(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
+def _damaged(path: Path, what: str) -> str:
+    return (f"{path} is damaged: {what}. It was left as it is: restore it from a copy to resume, or remove it "
+            f"to start the search over (the evaluations in {path.parent / 'history.jsonl'} are reused)")
+
+
+def read_state(path: Path) -> dict | None:
+    """The saved search state, None where there is none; a damaged file is one line naming it
+    (and is never touched: it may be the only copy of a long search's progress)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(_damaged(path, f"it cannot be read ({e})")) from None
+    try:
+        saved = json.loads(text)
+    except ValueError as e:
+        raise UserError(_damaged(path, f"it is not JSON ({e})")) from None
+    if not isinstance(saved, dict):
+        raise UserError(_damaged(path, f"it holds a JSON {type(saved).__name__}, not the state object"))
+    missing = [k for k in ("spec_hash", "strategy", "rng") if k not in saved]
+    if missing:
+        raise UserError(_damaged(path, f"it lacks {', '.join(missing)}"))
+    return saved
+
+
 def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True, out_dir: str | Path | None = None,
         stop_after_generation: int | None = None, on_checkpoint=None) -> dict:
     """Run (or resume) the search a PruneJob describes; returns result.json's content.
@@ -74,15 +100,23 @@ def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True,
     copies the state to object storage and reports progress there)."""
     started = time.time()
     out = Path(out_dir) if out_dir else output_dir(spec)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the results folder {out}: {e.strerror or e}; set spec.output.path "
+                        "(or --output) to a folder you can write") from None
     state_path = out / STATE
-    saved = json.loads(state_path.read_text()) if state_path.is_file() else None
+    saved = read_state(state_path)
     if saved and saved.get("spec_hash") != spec_hash(spec):
         raise UserError(f"{out} holds a search of a different PruneJob spec; set spec.output.path to another folder "
                         "or remove it")
+    s = spec.spec.search
+    if s.strategy == "llm-evolution" and spec.spec.llm.provider == "local" and llm_client is None:
+        from ..model_source import check_source
+
+        check_source(spec.spec.llm.model, "spec.llm.model")  # a bad LLM should not wait for the model to load
     executor = executor or make_executor(spec, progress)
     space = factory.make_space(spec, executor.geometry)
-    s = spec.spec.search
     budget = spec_budget(spec)
     ctx = factory.make_context(spec, space, executor.prior, budget)
     transcript = make_llm(spec, out, llm_client) if s.strategy == "llm-evolution" else None
@@ -91,8 +125,12 @@ def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True,
     evaluator = Evaluator(executor, history, space)
     wall = 0.0
     if saved:
-        strategy.load_state(saved["strategy"])
-        ctx.rng.bit_generator.state = saved["rng"]
+        try:
+            strategy.load_state(saved["strategy"])
+            ctx.rng.bit_generator.state = saved["rng"]
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+            raise UserError(_damaged(state_path, f"its search state does not fit this search ({type(e).__name__}: "
+                                                 f"{e})")) from None
         wall = saved.get("wall_seconds", 0.0)
 
     def checkpoint() -> None:
