@@ -99,6 +99,12 @@ def test_the_cluster_quick_start_ends_succeeded(world, tmp_path):
         # the installation's key went to the installation's endpoint, and only there
         assert set(chat.authorizations) == {"Bearer replace-me"}
 
+    # what `kubectl get` shows a platform engineer (docs/cluster.md's walkthrough prints the same)
+    table = cluster.kubectl("get", "prunejobs").stdout
+    print(table, cluster.kubectl("get", "prunejobs", "-o", "wide").stdout)
+    header, row = (line.split() for line in table.splitlines())
+    assert header == ["NAME", "PHASE", "REASON", "BEST", "METRIC", "RESTARTS", "SUSPENDED", "AGE"], table
+    assert row[:3] == [doc["metadata"]["name"], "Succeeded", "SearchFinished"] and row[4] == "perplexity", table
     uid = pj["metadata"]["uid"]
     # storage.uri s3://selfpruner (the example's values) -> one run under runs/<uid>/, not runs/runs/
     assert pj["status"]["checkpointURI"] == f"s3://selfpruner/runs/{uid}/checkpoint"
