@@ -29,10 +29,6 @@ HF_CODE = Path(__file__).parent / "hf_code" / "modeling_selfpruner.py"
 MIN_SHARD = 256 * 2**20  # small models still come out as one file
 
 
-def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
-    return check_output_folder(out_dir, force=force)
-
-
 def _plain_config(pm: PrunableModel, shapes: list[dict]) -> dict | None:
     """The original architecture's config for these shapes, or None if it cannot say them."""
     cfg = pm.model.config
@@ -135,7 +131,7 @@ def export(pm: PrunableModel, tokenizer, out_dir: str | Path, *, info: dict, for
     """Save the applied (sliced) candidate. `info` goes into pruning.json (rates, metric, ...)."""
     if pm.plan is None:
         raise ValueError("apply a plan (mode='slice') before exporting")
-    out = check_output_dir(out_dir, force)
+    out = check_output_folder(out_dir, force=force)
     out.parent.mkdir(parents=True, exist_ok=True)
     shapes = pm.block_shapes()
     plain = _plain_config(pm, shapes)

@@ -40,13 +40,13 @@ def make_executor(spec: Section, progress: bool = True, model: str | None = None
     f = spec.spec.fitness
     if texts is None:
         texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
-    devices = os.environ.get("SELFPRUNER_DEVICES")
+    devices = [d for d in os.environ.get("SELFPRUNER_DEVICES", "").split(",") if d] or None
     model = model or spec.spec.model.source
-    check_inputs(spec, model, texts, devices.split(",") if devices else [])
+    check_inputs(spec, model, texts, devices or [])
     from .local import LocalExecutor  # the engine: seconds to import, so after the checks
 
     return LocalExecutor(model, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
-                         seq_len=f.seq_len, batch_size=f.batch_size, devices=devices.split(",") if devices else None,
+                         seq_len=f.seq_len, batch_size=f.batch_size, devices=devices,
                          progress=progress, gpus_per_replica=spec.spec.evaluator.gpus_per_replica,
                          metric=f.metric, top_k=f.top_k)
 
