@@ -227,6 +227,24 @@ def test_stages_max_items_and_int_or_string_and_nullable(cluster):
     assert cluster.create(widget("n", note=None))["spec"]["note"] is None     # nullable keeps its null
 
 
+def test_a_set_list_with_a_repeat_and_a_map_list_with_a_repeated_key_are_refused(cluster):
+    """listType set/map: the API server answers each repeat with a Duplicate value, whatever CEL says."""
+    with pytest.raises(ClusterApiError) as err:
+        cluster.create(prunejob(fitness={"heldOutTexts": ["s3://t/a.txt", "s3://t/b.txt", "s3://t/a.txt"]}))
+    causes = {c["field"]: c for c in err.value.status["details"]["causes"]}
+    assert causes["spec.fitness.heldOutTexts[2]"] == {"reason": "FieldValueDuplicate", "field":
+                                                      "spec.fitness.heldOutTexts[2]",
+                                                      "message": 'Duplicate value: "s3://t/a.txt"'}
+    assert "spec.fitness.heldOutTexts[1]" not in causes
+    assert cluster.create(prunejob("fine", fitness={"heldOutTexts": ["s3://t/a.txt", "s3://t/b.txt"]}))
+    condition = {"type": "Running", "status": "True", "reason": "SearchRunning", "message": "m",
+                 "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    with pytest.raises(ClusterApiError) as err:
+        cluster.patch("prunejobs", "fine", {"status": {"conditions": [condition, {**condition, "status": "False"}]}},
+                      "default", subresource="status")
+    assert 'status.conditions[1]: Duplicate value: {"type":"Running"}' in err.value.status["message"]
+
+
 def test_a_status_write_outside_the_status_schema_is_refused(cluster):
     cluster.create(prunejob())
     with pytest.raises(ClusterApiError) as err:

@@ -76,6 +76,8 @@ def _strict(node: dict) -> dict:
         node.setdefault("additionalProperties", False)
     if node.get("type") == "array" and isinstance(node.get("items"), dict):
         node["items"] = _strict(node["items"])
+        if node.get("x-kubernetes-list-type") == "set":  # the API server answers a repeat "Duplicate value"
+            node["uniqueItems"] = True
     return node
 
 

@@ -247,6 +247,7 @@ def _check_array(node: dict[str, Any], value: list[Any], old: list[Any] | None, 
     if "minItems" in node and len(value) < node["minItems"]:
         errors.append(FieldError(path, "Invalid", f"{path} in body should have at least {node['minItems']} items",
                                  len(value)))
+    _check_list_type(node, value, path, errors)
     items = node.get("items")
     if not isinstance(items, dict):
         return
@@ -254,6 +255,22 @@ def _check_array(node: dict[str, Any], value: list[Any], old: list[Any] | None, 
     for i, item in enumerate(value):
         has, prior = olds[i]
         _check(items, item, prior, has, _index(path, i), errors)
+
+
+def _check_list_type(node: dict[str, Any], value: list[Any], path: str, errors: list[FieldError]) -> None:
+    """`x-kubernetes-list-type: set` items and `map` keys are unique: the API server answers each
+    repeat with a Duplicate value (apiextensions' listtype validation), before any CEL rule runs."""
+    kind = node.get("x-kubernetes-list-type")
+    if kind not in ("set", "map"):
+        return
+    keys = node.get("x-kubernetes-list-map-keys") or []
+    seen: list[Any] = []
+    for i, item in enumerate(value):
+        key = item if kind == "set" else {k: item.get(k) for k in keys if isinstance(item, dict) and k in item}
+        if any(same(key, s) for s in seen):
+            errors.append(FieldError(_index(path, i), "Duplicate", "", key))
+        else:
+            seen.append(key)
 
 
 def _check_value(node: dict[str, Any], value: Any, path: str, errors: list[FieldError]) -> None:

@@ -173,6 +173,8 @@ def _demo_problems(spec: dict, policy: dict, installation: dict) -> list[str]:
     if not policy.get("allowDemoTexts"):
         demo = [f"spec.{section}.{field}" for section, field in TEXT_FIELDS
                 if str((full.get(section) or {}).get(field) or "").startswith(DEMO_TEXT_PREFIX)]
+        demo += [f"spec.fitness.heldOutTexts[{i}]" for i, t in enumerate((full.get("fitness") or {}).get("heldOutTexts") or [])
+                 if str(t).startswith(DEMO_TEXT_PREFIX)]
         if demo:
             out.append(f"{', '.join(demo)}: demo texts (the default where a PruneJob names none) are fetched from "
                        f"PyPI by the pods at run time, which a cluster's pods cannot rely on; give "

@@ -31,7 +31,7 @@ from .. import spec as spec_mod
 from ..errors import UserError
 from ..executors.base import EvalOutcome, EvalTask
 from ..paths import cache_dir
-from ..executors.for_spec import make_executor
+from ..executors.for_spec import load_texts, make_executor
 from ..storage import ObjectNotFound, open_store
 from . import pod_env
 from .layout import Layout
@@ -97,7 +97,7 @@ def _executor(spec, store, layout, opts):
         if not target.exists():
             store.get_file(key, target)
     f = spec.spec.fitness
-    texts = {"fitness": _local_text(f.text, opts), "heldout": _local_text(f.held_out_text, opts)}
+    texts = load_texts(f, lambda source: _local_text(source, opts))
     if spec.spec.calibration.text.startswith("s3://"):
         path = Path(tempfile.mkdtemp()) / "calibration.txt"
         path.write_text(_local_text(spec.spec.calibration.text, opts))

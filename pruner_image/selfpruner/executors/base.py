@@ -10,7 +10,7 @@ from typing import Protocol
 class EvalTask:
     rates: dict | list  # Rates.to_json()
     tokens: int  # fidelity; 0 means the whole text
-    text: str = "fitness"  # or "heldout"
+    text: str = "fitness"  # or a held-out text's label: "heldout", "heldout-2", ... (for_spec.held_out_texts)
     # None: the fixed windows (the first that fit `tokens`); a number: windows drawn afresh from the
     # whole text with this seed (evaluate.select_windows), the same on every machine
     sample: int | None = None

@@ -32,6 +32,21 @@ def workload(spec: Section):
                     refit=s.pruning.refit)
 
 
+def held_out_texts(fitness) -> list[tuple[str, str, str]]:
+    """(label, source, field) of every held-out text: `heldout` for heldOutText, `heldout-2` ... for
+    heldOutTexts. The labels name the texts in evaluation tasks and the fitness cache, so they must
+    not change with a text's source (a file moved) and must stay short and plain."""
+    out = [("heldout", fitness.held_out_text, "spec.fitness.heldOutText")]
+    out += [(f"heldout-{i + 2}", source, f"spec.fitness.heldOutTexts[{i}]")
+            for i, source in enumerate(fitness.get("heldOutTexts") or [])]
+    return out
+
+
+def load_texts(fitness, load) -> dict[str, str]:
+    """{label: text} of the fitness text and every held-out text, each read with `load(source)`."""
+    return {"fitness": load(fitness.text), **{label: load(source) for label, source, _ in held_out_texts(fitness)}}
+
+
 def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None):
     """The in-process executor; `model` and `texts` override where the model and the
     texts are read from (a worker pod passes the node-cache copy of an s3:// model)."""
@@ -39,7 +54,7 @@ def make_executor(spec: Section, progress: bool = True, model: str | None = None
 
     f = spec.spec.fitness
     if texts is None:
-        texts = {"fitness": corpus.load_text(f.text), "heldout": corpus.load_text(f.held_out_text)}
+        texts = load_texts(f, corpus.load_text)
     devices = [d for d in os.environ.get("SELFPRUNER_DEVICES", "").split(",") if d] or None
     model = model or spec.spec.model.source
     check_inputs(spec, model, texts, devices or [])
@@ -73,7 +88,7 @@ def check_inputs(spec: Section, model: str, texts: dict[str, str], devices: list
     preflight.evaluation_text(tokenizer, f.text, texts["fitness"], seq_len=f.seq_len, tokens=f.tokens, whole=True,
                               what="spec.fitness.text", lower="spec.fitness.tokens",
                               asked=f"spec.fitness.tokens {f.tokens}, seqLen {f.seq_len}")
-    preflight.evaluation_text(tokenizer, f.held_out_text, texts["heldout"], seq_len=f.seq_len,
-                              tokens=f.held_out_tokens, what="spec.fitness.heldOutText",
-                              lower="spec.fitness.heldOutTokens",
-                              asked=f"spec.fitness.heldOutTokens {f.held_out_tokens}, seqLen {f.seq_len}")
+    for label, source, field in held_out_texts(f):
+        preflight.evaluation_text(tokenizer, source, texts[label], seq_len=f.seq_len,
+                                  tokens=f.held_out_tokens, what=field, lower="spec.fitness.heldOutTokens",
+                                  asked=f"spec.fitness.heldOutTokens {f.held_out_tokens}, seqLen {f.seq_len}")

@@ -67,7 +67,7 @@ class _Worker:
             try:
                 plan = self.plan(task.rates)
                 model, ids, tokens = self.eng.loaded.model, self.ids[task.text], task.tokens or None
-                kl = self.metric == "kl" and task.text != "heldout"
+                kl = self.metric == "kl" and task.text == "fitness"
                 if kl:  # the dense reference of the task's windows, before the candidate: not timed
                     picked, wins = evaluate.select_windows(ids, self.seq_len, tokens, task.sample)
                     reference = self.reference(ids, picked, wins.shape[1])

@@ -4,10 +4,12 @@ the checkpoint exported, zero-shot tasks run, and `result.json` and the plots wr
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 from .. import zero_shot as zs
+from ..executors.for_spec import held_out_texts
 from ..structure import Rates
 from .baselines import Owl, Uniform
 from .report import llm_summary, origin_table, plot
@@ -25,6 +27,26 @@ def _read_whole(scored: int | None, asked: int, seq_len: int) -> bool:
     return scored is not None and scored < (asked // length) * (length - 1)
 
 
+def geometric_mean(values: list) -> float | None:
+    """Over held-out texts of several domains: a perplexity ratio counts the same on every text,
+    so an easy text (low perplexity) does not drown out a hard one. None when one is missing."""
+    if not values or any(v is None or not v > 0 or math.isinf(v) for v in values):
+        return None
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _held_out(row: dict) -> dict:
+    """A result row's held-out figures: the first text's perplexity (`held_out_perplexity`, what
+    status and the metrics show), every text's in spec order, and their geometric mean."""
+    return {"held_out_perplexity": row["held_out"][0], "held_out_perplexities": row["held_out"],
+            "held_out_geometric_mean": geometric_mean(row["held_out"])}
+
+
+def _text_record(source: str, scored: int | None, f) -> dict:
+    return {"text": source, "tokens": scored, "tokens_asked": f.held_out_tokens,
+            "whole_text": _read_whole(scored, f.held_out_tokens, f.seq_len)}
+
+
 def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wall_seconds: float) -> dict:
     f = spec.spec.fitness
     best = strategy.best()
@@ -34,8 +56,10 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     dense = Rates.uniform(0.0, executor.geometry.num_layers).to_json()
     items = [(dense, f.tokens, "fitness", "dense")]
     items += [(r, f.tokens, "fitness", name) for name, r in candidates.items()]
-    items += [(dense, f.held_out_tokens, "heldout", "dense")]
-    items += [(r, f.held_out_tokens, "heldout", name) for name, r in candidates.items()]
+    held = held_out_texts(f)
+    for label, _, _ in held:
+        items += [(dense, f.held_out_tokens, label, "dense")]
+        items += [(r, f.held_out_tokens, label, name) for name, r in candidates.items()]
     entries = evaluator.run([(r, t, x, f"report:{n}", None) for r, t, x, n in items], generation=strategy.generation)
     numbers: dict[str, dict] = {}
     scored = {}  # tokens each text's evaluation predicted: a text shorter than asked gives fewer
@@ -44,6 +68,8 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
         numbers[name]["achieved_ratio"] = entry.get("achieved_ratio")
         if name == "dense" and entry.get("fitness") is not None:
             scored[text] = entry.get("tokens")
+    for row in numbers.values():
+        row["held_out"] = [row.get(label) for label, _, _ in held]
     checkpoint, zero_shot = None, {}
     search = spec.spec.search
     request = None
@@ -64,17 +90,16 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
         "strategy": strategy.name,
         "target_ratio": space.ratio,
         "best": {"rates": candidates["best"], "fitness": numbers["best"]["fitness"],
-                 "held_out_perplexity": numbers["best"]["heldout"],
+                 **_held_out(numbers["best"]),
                  "achieved_ratio": numbers["best"]["achieved_ratio"], "origin": best.origin},
-        "dense": {"fitness": numbers["dense"]["fitness"], "held_out_perplexity": numbers["dense"]["heldout"]},
-        "baselines": {name: {"fitness": numbers[name]["fitness"], "held_out_perplexity": numbers[name]["heldout"],
+        "dense": {"fitness": numbers["dense"]["fitness"], **_held_out(numbers["dense"])},
+        "baselines": {name: {"fitness": numbers[name]["fitness"], **_held_out(numbers[name]),
                              "achieved_ratio": numbers[name]["achieved_ratio"], "rates": numbers[name]["rates"]}
                       for name in spec.spec.search.baselines},
         "fitness_text": {"text": f.text, "tokens": scored.get("fitness"), "tokens_asked": f.tokens,
                          "metric": f.metric, **({"top_k": f.top_k} if f.metric == "kl" else {})},
-        "held_out_text": {"text": f.held_out_text, "tokens": scored.get("heldout"),
-                          "tokens_asked": f.held_out_tokens,
-                          "whole_text": _read_whole(scored.get("heldout"), f.held_out_tokens, f.seq_len)},
+        "held_out_text": _text_record(f.held_out_text, scored.get("heldout"), f),
+        "held_out_texts": [_text_record(source, scored.get(label), f) for label, source, _ in held],
         "best_per_generation": strategy.best_per_generation,
         "generations": strategy.generation_log,
         "origins": origin_table(strategy.origins),

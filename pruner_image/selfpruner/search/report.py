@@ -134,15 +134,27 @@ def summary_table(result: dict) -> str:
     rows += [(name, b) for name, b in result["baselines"].items()]
     rows += [(f"searched ({result['strategy']})", result["best"])]
     metric = (result.get("fitness_text") or {}).get("metric", "perplexity")
-    lines = [f"{'allocation':<28}{'fitness KL' if metric == 'kl' else 'fitness ppl':>12}{'held-out ppl':>14}"]
+    texts = result.get("held_out_texts") or [result.get("held_out_text") or {}]
+    header = f"{'allocation':<28}{'fitness KL' if metric == 'kl' else 'fitness ppl':>12}"
+    if len(texts) == 1:
+        header += f"{'held-out ppl':>14}"
+    else:  # one column per domain, then their geometric mean; the texts are named below the table
+        header += "".join(f"{f'held-out {i + 1}':>12}" for i in range(len(texts))) + f"{'geo-mean':>10}"
+    lines = [header]
     for name, r in rows:
-        fit = r.get("fitness")
-        held = r.get("held_out_perplexity")
-        lines.append(f"{name:<28}{_num(fit):>12}{_num(held):>14}")
-    held = result.get("held_out_text") or {}
-    if held.get("whole_text"):  # asked for more than the text holds: say what the numbers rest on
-        lines.append(f"held-out text {held['text']}: {held['tokens']} tokens scored, all it holds "
-                     f"(heldOutTokens asked {held['tokens_asked']})")
+        line = f"{name:<28}{_num(r.get('fitness')):>12}"
+        if len(texts) == 1:
+            line += f"{_num(r.get('held_out_perplexity')):>14}"
+        else:
+            line += "".join(f"{_num(p):>12}" for p in r.get("held_out_perplexities") or [None] * len(texts))
+            line += f"{_num(r.get('held_out_geometric_mean')):>10}"
+        lines.append(line)
+    for i, held in enumerate(texts):
+        if len(texts) > 1:
+            lines.append(f"held-out {i + 1}: {held.get('text')}")
+        if held.get("whole_text"):  # asked for more than the text holds: say what the numbers rest on
+            lines.append(f"held-out text {held['text']}: {held['tokens']} tokens scored, all it holds "
+                         f"(heldOutTokens asked {held['tokens_asked']})")
     c = result["cost"]
     lines.append("")
     lines.append(f"cost: {c['evaluations']} evaluations, {c['tokens_evaluated']} tokens, "
