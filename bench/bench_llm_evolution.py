@@ -15,6 +15,9 @@ offspring with that of classical ones.
         --llm smollm2=M.gguf,qwen05=Q.gguf --ratios 0.3,0.5 --seeds 0,1,2 --out llm.json
     # CPU smoke test: tiny random Llama, the demo model as the LLM, a tiny budget
     PYTHONPATH=pruner_image .venv/bin/python bench/bench_llm_evolution.py --tiny
+    # what each item of llm.evidence adds (one variant each: none is the prompts measured so far)
+    ... --strategies llm-evolution \
+        --evidence none,calibration,calibration+correlations,calibration+correlations+feedback
     # the table from run folders only (no GPU)
     PYTHONPATH=pruner_image python3 bench/bench_llm_evolution.py --report-only --workdir W ...
 
@@ -52,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--allocation", default="adaptive",
                    help="adaptive (the default: operators share the offspring by success), fixed (the paper's: "
                         "every offspring the LLM's) or both")
+    p.add_argument("--evidence", default="none",
+                   help="VARIANT,...: llm.evidence of llm-evolution, one run each; a variant is none or items joined "
+                        "by + (calibration+correlations+feedback)")
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
@@ -86,7 +92,7 @@ def sha256(path: str) -> str:
 
 
 def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, selection: bool, operators: str,
-        out: Path, allocation: str = "adaptive") -> dict:
+        out: Path, allocation: str = "adaptive", evidence: str = "none") -> dict:
     spec = {"model": {"source": src["model"]},
             "target": {"ratio": ratio, "minRate": 0.0, "maxRate": a.max_rate},
             "pruning": {"metric": "wanda-sp", "biasCompensation": True},
@@ -96,10 +102,15 @@ def job(a, src: dict, ratio: float, strategy: str, seed: int, llm_source: str, s
             "search": {"strategy": strategy, "population": a.population, "generations": a.generations,
                        "crossovers": a.offspring, "mutations": a.offspring, "seed": seed, "baselines": ["uniform"]},
             "llm": {"provider": "local", "model": llm_source, "temperature": a.temperature, "seed": seed,
-                    "selection": selection, "operators": operators, "allocation": allocation},
+                    "selection": selection, "operators": operators, "allocation": allocation,
+                    "evidence": evidence_items(evidence)},
             "output": {"path": str(out), "export": False}}
     return {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
             "metadata": {"name": f"bench-{strategy}"}, "spec": spec}
+
+
+def evidence_items(variant: str) -> list[str]:
+    return [] if variant in ("none", "") else variant.split("+")
 
 
 def plan(a) -> list[dict]:
@@ -113,15 +124,16 @@ def plan(a) -> list[dict]:
             for strategy in a.strategies.split(","):
                 if strategy != "llm-evolution":
                     runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": None, "selection": None,
-                                 "operators": None, "allocation": None})
+                                 "operators": None, "allocation": None, "evidence": None})
                     continue
                 for name, source in llms.items():
                     for sel in selections:
                         for ops in operator_modes:
                             for alloc in allocations:
-                                runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": name,
-                                             "llm_source": source, "selection": sel, "operators": ops,
-                                             "allocation": alloc})
+                                for ev in a.evidence.split(","):
+                                    runs.append({"ratio": ratio, "seed": seed, "strategy": strategy, "llm": name,
+                                                 "llm_source": source, "selection": sel, "operators": ops,
+                                                 "allocation": alloc, "evidence": ev})
     return runs
 
 
@@ -129,7 +141,10 @@ def label(run: dict) -> str:
     if run["strategy"] != "llm-evolution":
         return run["strategy"]
     extra = ("" if run["selection"] else ", tournament") + ("" if run["operators"] == "whole" else ", edits") + \
-        (", fixed" if run.get("allocation") == "fixed" else "")
+        (", fixed" if run.get("allocation") == "fixed" else "") + \
+        (f", {run['evidence']}" if run.get("evidence") not in (None, "none") else "")
+    for item, short in (("calibration", "cal"), ("correlations", "corr"), ("feedback", "fb")):  # the table's width
+        extra = extra.replace(item, short)
     return f"llm-evolution[{run['llm']}{extra}]"
 
 
@@ -292,7 +307,8 @@ def main(argv=None) -> int:
     executor, clients, rows = None, {}, []
     for run in plan(a):
         doc = job(a, src, run["ratio"], run["strategy"], run["seed"], run.get("llm_source") or "demo",
-                  bool(run["selection"]), run["operators"] or "whole", a.workdir, run["allocation"] or "adaptive")
+                  bool(run["selection"]), run["operators"] or "whole", a.workdir, run["allocation"] or "adaptive",
+                  run["evidence"] or "none")
         key = runner.spec_hash(spec_mod.parse(doc))
         out = a.workdir / f"r{run['ratio']}-s{run['seed']}-{label(run).replace('[', '-').replace(']', '')}-{key}"
         out = Path(str(out).replace(", ", "-").replace(" ", ""))
@@ -303,7 +319,8 @@ def main(argv=None) -> int:
         if not done:
             spec = spec_mod.parse(job(a, src, run["ratio"], run["strategy"], run["seed"],
                                       run.get("llm_source") or "demo", bool(run["selection"]),
-                                      run["operators"] or "whole", out, run["allocation"] or "adaptive"))
+                                      run["operators"] or "whole", out, run["allocation"] or "adaptive",
+                                      run["evidence"] or "none"))
             if executor is None:  # one pruned model, calibrated once, shared by every run
                 executor = make_executor(spec, progress=False)
             client = None
@@ -322,14 +339,14 @@ def main(argv=None) -> int:
         rows.append(summarize(run, json.loads((out / "result.json").read_text())))
 
     groups = aggregate(rows)
-    print(f"\n{'β':>4} {'strategy':<34}{'seeds':>6}{'best fitness':>16}{'held-out':>16}{'used':>7}"
+    print(f"\n{'β':>4} {'strategy':<40}{'seeds':>6}{'best fitness':>16}{'held-out':>16}{'used':>7}"
           f"{'LLM s/gen':>10}{'eval s/gen':>11}{'LLM in':>8}")
     for g in groups:
         used = f"{g['used_share']:.0%}" if "used_share" in g else "-"
         llm_s = f"{g['llm_seconds_per_generation']:.1f}" if "used_share" in g else "-"
         ev = f"{g['evaluation_seconds_per_generation']:.1f}" if "used_share" in g else "-"
         entered = g.get("llm_entered_share", g.get("classical_entered_share"))
-        print(f"{g['ratio']:>4} {g['label']:<34}{g['seeds']:>6}"
+        print(f"{g['ratio']:>4} {g['label']:<40}{g['seeds']:>6}"
               f"{g['best_fitness_mean']:>9.2f} ± {g['best_fitness_sd']:<4.2f}{g['held_out_mean']:>9.2f} ± "
               f"{g['held_out_sd']:<4.2f}{used:>7}{llm_s:>10}{ev:>11}"
               f"{'-' if entered is None else f'{entered:.0%}':>8}")

@@ -11,7 +11,9 @@
 #
 # Variables: MODEL (the demo GGUF: the model pruned, and the first LLM), QWEN (the second LLM's GGUF,
 # Qwen2.5-Coder-0.5B-Instruct; its sha256 is checked), WORK, LOGS, SEEDS (0,1,2), RATIOS (0.3 0.5),
-# ALLOCATIONS (the demo LLM's: "adaptive fixed"), QWEN_ALLOCATIONS ("adaptive").
+# ALLOCATIONS (the demo LLM's: "adaptive fixed"), QWEN_ALLOCATIONS ("adaptive"), EVIDENCE (llm.evidence
+# variants of every LLM run, e.g. none,calibration,calibration+correlations,calibration+correlations+feedback;
+# default none).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf}
@@ -25,6 +27,7 @@ QWEN_SEEDS=${QWEN_SEEDS:-$SEEDS}            # the second LLM's seeds (it arrives
 QWEN_EXTRAS=${QWEN_EXTRAS:-}               # ablations of the second LLM (tournament, edits), at the first ratio and seed
 ALLOCATIONS=${ALLOCATIONS:-adaptive fixed}
 QWEN_ALLOCATIONS=${QWEN_ALLOCATIONS:-adaptive}
+EVIDENCE=${EVIDENCE:-none}
 export PYTHONPATH=pruner_image${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=2 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 
 launch() {  # launch NAME ARGS...: one detached process, its log and JSON under $LOGS
@@ -46,7 +49,7 @@ start)
         for s in ${SEEDS//,/ }; do
             for alloc in $ALLOCATIONS; do
                 launch "smollm2-$r-s$s-$alloc" --ratios "$r" --seeds "$s" --strategies llm-evolution \
-                    --llm "smollm2=$MODEL" --allocation "$alloc"
+                    --llm "smollm2=$MODEL" --allocation "$alloc" --evidence "$EVIDENCE"
             done
         done
     done
@@ -61,7 +64,7 @@ wait-qwen)
         for s in ${QWEN_SEEDS//,/ }; do
             for alloc in $QWEN_ALLOCATIONS; do
                 launch "qwen05-$r-s$s-$alloc" --ratios "$r" --seeds "$s" --strategies llm-evolution \
-                    --llm "qwen05=$QWEN" --sha256 "qwen05=$QWEN_SHA" --allocation "$alloc"
+                    --llm "qwen05=$QWEN" --sha256 "qwen05=$QWEN_SHA" --allocation "$alloc" --evidence "$EVIDENCE"
             done
         done
     done

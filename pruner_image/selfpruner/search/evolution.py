@@ -123,8 +123,7 @@ class Evolution(Strategy):
             kept = {id(req) for req, _ in best}
             for req in requests:
                 if id(req) not in kept:  # screened out: made, never entered
-                    self.note_offspring(req.origin, False, req.parent_fitness, None)
-                    self._credit(req, False)
+                    self._settle(req, False, None)
             self._pending = [Offspring(req.units, req.origin, req.parent_fitness, req.arms) for req, _ in best]
             self._stage += 1
             if self._stage >= len(self.ctx.stages):
@@ -141,8 +140,7 @@ class Evolution(Strategy):
         survivors = {id(m) for m in self.population}
         for req, res in zip(requests, results):
             entered = id(req) in members and id(members[id(req)]) in survivors
-            self.note_offspring(req.origin, entered, req.parent_fitness, res.fitness)
-            self._credit(req, entered)
+            self._settle(req, entered, res.fitness)
         if self.allocation is not None:
             self.allocation.end_generation()
         self.record_generation()
@@ -151,7 +149,11 @@ class Evolution(Strategy):
         self._phase = "propose"
         self.at_boundary = True
 
-    def _credit(self, req: Request, entered: bool) -> None:
+    def _settle(self, req: Request, entered: bool, fitness: float | None) -> None:
+        """An offspring's fate, once known: screened out (in a screen's tell, fitness None), or its full
+        evaluation (None if it failed) and whether it entered the population. Counted per origin and
+        credited to the operators that made it."""
+        self.note_offspring(req.origin, entered, req.parent_fitness, fitness)
         if self.allocation is not None and req.arms:
             self.allocation.credit(req.arms, entered)
 

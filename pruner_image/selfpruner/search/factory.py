@@ -75,7 +75,7 @@ def make_strategy(name: str, spec, ctx: Context, geometry=None, llm=None):
             raise ValueError("llm-evolution needs an LLM")
         proposer = LLMProposer(llm, model_description(spec, geometry, ctx.prior),
                                per_call=spec.spec.llm.offspring_per_call, select=spec.spec.llm.selection,
-                               edits=spec.spec.llm.operators == "edits")
+                               edits=spec.spec.llm.operators == "edits", evidence=spec.spec.llm.evidence)
         return LLMEvolution(ctx, proposer=proposer, adaptive=spec.spec.llm.allocation == "adaptive", **kw)
     cls = {"genetic": Evolution, "random": RandomSearch, "uniform": Uniform, "owl": Owl, "evopress": EvoPress}
     if name not in cls:

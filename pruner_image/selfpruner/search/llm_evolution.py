@@ -9,7 +9,9 @@ With `llm.operators: edits` a crossover is written as a choice of parent per blo
 (`{"moves":[[from,to,percent],...]}`, the mean kept exactly), in the manner of diff-based
 LLM evolution; the paper's whole candidates (`whole`) stay the default.
 
-Prompts are templates in `prompts/`; candidates travel as integer percents (`encoding.py`)
+Prompts are templates in `prompts/`, showing the population sorted by fitness and, with
+`llm.evidence`, the calibration statistics, what the history says of each position and how the LLM's
+own last offspring did (evidence.py); candidates travel as integer percents (`encoding.py`)
 and every request carries its reply's JSON schema, so a constrained local model or a
 structured-outputs endpoint can only write valid candidates. A generation costs two LLM
 rounds: the selection (one call), then all crossover and mutation prompts as one batch.
@@ -30,11 +32,13 @@ from string import Template
 
 import numpy as np
 
+from . import evidence as evidence_mod
 from . import operators
 from .allocation import CROSSOVER, LLM_CROSSOVER, LLM_MUTATION, LLM_SELECTION, MUTATION, TOURNAMENT, Allocation
 from .encoding import Codec, moves_schema, projection_distance, selection_schema, take_schema
 from .evolution import ClassicalProposer, Evolution, Offspring
 from .replies import first_object, parse_candidates, parse_selection
+from .strategy import Request
 
 PROMPTS = resources.files("selfpruner.search") / "prompts"
 
@@ -46,7 +50,8 @@ def template(name: str) -> Template:
 
 
 class LLMProposer(ClassicalProposer):
-    def __init__(self, llm, description: dict, per_call: int = 1, select: bool = True, edits: bool = False):
+    def __init__(self, llm, description: dict, per_call: int = 1, select: bool = True, edits: bool = False,
+                 evidence: tuple[str, ...] = ()):
         self.llm = llm  # a Transcript
         self.description = description
         self.label = description.get("fitness_label", "perplexity")  # next to each candidate's fitness
@@ -54,6 +59,7 @@ class LLMProposer(ClassicalProposer):
         self.per_call = per_call
         self.select = select
         self.edits = edits  # crossovers as a choice of parent per block, mutations as moves
+        self.evidence = tuple(evidence)  # what the prompts show besides the population (evidence.py)
 
     # -- prompts ---------------------------------------------------------------------
     def _messages(self, name: str, strategy: Evolution, **extra) -> list[dict]:
@@ -63,7 +69,7 @@ class LLMProposer(ClassicalProposer):
         n = space.num_blocks
         shape = f'{{"attention":[{n} rates],"mlp":[{n} rates]}}' if space.separate else f"[{space.dim} rates]"
         values.update(dim=space.dim, last=space.dim - 1, ratio=codec.target_text, units=codec.unit_text, shape=shape,
-                      **extra)
+                      **evidence_mod.texts(self.evidence, strategy, self.label, self.digits), **extra)
         return [{"role": "system", "content": template("system").template.strip()},
                 {"role": "user", "content": template(name).substitute(values).strip()}]
 
@@ -371,12 +377,19 @@ class LLMEvolution(Evolution):
     def __init__(self, ctx, proposer=None, adaptive: bool = True, **kw):
         super().__init__(ctx, proposer=proposer, **kw)
         self.allocation = Allocation(adaptive=adaptive)
+        self.record = evidence_mod.Record(self.proposer.evidence)  # what the prompts' evidence is made of
+
+    def _settle(self, req: Request, entered: bool, fitness: float | None) -> None:
+        super()._settle(req, entered, fitness)
+        self.record.note(req, entered, fitness, self.generation)
 
     def extra_state(self) -> dict:
         state = super().extra_state()
         state["llm_calls"] = self.proposer.llm.calls
+        state.update(self.record.state())
         return state
 
     def load_extra_state(self, extra: dict) -> None:
         super().load_extra_state(extra)
         self.proposer.llm.rewind(extra.get("llm_calls", 0))
+        self.record.load(extra)
