@@ -1,5 +1,6 @@
-"""Shared pieces of the GPU benchmarks: a LLaMA-2-7B-shaped model with random weights,
-the candidate plans, synchronized timing, export + standalone load, throughput."""
+"""Shared pieces of the GPU benchmarks: LLaMA-2-7B- and 70B-shaped models with random weights,
+the candidate plans, synchronized timing, export + standalone load, throughput (prefill, decode
+at several batch sizes, where prefill time goes)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,25 @@ import torch
 PLAN_NAMES = ("uniform-0.2", "uniform-0.3", "uniform-0.5", "ramp-0.3")
 
 
-def llama_config(tiny: bool = False):
+SHAPES = {  # LLaMA-2 shapes; "tiny" keeps each shape's proportions (heads, KV groups, MLP / hidden)
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, head_dim=128, vocab_size=32000),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, head_dim=128, vocab_size=32000),
+}
+TINY = {
+    "llama2-7b": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
+                      num_key_value_heads=8, head_dim=8, vocab_size=512),
+    # 1/32 of the width: 64 heads in 8 KV groups of head_dim 4, MLP 3.5 x hidden, so plans round alike
+    "llama2-70b": dict(hidden_size=256, intermediate_size=896, num_hidden_layers=3, num_attention_heads=64,
+                       num_key_value_heads=8, head_dim=4, vocab_size=512),
+}
+
+
+def llama_config(tiny: bool = False, shape: str = "llama2-7b"):
     from transformers import LlamaConfig
 
-    if tiny:  # a few-second smoke test of the same code path
-        kw = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=512)
-    else:  # LLaMA-2-7B
-        kw = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=32, vocab_size=32000)
+    kw = (TINY if tiny else SHAPES)[shape]  # tiny: a few-second smoke test of the same code path
     return LlamaConfig(max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
                        attn_implementation="sdpa", **kw)
 
@@ -117,22 +128,48 @@ def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def reset_peak() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib() -> float | None:
+    """torch.cuda.max_memory_allocated since the last reset_peak(), GiB (None on the CPU)."""
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
 @torch.no_grad()
 def prefill_throughput(model, *, batch: int, seq: int, vocab: int, warmup: int = 1, repeats: int = 3) -> dict:
-    """Tokens/s of one forward over [batch, seq] (no cache, logits of the last position only)."""
+    """Tokens/s of one forward over [batch, seq] (no cache, logits of the last position only).
+    Out of GPU memory, the batch is halved until it fits; `oom_batches` records the ones that did not."""
     device = next(model.parameters()).device
-    ids = torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
-    med, times, _ = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits,
-                          warmup=warmup, repeats=repeats)
-    return {"batch": batch, "seq": seq, "median_s": med, "times_s": times, "tokens_per_s": batch * seq / med}
+    oom = []
+    while True:
+        reset_peak()
+        ids = torch.randint(vocab, (batch, seq), generator=torch.Generator().manual_seed(1)).to(device)
+        try:
+            med, times, _ = timed(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits,
+                                  warmup=warmup, repeats=repeats)
+            break
+        except torch.cuda.OutOfMemoryError:
+            del ids
+            oom.append(batch)
+            if batch == 1:
+                raise
+            print(f"prefill batch {batch} x {seq}: out of GPU memory, trying {batch // 2}", flush=True)
+            batch //= 2
+    return {"batch": batch, "seq": seq, "median_s": med, "times_s": times, "tokens_per_s": batch * seq / med,
+            "oom_batches": oom, "peak_gib": peak_gib()}
 
 
 @torch.no_grad()
-def decode_throughput(model, *, prompt: int, new: int, vocab: int, repeats: int = 3) -> dict:
-    """Batch-1 greedy decode with the KV cache: new tokens per second, the prompt's
-    prefill taken out as (time for `new` tokens - time for 1 token) / (new - 1)."""
+def decode_throughput(model, *, prompt: int, new: int, vocab: int, repeats: int = 3, batch: int = 1) -> dict:
+    """Greedy decode of `batch` sequences with the KV cache (generate): new tokens per second over
+    the batch, the prompt's prefill taken out as (time for `new` tokens - time for 1 token) / (new - 1)."""
     device = next(model.parameters()).device
-    ids = torch.randint(vocab, (1, prompt), generator=torch.Generator().manual_seed(2)).to(device)
+    reset_peak()
+    ids = torch.randint(vocab, (batch, prompt), generator=torch.Generator().manual_seed(2)).to(device)
 
     def gen(n):
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
@@ -140,28 +177,31 @@ def decode_throughput(model, *, prompt: int, new: int, vocab: int, repeats: int 
 
     t1, _, _ = timed(lambda: gen(1), warmup=1, repeats=repeats)
     tn, times, out = timed(lambda: gen(new), warmup=1, repeats=repeats)
-    assert out.shape[1] == prompt + new, out.shape
+    assert out.shape == (batch, prompt + new), out.shape
     per_token = (tn - t1) / (new - 1)
-    return {"prompt": prompt, "new": new, "median_s": tn, "times_s": times, "first_token_s": t1,
-            "ms_per_token": 1e3 * per_token, "tokens_per_s": 1.0 / per_token, "tokens": out[0, prompt:].tolist()}
+    return {"batch": batch, "prompt": prompt, "new": new, "median_s": tn, "times_s": times, "first_token_s": t1,
+            "ms_per_token": 1e3 * per_token, "tokens_per_s": batch / per_token, "tokens": out[0, prompt:].tolist(),
+            "peak_gib": peak_gib()}
 
 
 @torch.no_grad()
-def decode_graph(model, *, prompt: int, new: int, vocab: int, repeats: int = 3, graph: bool = True) -> dict:
-    """Batch-1 greedy decode with a static KV cache, each step replayed as one CUDA graph
+def decode_graph(model, *, prompt: int, new: int, vocab: int, repeats: int = 3, graph: bool = True,
+                 batch: int = 1) -> dict:
+    """Greedy decode of `batch` sequences with a static KV cache, each step replayed as one CUDA graph
     (no per-kernel launch cost): what the weights' size allows, unlike eager HF decode."""
     from transformers import StaticCache
 
     device = next(model.parameters()).device
-    ids = torch.randint(vocab, (1, prompt), generator=torch.Generator().manual_seed(2)).to(device)
+    reset_peak()
+    ids = torch.randint(vocab, (batch, prompt), generator=torch.Generator().manual_seed(2)).to(device)
     cache = StaticCache(config=model.config, max_cache_len=prompt + new)
-    tok = torch.zeros(1, 1, dtype=torch.long, device=device)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
     pos = torch.zeros(1, dtype=torch.long, device=device)
-    hist = torch.zeros(1, new, dtype=torch.long, device=device)
+    hist = torch.zeros(batch, new, dtype=torch.long, device=device)
 
     def step():
-        logits = model(input_ids=tok, past_key_values=cache, cache_position=pos, position_ids=pos[None],
-                       use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=tok, past_key_values=cache, cache_position=pos,
+                       position_ids=pos[None].expand(batch, 1), use_cache=True, logits_to_keep=1).logits
         tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
         hist.index_copy_(1, pos - prompt + 1, tok)
         pos.add_(1)
@@ -198,8 +238,59 @@ def decode_graph(model, *, prompt: int, new: int, vocab: int, repeats: int = 3, 
         sync()
         times.append(time.perf_counter() - t)
     per_token = statistics.median(times[1:]) / (new - 1)
-    return {"prompt": prompt, "new": new, "graph": graph, "times_s": times[1:], "ms_per_token": 1e3 * per_token,
-            "tokens_per_s": 1.0 / per_token, "tokens": hist[0].tolist()}
+    return {"batch": batch, "prompt": prompt, "new": new, "graph": graph, "times_s": times[1:],
+            "ms_per_token": 1e3 * per_token, "tokens_per_s": batch / per_token, "tokens": hist[0].tolist(),
+            "peak_gib": peak_gib()}
+
+
+@torch.no_grad()
+def prefill_split(model, *, batch: int, seq: int, repeats: int = 3, max_layers: int = 8) -> dict:
+    """Where a prefill's time goes: in up to `max_layers` evenly spaced blocks, the attention (with
+    its RMSNorm; RoPE and SDPA inside) and the MLP (with its RMSNorm) timed apart on random hidden
+    states of [batch, seq], and each projection's GEMM alone (ms and TFLOP/s). Per-block means are
+    scaled by the number of blocks; what the whole prefill takes beyond them is the part pruning does
+    not shrink (embedding, residual adds, final norm, LM head of the last position, Python)."""
+    dec = model.get_decoder()
+    layers = dec.layers
+    n = len(layers)
+    idx = sorted({round(i * (n - 1) / max(min(max_layers, n) - 1, 1)) for i in range(min(max_layers, n))})
+    p = next(model.parameters())
+    x = torch.randn(batch, seq, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    x = x.to(p.device, p.dtype)
+    pe = dec.rotary_emb(x, torch.arange(seq, device=p.device)[None].expand(batch, -1))
+    ms = lambda fn: 1e3 * timed(fn, warmup=1, repeats=repeats)[0]  # noqa: E731
+    tokens = batch * seq
+    rows = []
+    for i in idx:
+        layer = layers[i]
+        a, m = layer.self_attn, layer.mlp
+        r = {"layer": i,
+             "attention_ms": ms(lambda: a(hidden_states=layer.input_layernorm(x), position_embeddings=pe,
+                                          attention_mask=None)[0]),
+             "mlp_ms": ms(lambda: m(layer.post_attention_layernorm(x)))}
+        gemms = {}
+        for name, lin in (("q", getattr(a, "q_proj", None)), ("k", getattr(a, "k_proj", None)),
+                          ("v", getattr(a, "v_proj", None)), ("o", a.o_proj), ("gate", m.gate_proj),
+                          ("up", m.up_proj), ("down", m.down_proj)):
+            if lin is None or lin.weight.numel() == 0:
+                continue
+            inp = torch.empty(batch, seq, lin.in_features, device=p.device, dtype=p.dtype).normal_()
+            t = ms(lambda: lin(inp))
+            gemms[name] = {"shape": list(lin.weight.shape), "ms": t,
+                           "tflops": 2 * tokens * lin.weight.numel() / t / 1e9}
+            del inp
+        r["gemms"] = gemms
+        r["attention_gemm_ms"] = sum(v["ms"] for k, v in gemms.items() if k in "qkvo")
+        r["mlp_gemm_ms"] = sum(v["ms"] for k, v in gemms.items() if k in ("gate", "up", "down"))
+        rows.append(r)
+    mean = lambda k: statistics.fmean(r[k] for r in rows)  # noqa: E731
+    out = {"batch": batch, "seq": seq, "layers_timed": idx, "layers": rows,
+           "blocks_ms": {k.removesuffix("_ms"): n * mean(k)
+                         for k in ("attention_ms", "attention_gemm_ms", "mlp_ms", "mlp_gemm_ms")}}
+    b = out["blocks_ms"]
+    b["attention_other"] = b["attention"] - b["attention_gemm"]  # SDPA, RoPE, norm, reshapes
+    b["mlp_other"] = b["mlp"] - b["mlp_gemm"]  # SiLU, product, norm
+    return out
 
 
 def setup(cfg, device: str, *, metric: str = "wanda-sp", calibration_windows: int = 4, calibration_seq_len: int = 2048,
@@ -228,49 +319,103 @@ def setup(cfg, device: str, *, metric: str = "wanda-sp", calibration_windows: in
     return out
 
 
+def decode_keys(batch: int) -> tuple[str, str]:
+    """Row keys of eager and graph decode at `batch` (batch 1 keeps the names of the earlier runs)."""
+    return ("decode", "decode_graph") if batch == 1 else (f"decode_b{batch}", f"decode_graph_b{batch}")
+
+
+def measure(row: dict, model, args, name: str) -> dict:
+    """Prefill, eager and graph decode at each of args.decode_batches (and, with args.split, where
+    prefill time goes) into `row`; graph decode only on a GPU, and its failure is recorded, not raised."""
+    v = model.config.vocab_size
+    row["prefill"] = prefill_throughput(model, batch=args.prefill_batch, seq=args.prefill_seq, vocab=v,
+                                        repeats=args.repeats)
+    if row["prefill"]["batch"] != args.prefill_batch:  # the rows after this one prefill the batch that fitted
+        print(f"{name}: prefill batch {args.prefill_batch} did not fit; {row['prefill']['batch']} from now on",
+              flush=True)
+        args.prefill_batch = row["prefill"]["batch"]
+    if getattr(args, "split", False):
+        row["prefill_split"] = prefill_split(model, batch=row["prefill"]["batch"], seq=args.prefill_seq,
+                                             repeats=args.repeats)
+        row["prefill_split"]["outside_blocks_ms"] = (1e3 * row["prefill"]["median_s"]
+                                                     - row["prefill_split"]["blocks_ms"]["attention"]
+                                                     - row["prefill_split"]["blocks_ms"]["mlp"])
+    eager_batches = getattr(args, "eager_batches", None)
+    for b in batches(getattr(args, "decode_batches", "1")):
+        eager, graph = decode_keys(b)
+        if eager_batches is None or b in batches(eager_batches):
+            row[eager] = decode_throughput(model, prompt=args.decode_prompt, new=args.decode_new, vocab=v,
+                                           repeats=args.repeats, batch=b)
+        if torch.cuda.is_available():
+            try:
+                gd = decode_graph(model, prompt=args.decode_prompt, new=args.decode_new, vocab=v,
+                                  repeats=args.repeats, batch=b)
+                if eager in row:
+                    same = [a == c for a, c in zip(gd["tokens"], row[eager]["tokens"])]
+                    gd["tokens_same_as_generate"] = f"{sum(same)}/{len(same)}, first {same.index(False) if False in same else len(same)} in a row"
+                row[graph] = gd
+            except Exception as e:  # an optional measurement: record why it failed, go on
+                row[graph] = {"failed": f"{type(e).__name__}: {e}"}
+                print(f"graph decode at batch {b} failed for {name}: {type(e).__name__}: {e}", flush=True)
+    return row
+
+
+def batches(spec: str) -> list[int]:
+    return [int(b) for b in str(spec).split(",") if b]
+
+
 def throughput_row(name: str, model, plan, geometry, args) -> dict:
     """Prefill and decode throughput of one standalone model (plan None: dense)."""
     kept = geometry.prunable_params if plan is None else plan.kept_params
     row = {"name": name, "kept_block_params": kept, "param_ratio": geometry.prunable_params / kept,
            "achieved_ratio": 0.0 if plan is None else plan.achieved_ratio}
-    v = model.config.vocab_size
-    row["prefill"] = prefill_throughput(model, batch=args.prefill_batch, seq=args.prefill_seq, vocab=v,
-                                        repeats=args.repeats)
-    row["decode"] = decode_throughput(model, prompt=args.decode_prompt, new=args.decode_new, vocab=v,
-                                      repeats=args.repeats)
-    if torch.cuda.is_available():
-        try:
-            gd = decode_graph(model, prompt=args.decode_prompt, new=args.decode_new, vocab=v, repeats=args.repeats)
-            same = [a == b for a, b in zip(gd["tokens"], row["decode"]["tokens"])]
-            gd["tokens_same_as_generate"] = f"{sum(same)}/{len(same)}, first {same.index(False) if False in same else len(same)} in a row"
-            row["decode_graph"] = gd
-        except Exception as e:  # an optional measurement: record why it failed, go on
-            row["decode_graph"] = {"failed": f"{type(e).__name__}: {e}"}
-            print(f"graph decode failed for {name}: {type(e).__name__}: {e}", flush=True)
-    return row
+    return measure(row, model, args, name)
 
 
 def add_speedups(rows: list[dict]) -> None:
+    """speedup (tokens/s over dense's) and speedup / param_ratio of every measurement of every row."""
     dense = next(r for r in rows if r["name"] == "dense")
     for r in rows:
-        for kind in ("prefill", "decode", "decode_graph"):
-            if "tokens_per_s" not in r.get(kind, {}) or "tokens_per_s" not in dense.get(kind, {}):
+        for kind, m in r.items():
+            if not isinstance(m, dict) or "tokens_per_s" not in m or "tokens_per_s" not in dense.get(kind, {}):
                 continue
-            s = r[kind]["tokens_per_s"] / dense[kind]["tokens_per_s"]
-            r[kind]["speedup"] = s
-            r[kind]["speedup_per_param_ratio"] = s / r["param_ratio"]
+            s = m["tokens_per_s"] / dense[kind]["tokens_per_s"]
+            m["speedup"] = s
+            m["speedup_per_param_ratio"] = s / r["param_ratio"]
 
 
 def print_throughput(rows: list[dict]) -> None:
-    print(f"{'model':22s} {'removed':>7s} {'params x':>8s} {'prefill tok/s':>13s} {'speedup':>7s} {'/params':>7s} "
-          f"{'decode tok/s':>12s} {'speedup':>7s} {'/params':>7s} {'graph tok/s':>11s} {'speedup':>7s} {'/params':>7s}")
+    """One line per model: tokens/s, speedup and speedup / params x of each measurement dense has."""
+    kinds = [k for k, m in rows[0].items() if isinstance(m, dict) and "tokens_per_s" in m]
+    head = f"{'model':22s} {'removed':>7s} {'params x':>8s}"
+    for k in kinds:
+        head += f" | {k + ' tok/s':>19s} {'speedup':>7s} {'/params':>7s}"
+    print(head)
     for r in rows:
-        p, d, gd = r["prefill"], r["decode"], r.get("decode_graph", {})
-        graph = (f" {gd['tokens_per_s']:11.1f} {gd['speedup']:7.3f} {gd['speedup_per_param_ratio']:7.3f}"
-                 if "speedup" in gd else f" {'-':>11s}")
-        print(f"{r['name']:22s} {r['achieved_ratio']:7.3f} {r['param_ratio']:8.3f} {p['tokens_per_s']:13.0f} "
-              f"{p['speedup']:7.3f} {p['speedup_per_param_ratio']:7.3f} {d['tokens_per_s']:12.1f} "
-              f"{d['speedup']:7.3f} {d['speedup_per_param_ratio']:7.3f}" + graph)
+        line = f"{r['name']:22s} {r['achieved_ratio']:7.3f} {r['param_ratio']:8.3f}"
+        for k in kinds:
+            m = r.get(k, {})
+            line += (f" | {m['tokens_per_s']:19.1f} {m['speedup']:7.3f} {m['speedup_per_param_ratio']:7.3f}"
+                     if "speedup" in m else f" | {'-':>19s} {'-':>7s} {'-':>7s}")
+        print(line)
+
+
+def print_split(rows: list[dict]) -> None:
+    """Where prefill time goes, per model (rows measured with args.split)."""
+    rows = [r for r in rows if "prefill_split" in r]
+    if not rows:
+        return
+    print(f"\nprefill split, ms over all blocks (from {len(rows[0]['prefill_split']['layers_timed'])} timed blocks): "
+          "attention = its GEMMs + other (SDPA, RoPE, norm); mlp = GEMMs + other (SiLU, product, norm)")
+    print(f"{'model':22s} {'prefill':>8s} {'attn':>8s} {'a.gemm':>8s} {'a.other':>8s} {'mlp':>8s} {'m.gemm':>8s} "
+          f"{'m.other':>8s} {'outside':>8s} {'q TF/s':>7s} {'o TF/s':>7s} {'up TF/s':>7s} {'dn TF/s':>7s}")
+    for r in rows:
+        s, b = r["prefill_split"], r["prefill_split"]["blocks_ms"]
+        g = s["layers"][0]["gemms"]
+        tf = lambda k: f"{g[k]['tflops']:7.0f}" if k in g else f"{'-':>7s}"  # noqa: E731
+        print(f"{r['name']:22s} {1e3 * r['prefill']['median_s']:8.1f} {b['attention']:8.1f} {b['attention_gemm']:8.1f} "
+              f"{b['attention_other']:8.1f} {b['mlp']:8.1f} {b['mlp_gemm']:8.1f} {b['mlp_other']:8.1f} "
+              f"{s['outside_blocks_ms']:8.1f} {tf('q')} {tf('o')} {tf('up')} {tf('down')}")
 
 
 def throughput_args(p) -> None:
@@ -278,6 +423,10 @@ def throughput_args(p) -> None:
     p.add_argument("--prefill-seq", type=int, default=2048)
     p.add_argument("--decode-prompt", type=int, default=128)
     p.add_argument("--decode-new", type=int, default=128)
+    p.add_argument("--decode-batches", default="1,16", help="decode batch sizes, comma-separated")
+    p.add_argument("--eager-batches", default=None,
+                   help="those of --decode-batches also decoded with eager generate (default: all); "
+                        "graph decode, on a GPU, runs at all of them")
     p.add_argument("--mlp-multiple", type=int, default=1,
                    help="keep MLP channels in multiples of this (plan_from_rates; the package default is 1)")
 
@@ -288,3 +437,6 @@ def shrink_for_tiny(args) -> None:
                         ("prefill_batch", 2), ("prefill_seq", 64), ("decode_prompt", 8), ("decode_new", 8)):
         if hasattr(args, name):
             setattr(args, name, min(getattr(args, name), small))
+    for name in ("decode_batches", "eager_batches"):  # batch 16 becomes 4
+        if getattr(args, name, None) is not None:
+            setattr(args, name, ",".join(str(min(b, 4)) for b in batches(getattr(args, name))))
