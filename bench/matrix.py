@@ -1,0 +1,176 @@
+"""A matrix of PruneJobs run by the product itself, and one report of their results.
+
+Why: a benchmark should measure what users run, not a second copy of the search loop. This takes
+one PruneJob YAML and axes of spec fields to vary (`--axis calibration.text=a.txt,b.txt --axis
+pruning.refit=true,false`), writes one PruneJob per cell of their product, runs each with
+`selfpruner run` (resumable: a finished cell is read back, an unfinished one resumes; `--jobs N`
+runs N at once, e.g. sharing one GPU), and reports every allocation of every cell (dense, the
+baselines, the searched one) with its fitness, its perplexity on each held-out text, their
+geometric mean and its ratio to dense: `matrix.json` and `matrix.md` in the work folder.
+
+    PYTHONPATH=pruner_image .venv/bin/python bench/matrix.py --base examples/demo.yaml \\
+        --axis target.ratio=0.3,0.5 --workdir runs/matrix
+    ... --report-only      # the table from the folders, evaluating nothing
+
+Axis values are YAML scalars (`0.3`, `true`, `demo:calibration`); `--set KEY=VALUE` changes the
+base for every cell (a YAML value: `--set 'fitness.heldOutTexts=[a.txt, b.txt]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import yaml
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True, help="PruneJob YAML every cell starts from")
+    p.add_argument("--axis", action="append", default=[], help="spec.KEY=V1,V2,...: one cell per value")
+    p.add_argument("--set", action="append", default=[], dest="sets", help="spec.KEY=YAML for every cell")
+    p.add_argument("--workdir", required=True, help="one folder per cell, and the report")
+    p.add_argument("--jobs", type=int, default=1, help="cells run at once")
+    p.add_argument("--report-only", action="store_true", help="evaluate nothing; report what is there")
+    return p.parse_args(argv)
+
+
+def _split(text: str, what: str) -> tuple[list[str], str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        sys.exit(f"{what} {text!r}: write KEY=VALUE, e.g. target.ratio=0.3")
+    return key.removeprefix("spec.").split("."), value
+
+
+def _put(spec: dict, path: list[str], value) -> None:
+    for part in path[:-1]:
+        spec = spec.setdefault(part, {})
+    spec[path[-1]] = value
+
+
+def cell_name(values: dict) -> str:
+    """A folder and PruneJob name from the cell's values: plain, bounded, distinct per cell."""
+    parts = []
+    for key, value in values.items():
+        short = Path(str(value)).stem if "/" in str(value) else str(value)
+        parts.append(f"{key.split('.')[-1]}-{short}")
+    name = re.sub(r"[^a-z0-9-]+", "-", "_".join(parts).lower()).strip("-") or "base"
+    return name[:60]
+
+
+def cells(a) -> list[tuple[str, dict, dict]]:
+    """(name, axis values, PruneJob document) of every cell."""
+    base = yaml.safe_load(Path(a.base).read_text())
+    for text in a.sets:
+        path, value = _split(text, "--set")
+        _put(base["spec"], path, yaml.safe_load(value))
+    axes = []
+    for text in a.axis:
+        path, values = _split(text, "--axis")
+        axes.append((".".join(path), [yaml.safe_load(v) for v in values.split(",")]))
+    out, names = [], set()
+    for combo in itertools.product(*[values for _, values in axes]):
+        values = {key: v for (key, _), v in zip(axes, combo)}
+        doc = json.loads(json.dumps(base))
+        for key, v in values.items():
+            _put(doc["spec"], key.split("."), v)
+        name = cell_name(values)
+        if name in names:
+            sys.exit(f"two cells are both named {name}: make the axis values differ in their first 60 characters")
+        names.add(name)
+        doc["metadata"] = {**doc.get("metadata", {}), "name": name}
+        doc["spec"].setdefault("output", {})["path"] = str(Path(a.workdir) / name)
+        out.append((name, values, doc))
+    return out
+
+
+def run_cell(name: str, doc: dict, workdir: Path) -> str:
+    folder = workdir / name
+    if (folder / "result.json").is_file():
+        return f"{name}: done before"
+    folder.mkdir(parents=True, exist_ok=True)
+    job = workdir / f"{name}.yaml"
+    job.write_text(yaml.safe_dump(doc, sort_keys=False))
+    with open(workdir / f"{name}.log", "a") as log:
+        done = subprocess.run([sys.executable, "-m", "selfpruner.cli", "run", str(job), "--quiet"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    return f"{name}: {'finished' if done.returncode == 0 else f'failed ({done.returncode}), see {name}.log'}"
+
+
+def rows_of(name: str, values: dict, result: dict) -> list[dict]:
+    dense = result["dense"].get("held_out_geometric_mean") or result["dense"].get("held_out_perplexity")
+    named = [("dense", "dense", result["dense"])] + [(b, b, r) for b, r in result["baselines"].items()]
+    named += [("searched", "best", result["best"])]
+    zero_shot = ((result.get("zero_shot") or {}).get("table") or {}).get("rows") or {}
+    out = []
+    for allocation, key, r in named:
+        held = r.get("held_out_perplexities") or [r.get("held_out_perplexity")]
+        geo = r.get("held_out_geometric_mean") or held[0]
+        zs = zero_shot.get(key) or {}
+        out.append({"cell": name, **values, "allocation": allocation, "fitness": r.get("fitness"),
+                    "held_out": held, "geometric_mean": geo,
+                    "vs_dense": geo / dense if geo and dense else None,
+                    "zero_shot_mean": zs.get("mean"), "zero_shot_drop": zs.get("mean_drop")})
+    return out
+
+
+def report(a, all_cells) -> list[dict]:
+    workdir = Path(a.workdir)
+    rows, texts, missing = [], None, []
+    for name, values, _ in all_cells:
+        path = workdir / name / "result.json"
+        if not path.is_file():
+            missing.append(name)
+            continue
+        result = json.loads(path.read_text())
+        texts = texts or [t["text"] for t in result.get("held_out_texts") or [result["held_out_text"]]]
+        rows += rows_of(name, values, result)
+    keys = [k for k, _ in (_split(t, "--axis") for t in a.axis)]
+    keys = [".".join(k) for k in keys]
+    zero_shot = any(r["zero_shot_mean"] is not None for r in rows)
+    head = keys + ["allocation", "fitness"] + [f"held-out {i + 1}" for i in range(len(texts or []))] + \
+        ["geo-mean", "× dense"] + (["0-shot mean %", "drop"] if zero_shot else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells_ = [str(r.get(k)) for k in keys] + [r["allocation"], _num(r["fitness"])]
+        cells_ += [_num(x) for x in r["held_out"]] + [_num(r["geometric_mean"]), _num(r["vs_dense"])]
+        if zero_shot:
+            cells_ += [_num(None if r["zero_shot_mean"] is None else 100 * r["zero_shot_mean"], ".1f"),
+                       _num(None if r["zero_shot_drop"] is None else 100 * r["zero_shot_drop"], ".1f")]
+        lines.append("| " + " | ".join(cells_) + " |")
+    lines += [""] + [f"held-out {i + 1}: {t}" for i, t in enumerate(texts or [])]
+    if missing:
+        lines.append(f"not finished: {', '.join(missing)}")
+    (workdir / "matrix.md").write_text("\n".join(lines) + "\n")
+    (workdir / "matrix.json").write_text(json.dumps({"held_out_texts": texts, "rows": rows, "unfinished": missing},
+                                                    indent=2) + "\n")
+    print("\n".join(lines))
+    return rows
+
+
+def _num(x, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:{spec}}"
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    all_cells = cells(a)
+    workdir = Path(a.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not a.report_only:
+        with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+            for line in pool.map(lambda c: run_cell(c[0], c[2], workdir), all_cells):
+                print(line, flush=True)
+    report(a, all_cells)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""bench/matrix.py, the one driver of PruneJob matrices: every cell is a real `selfpruner run` on a
+tiny model, the report has a row per allocation with each held-out text, and a rerun reads
+finished cells back instead of evaluating them again."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import matrix  # noqa: E402
+
+
+def test_a_two_by_one_matrix_runs_every_cell_and_reports_every_allocation(tiny_job, tmp_path, capsys):
+    doc = tiny_job("base", search={"strategy": "owl", "baselines": ["uniform"]})
+    extra = tmp_path / "other.txt"
+    extra.write_text(open(doc["spec"]["fitness"]["heldOutText"]).read()[::-1])
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(doc))
+    work = tmp_path / "matrix"
+    args = ["--base", str(base), "--axis", "target.ratio=0.2,0.4", "--set", f"fitness.heldOutTexts=[{extra}]",
+            "--workdir", str(work), "--jobs", "2"]
+    assert matrix.main(args) == 0
+    report = json.loads((work / "matrix.json").read_text())
+    assert report["unfinished"] == []
+    assert report["held_out_texts"] == [doc["spec"]["fitness"]["heldOutText"], str(extra)]
+    rows = report["rows"]
+    assert [(r["target.ratio"], r["allocation"]) for r in rows] == [
+        (0.2, "dense"), (0.2, "uniform"), (0.2, "searched"), (0.4, "dense"), (0.4, "uniform"), (0.4, "searched")]
+    for r in rows:
+        result = json.loads((work / r["cell"] / "result.json").read_text())
+        assert result["target_ratio"] == r["target.ratio"]
+        assert len(r["held_out"]) == 2 and r["geometric_mean"] == pytest.approx(
+            (r["held_out"][0] * r["held_out"][1]) ** 0.5)
+    dense = [r for r in rows if r["allocation"] == "dense"]
+    assert all(r["vs_dense"] == pytest.approx(1.0) for r in dense)
+    pruned = {(r["target.ratio"], r["allocation"]): r["vs_dense"] for r in rows if r["allocation"] != "dense"}
+    assert all(v > 1.0 for v in pruned.values())  # pruning a trained-on-nothing model still costs perplexity
+    md = (work / "matrix.md").read_text()
+    assert "| target.ratio | allocation | fitness | held-out 1 | held-out 2 | geo-mean | × dense |" in md
+
+    # a rerun evaluates nothing: every cell is read back
+    capsys.readouterr()
+    assert matrix.main(args) == 0
+    assert capsys.readouterr().out.count("done before") == 2
+
+
+def test_two_cells_with_one_name_are_refused(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
+                                    "metadata": {"name": "b"}, "spec": {"model": {"source": "demo"}}}))
+    with pytest.raises(SystemExit, match="both named"):
+        matrix.cells(matrix.parse_args(["--base", str(base), "--axis", "calibration.text=a/x.txt,b/x.txt",
+                                        "--workdir", str(tmp_path / "w")]))
