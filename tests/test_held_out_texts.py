@@ -113,3 +113,22 @@ def test_tenant_names_a_demo_text_among_the_held_out_texts_on_a_cluster_and_is_r
     with pytest.raises(UserError) as e:
         policy.check(spec, {}, {"storage": {"uri": "s3://runs"}}, "registry.example/pruner:1")
     assert str(e.value).startswith("spec.fitness.heldOutTexts[1]: demo texts")
+
+
+def test_demo_calibration_mixes_shakespeare_and_code_from_its_first_window_and_no_evaluation_text_holds_either():
+    """The default calibration text (docs/benchmarks.md §12): calibration windows come from the start of
+    the text, so both domains must be there within a few thousand characters."""
+    from selfpruner import corpus
+
+    mix = corpus.load_text("demo:calibration")
+    code = corpus.load_text("demo:code")
+    shakespeare = corpus.load_text("demo:calibration-shakespeare")
+    start = mix[:3 * corpus.MIX_BLOCK]
+    assert "def " in start and "import " in start  # code
+    assert start.startswith(shakespeare[:200])  # then Shakespeare's calibration works
+    assert code[:2000] in mix and shakespeare[-100:] not in code
+    for other in ("demo:fitness", "demo:heldout"):
+        text = corpus.load_text(other)
+        assert code[:2000] not in text and shakespeare[:2000] not in text
+    with pytest.raises(UserError, match="demo:calibration-shakespeare"):
+        corpus.load_text("demo:shakespeare")
