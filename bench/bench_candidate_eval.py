@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+import _throughput as T  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -47,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--export-dir", default="/tmp/selfpruner_bench")
     p.add_argument("--deadline", type=float, default=480, help="seconds; no new export starts after this")
     p.add_argument("--throughput-out", default=None, help="also measure throughput; JSON path")
-    C.throughput_args(p)
+    T.throughput_args(p)
     p.add_argument("--out", default="candidate_eval.json")
     args = p.parse_args(argv)
     if args.tiny:
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
         dense_t, _, dense_ppl = C.timed(lambda: ev(model), repeats=args.repeats)
         res["dense"] = {"eval_s": dense_t, "perplexity": dense_ppl.perplexity, "tokens": dense_ppl.tokens}
         if args.throughput_out and mode in args.export_modes.split(",") and not throughput["rows"]:
-            throughput["rows"].append(C.throughput_row("dense", model, None, g, args))
+            throughput["rows"].append(T.throughput_row("dense", model, None, g, args))
             save()
         plans = C.plans(g, mode, args.mlp_multiple)
         for i, name in enumerate(names):
@@ -133,7 +134,7 @@ def main(argv=None) -> int:
                 row["standalone"] = facts
                 row["resident_over_standalone"] = row["eval_s"] / facts["eval_s"]
                 if args.throughput_out:
-                    throughput["rows"].append(C.throughput_row(f"{mode}-{name}", sa, plan, g, args))
+                    throughput["rows"].append(T.throughput_row(f"{mode}-{name}", sa, plan, g, args))
                 del sa
             except Exception as e:  # report and go on: one failing load must not lose the rest
                 row["standalone"] = f"failed: {type(e).__name__}: {e}"
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         results["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if len(throughput["rows"]) > 1:
-        C.add_speedups(throughput["rows"])
+        T.add_speedups(throughput["rows"])
     save()
 
     print(f"\n{results['machine'].get('gpu', 'cpu')}: {args.eval_tokens} tokens per evaluation "
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                   f"{r['switch_bias_comp_fraction']:6.2%} {lw:>17s}")
     if len(throughput["rows"]) > 1:
         print()
-        C.print_throughput(throughput["rows"])
+        T.print_throughput(throughput["rows"])
     print(f"results written to {args.out} ({results['total_s']:.0f} s)")
     return 0
 

@@ -46,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+import _throughput as T  # noqa: E402
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -72,7 +73,7 @@ def parse_args(argv=None):
                    help="--checkpoints: the dtype they load in")
     p.add_argument("--split", action=argparse.BooleanOptionalAction, default=True,
                    help="also time attention, MLP and their GEMMs apart at the prefill shape")
-    C.throughput_args(p)
+    T.throughput_args(p)
     p.set_defaults(mlp_multiple=None)
     p.add_argument("--out", default="export_throughput.json")
     args = p.parse_args(argv)
@@ -221,12 +222,12 @@ def run_in_place(args, results, save) -> None:
                                  "block": vars(p.layers[0]) | {"num_heads": p.layers[0].num_heads}}
                         for t, p in zip(targets, plans)}
     torch.manual_seed(0)
-    C.reset_peak()
+    T.reset_peak()
     t0 = time.perf_counter()
     model = C.build_model(cfg, args.device)
     C.sync()
     dense_total = total_params(model)
-    results["build"] = {"s": time.perf_counter() - t0, "peak_gib": C.peak_gib(), "params": dense_total,
+    results["build"] = {"s": time.perf_counter() - t0, "peak_gib": T.peak_gib(), "params": dense_total,
                         "gib": dense_total * 2 / 2**30}
     print(f"built {args.shape}{' (tiny)' if args.tiny else ''}: {dense_total / 1e9:.2f} B params, "
           f"{results['build']['s']:.1f} s, peak {results['build']['peak_gib']} GiB", flush=True)
@@ -235,10 +236,10 @@ def run_in_place(args, results, save) -> None:
         ref = PrunableModel(copy.deepcopy(model), _identity_scores(g), None, head_mode="kv-group")
     row = {"name": "dense", "kept_block_params": g.prunable_params, "param_ratio": 1.0, "achieved_ratio": 0.0,
            "total_params": dense_total, "total_param_ratio": 1.0}
-    results["rows"].append(C.measure(row, model, args, "dense"))
+    results["rows"].append(T.measure(row, model, args, "dense"))
     save()
     for t, plan in zip(targets, plans):
-        C.reset_peak()
+        T.reset_peak()
         t1 = time.perf_counter()
         prune_in_place(model, plan)
         free_memory()
@@ -248,13 +249,13 @@ def run_in_place(args, results, save) -> None:
         row = {"name": f"kv-group-{t}", "target": t, **facts,
                "param_ratio": g.prunable_params / facts["kept_block_params"],
                "total_param_ratio": dense_total / facts["total_params"], "block": vars(s) | {"num_heads": s.num_heads},
-               "prune_s": time.perf_counter() - t1, "prune_peak_gib": C.peak_gib(),
+               "prune_s": time.perf_counter() - t1, "prune_peak_gib": T.peak_gib(),
                "allocated_gib": torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None}
         if ref is not None:
             row["max_logit_diff_vs_prunable_model"] = compare_with_product(model, ref, plan, cfg.vocab_size)
         print(f"pruned to {t}: {s.kv_groups} KV groups ({s.num_heads} heads), {s.channels} channels, removed "
               f"{facts['achieved_ratio']:.4f} of the block params ({row['prune_s']:.1f} s)", flush=True)
-        results["rows"].append(C.measure(row, model, args, row["name"]))
+        results["rows"].append(T.measure(row, model, args, row["name"]))
         save()
 
 
@@ -278,7 +279,7 @@ def run_checkpoints(args, results, save) -> None:
     for k, spec in enumerate(args.checkpoints):
         name, _, path = spec.rpartition("=")
         name = "dense" if k == 0 else (name or Path(path).name)
-        C.reset_peak()
+        T.reset_peak()
         t = time.perf_counter()
         model, folder = load_checkpoint(path, args.device, args.dtype)
         C.sync()
@@ -289,7 +290,7 @@ def run_checkpoints(args, results, save) -> None:
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         row = {"name": name, "source": path, "folder": folder, "class": type(model).__name__,
                "loads_with": meta.get("loads_with", "plain"), "load_s": time.perf_counter() - t,
-               "load_peak_gib": C.peak_gib(), "kept_block_params": kept, "param_ratio": dense_block / kept,
+               "load_peak_gib": T.peak_gib(), "kept_block_params": kept, "param_ratio": dense_block / kept,
                "achieved_ratio": 1 - kept / dense_block, "total_params": total,
                "total_param_ratio": dense_total / total}
         if meta:
@@ -301,7 +302,7 @@ def run_checkpoints(args, results, save) -> None:
                 print(f"{name}: {row['warning']}", flush=True)
         print(f"{name}: {type(model).__name__}, {total / 1e9:.3f} B params, block params x {row['param_ratio']:.3f}, "
               f"loaded in {row['load_s']:.1f} s", flush=True)
-        results["rows"].append(C.measure(row, model, args, name))
+        results["rows"].append(T.measure(row, model, args, name))
         save()
         del model
         free_memory()
@@ -315,7 +316,7 @@ def run_export(args, results, save) -> None:
                 calibration_windows=args.calibration_windows, calibration_seq_len=args.calibration_seq_len)
     model, g = s["model"], s["geometry"]
     pm = PrunableModel(model, s["scores"], s["stats"], head_mode=args.head_mode)
-    results["rows"].append(C.throughput_row("dense", model, None, g, args))  # the original modules
+    results["rows"].append(T.throughput_row("dense", model, None, g, args))  # the original modules
     save()
     plans = C.plans(g, args.head_mode, args.mlp_multiple)
     for name in args.plans.split(","):
@@ -323,7 +324,7 @@ def run_export(args, results, save) -> None:
         out_dir = Path(args.export_dir) / name
         try:
             sa, facts = C.export_and_load(pm, out_dir, args.device, info={"benchmark": name})
-            row = C.throughput_row(f"{args.head_mode}-{name}", sa, plans[name], g, args)
+            row = T.throughput_row(f"{args.head_mode}-{name}", sa, plans[name], g, args)
             row["standalone"] = facts
             results["rows"].append(row)
             del sa
@@ -343,7 +344,7 @@ def main(argv=None) -> int:
 
     def save():
         if len(results["rows"]) > 1:
-            C.add_speedups(results["rows"])
+            T.add_speedups(results["rows"])
         results["total_s"] = time.perf_counter() - t0
         peaks = [m["peak_gib"] for r in results["rows"] for m in r.values()
                  if isinstance(m, dict) and m.get("peak_gib") is not None]
@@ -355,8 +356,8 @@ def main(argv=None) -> int:
     print(f"\n{results['machine'].get('gpu', 'cpu')}: prefill batch {results['rows'][0]['prefill']['batch']} x "
           f"{args.prefill_seq}, decode batches {args.decode_batches}, {args.decode_prompt}-token prompt, "
           f"{args.decode_new} new tokens; medians of {args.repeats}")
-    C.print_throughput(results["rows"])
-    C.print_split(results["rows"])
+    T.print_throughput(results["rows"])
+    T.print_split(results["rows"])
     print(f"results written to {args.out} ({results['total_s']:.0f} s)")
     return 0
 
