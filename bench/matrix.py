@@ -150,8 +150,7 @@ def report(a, all_cells) -> list[dict]:
         result = json.loads(path.read_text())
         texts = texts or [t["text"] for t in result.get("held_out_texts") or [result["held_out_text"]]]
         rows += rows_of(name, values, result)
-    keys = [k for k, _ in (_split(t, "--axis") for t in a.axis)]
-    keys = [".".join(k) for k in keys]
+    keys = list(all_cells[0][1]) if all_cells else []  # the axes, in the order given
     zero_shot = any(r["zero_shot_mean"] is not None for r in rows)
     llm = any("llm_offspring" in r for r in rows)
     head = keys + ["allocation", "fitness"] + [f"held-out {i + 1}" for i in range(len(texts or []))] + \
