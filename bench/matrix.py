@@ -121,7 +121,8 @@ def rows_of(name: str, values: dict, result: dict) -> list[dict]:
         out.append({"cell": name, **values, "allocation": allocation, "fitness": r.get("fitness"),
                     "held_out": held, "geometric_mean": geo,
                     "vs_dense": geo / dense if geo and dense else None,
-                    "zero_shot_mean": zs.get("mean"), "zero_shot_drop": zs.get("mean_drop")})
+                    "zero_shot_mean": zs.get("mean"), "zero_shot_stderr": zs.get("mean_stderr"),
+                    "zero_shot_drop": zs.get("mean_drop")})
     out[-1].update(offspring(result.get("origins") or {}))
     return out
 
@@ -161,7 +162,8 @@ def report(a, all_cells) -> list[dict]:
         cells_ = [str(r.get(k)) for k in keys] + [r["allocation"], _num(r["fitness"])]
         cells_ += [_num(x) for x in r["held_out"]] + [_num(r["geometric_mean"]), _num(r["vs_dense"])]
         if zero_shot:
-            cells_ += [_num(None if r["zero_shot_mean"] is None else 100 * r["zero_shot_mean"], ".1f"),
+            mean, se = r["zero_shot_mean"], r.get("zero_shot_stderr")
+            cells_ += [_num(None if mean is None else 100 * mean, ".1f") + ("" if se is None else f" ± {100 * se:.1f}"),
                        _num(None if r["zero_shot_drop"] is None else 100 * r["zero_shot_drop"], ".1f")]
         if llm:
             cells_ += [_share(r, "llm"), _share(r, "classical")]

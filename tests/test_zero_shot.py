@@ -3,12 +3,15 @@ seven tasks: our scores equal lm-eval's own command line on the same data, and a
 scores dense, baselines and best, in memory, as the exported checkpoint scores."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 
+from conftest import char_tokenizer, tiny_model
 from selfpruner import model_source, spec, zero_shot
 from selfpruner.errors import UserError
 from selfpruner.search import report
@@ -58,6 +61,56 @@ def test_a_search_scores_dense_baselines_and_best_as_their_checkpoints_score(tin
     assert {t: s["metrics"] for t, s in again.items()} == {t: s["metrics"] for t, s in zs["models"]["best"].items()}
     table = report.summary_table(result)
     assert "zero-shot accuracy (%), first 4 documents per task" in table and "| uniform |" in table
+
+
+def test_weights_scored_before_are_read_back_and_changed_weights_are_scored_again(task_data, monkeypatch):
+    """The dense model and the baselines are the same in every PruneJob of a model: their scores
+    come from the cache, keyed by the weights as applied, never by a name."""
+    import lm_eval
+
+    model, tok = tiny_model("llama-gqa"), char_tokenizer()
+    first = zero_shot.evaluate(model, tok, ["arc_easy"], limit=LIMIT, device="cpu", cache=True)
+    s = first["arc_easy"]
+    # lm-eval's closed-form standard error of a mean of 0/1 scores
+    assert s["stderr"] == pytest.approx(math.sqrt(s["accuracy"] * (1 - s["accuracy"]) / (LIMIT - 1)))
+
+    def scored_again(*args, **kwargs):
+        raise AssertionError("scored again")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", scored_again)  # lm-eval is what must not run again
+    assert zero_shot.evaluate(model, tok, ["arc_easy"], limit=LIMIT, device="cpu", cache=True) == first
+    for other in ({"limit": LIMIT + 1}, {"batch_size": 4}, {"tasks": ["arc_easy", "piqa"]}):
+        with pytest.raises(AssertionError, match="scored again"):
+            zero_shot.evaluate(model, tok, **{"tasks": ["arc_easy"], "limit": LIMIT, "device": "cpu", "cache": True,
+                                              **other})
+    with pytest.raises(AssertionError, match="scored again"):  # without the cache, always scored
+        zero_shot.evaluate(model, tok, ["arc_easy"], limit=LIMIT, device="cpu")
+    weight = model.model.layers[1].mlp.down_proj.weight
+    kept = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = kept + 0.5  # one weight changed
+    with pytest.raises(AssertionError, match="scored again"):
+        zero_shot.evaluate(model, tok, ["arc_easy"], limit=LIMIT, device="cpu", cache=True)
+    with torch.no_grad():
+        weight[0, 0] = kept
+    # a forward hook changes what the same weights compute (a masked candidate): never from the cache
+    handle = model.model.layers[0].mlp.register_forward_hook(lambda mod, args, out: out * 0)
+    with pytest.raises(AssertionError, match="scored again"):
+        zero_shot.evaluate(model, tok, ["arc_easy"], limit=LIMIT, device="cpu", cache=True)
+    handle.remove()
+    assert zero_shot.evaluate(model, tok, ["arc_easy"], limit=LIMIT, device="cpu", cache=True) == first
+
+
+def test_the_table_gives_the_means_standard_error():
+    scores = {name: {t: {"accuracy": acc, "stderr": se} for t, acc, se in rows}
+              for name, rows in {"dense": [("a", 0.5, 0.03), ("b", 0.7, 0.04)],
+                                 "best": [("a", 0.4, 0.03), ("b", 0.6, 0.04)]}.items()}
+    tab = zero_shot.table(scores)
+    assert tab["rows"]["dense"]["mean_stderr"] == pytest.approx(0.025)  # sqrt(0.03² + 0.04²) / 2
+    assert tab["rows"]["best"]["mean_drop"] == pytest.approx(0.1)
+    assert "| best | 40.0 | 60.0 | 50.0 ± 2.5 | 10.0 |" in zero_shot.markdown(tab)
+    del scores["best"]["a"]["stderr"]  # scores from before standard errors were recorded
+    assert zero_shot.table(scores)["rows"]["best"]["mean_stderr"] is None
 
 
 @pytest.mark.slow

