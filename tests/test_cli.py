@@ -32,6 +32,24 @@ def test_eval_prints_json(tiny_model_dir, capsys):
     assert result["tokens"] == 8 * 127 and result["perplexity"] > 1
 
 
+def test_eval_scores_texts_of_several_domains_and_their_geometric_mean(tiny_model_dir, tmp_path, capsys):
+    folder, text = tiny_model_dir
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text()[::-1])
+    common = ["eval", "--model", str(folder), "--seq-len", "128", "--tokens", "512", "--json", "--device", "cpu"]
+    singles = []
+    for t in (text, other):
+        assert main(common + ["--text", str(t)]) == 0
+        singles.append(json.loads(capsys.readouterr().out))
+    assert main(common + ["--text", str(text), "--text", str(other), "--output", str(tmp_path / "ppl.json")]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert [{k: v for k, v in r.items() if k != "text"} for r in both["texts"]] == singles
+    assert [r["text"] for r in both["texts"]] == [str(text), str(other)]
+    assert both["geometric_mean"] == pytest.approx((singles[0]["perplexity"] * singles[1]["perplexity"]) ** 0.5)
+    assert json.loads((tmp_path / "ppl.json").read_text())["texts"] == both["texts"]
+    assert_one_line_error(run_cli("eval", "--model", folder, "--text", text, "--text", text), "same text twice")
+
+
 def test_prune_with_a_rates_file(tiny_model_dir, tmp_path, capsys):
     folder, text = tiny_model_dir
     rates = tmp_path / "rates.json"

@@ -23,9 +23,14 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def _add_eval(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    p.add_argument(f"--{prefix}text", default=DEMO_EVAL_TEXT,
-                   help="UTF-8 text file, or demo:heldout / demo:fitness (default: demo:heldout)")
+def _add_eval(p: argparse.ArgumentParser, prefix: str = "", several: bool = False) -> None:
+    if several:  # a text per domain, and their geometric mean
+        p.add_argument(f"--{prefix}text", action="append", default=None,
+                       help="UTF-8 text file, or a demo: text such as demo:heldout (the default) or "
+                            "demo:python-reference; repeat for texts of several domains")
+    else:
+        p.add_argument(f"--{prefix}text", default=DEMO_EVAL_TEXT,
+                       help="UTF-8 text file, or demo:heldout / demo:fitness (default: demo:heldout)")
     p.add_argument(f"--{prefix}seq-len", type=int, default=2048, help="window length in tokens")
     p.add_argument(f"--{prefix}tokens", type=int, default=None, help="token budget (the fidelity); default: all")
     p.add_argument(f"--{prefix}batch-size", type=int, default=1)
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="perplexity of a model on a text, or its zero-shot accuracy (--tasks)")
     _add_model(ev)
-    _add_eval(ev)
+    _add_eval(ev, several=True)
     ev.add_argument("--tasks", default=None,
                     help="zero-shot tasks through lm-eval, offline: 'paper' (the seven) or a comma list of "
                          "boolq, piqa, hellaswag, winogrande, arc_easy, arc_challenge, openbookqa")
@@ -179,22 +184,38 @@ def cmd_eval(args) -> int:
         check_writable(args.output, "--output", folder=False)
     if args.tasks is not None:
         return _zero_shot(args, device)
-    text = _read_text(args.text)  # a bad text file should not cost a model load, nor a short one
+    sources = args.text or [DEMO_EVAL_TEXT]
+    if len(set(sources)) < len(sources):
+        raise UserError("--text names the same text twice; give each text once")
     tokenizer = model_source.load_tokenizer(args.model)
-    ids = corpus.tokenize(tokenizer, text)
     tokens = f", --tokens {args.tokens}" if args.tokens else ""
-    preflight.evaluation_text(tokenizer, args.text, text, seq_len=args.seq_len, tokens=args.tokens, ids=ids,
-                              what="--text", lower="--seq-len", asked=f"--seq-len {args.seq_len}{tokens}")
+    all_ids = []
+    for source in sources:  # a bad or short text file should not cost a model load
+        text = _read_text(source)
+        all_ids.append(corpus.tokenize(tokenizer, text))
+        preflight.evaluation_text(tokenizer, source, text, seq_len=args.seq_len, tokens=args.tokens, ids=all_ids[-1],
+                                  what="--text", lower="--seq-len", asked=f"--seq-len {args.seq_len}{tokens}")
     loaded = model_source.load(args.model, dtype=args.dtype, device=device)
-    result = evaluate.perplexity(loaded.model, ids, seq_len=args.seq_len, max_tokens=args.tokens,
-                                 batch_size=args.batch_size or 1, progress=not args.json)
-    if args.output:
-        _write_json(args.output, {"model": args.model, "text": args.text, "seq_len": args.seq_len,
-                                  **result.to_dict()})
-    if args.json:
-        print(json.dumps(result.to_dict()))
+    results = [evaluate.perplexity(loaded.model, ids, seq_len=args.seq_len, max_tokens=args.tokens,
+                                   batch_size=args.batch_size or 1, progress=not args.json) for ids in all_ids]
+    if len(sources) == 1:
+        out = results[0].to_dict()
+        written = {"model": args.model, "text": sources[0], "seq_len": args.seq_len, **out}
     else:
-        print(f"perplexity {result.perplexity:.3f} over {result.tokens} tokens of {args.text}")
+        from .search.finish import geometric_mean
+
+        out = {"texts": [{"text": s, **r.to_dict()} for s, r in zip(sources, results)],
+               "geometric_mean": geometric_mean([r.perplexity for r in results])}
+        written = {"model": args.model, "seq_len": args.seq_len, **out}
+    if args.output:
+        _write_json(args.output, written)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for source, r in zip(sources, results):
+            print(f"perplexity {r.perplexity:.3f} over {r.tokens} tokens of {source}")
+        if len(sources) > 1:
+            print(f"geometric mean {out['geometric_mean']:.3f} over {len(sources)} texts")
     return 0
 
 
