@@ -335,6 +335,31 @@ def test_a_job_of_another_prunejob_is_never_adopted(cluster):
         kube.create_job(stolen)
 
 
+def test_a_job_deleted_between_create_and_read_is_created_again_a_bounded_number_of_times(cluster):
+    """409 on create then 404 on read: someone deleted the Job in between. Kube creates it again,
+    and gives up with a reason when that keeps happening, instead of recursing for ever."""
+    from selfpruner.cluster import manifests
+    from selfpruner.cluster.kube import Kube
+
+    kube = Kube("default", config_file=str(cluster.kubeconfig))
+    pj = {"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
+          "metadata": {"name": "racy", "namespace": "default", "uid": "33333333-cccc-4ccc-8ccc-cccccccccccc"},
+          "spec": {"model": {"source": "demo"}, "target": {"ratio": 0.3}, "storage": {"uri": "s3://bucket/runs"}}}
+    job = manifests.finalize_job(pj, image="img")
+    name = job["metadata"]["name"]
+    post, get = r"/apis/batch/v1/namespaces/default/jobs$", rf"/apis/batch/v1/namespaces/default/jobs/{name}$"
+    cluster.faults.add(code=409, method="POST", path_regex=post, times=1)
+    cluster.faults.add(code=404, method="GET", path_regex=get, times=1)
+    assert kube.create_job(job)["metadata"]["name"] == name  # the second create went through
+    kube.delete_job(name)
+    cluster.wait_for(lambda: kube.read_job(name) is None, 10, message="the Job to go")
+    cluster.faults.add(code=409, method="POST", path_regex=post, times=3)
+    cluster.faults.add(code=404, method="GET", path_regex=get, times=3)
+    with pytest.raises(RuntimeError, match="3 times in a row; something else keeps creating and deleting"):
+        kube.create_job(job)
+    assert kube.read_job(name) is None  # nothing was created behind the error
+
+
 def test_waiting_for_a_job_counts_only_the_time_it_runs(cluster, kubelet):
     """A Job suspended (by the user, or by Kueue while it waits for quota) is not timed; once it
     runs past the timeout the controller gives up with a final verdict, not a lost controller."""

@@ -130,21 +130,28 @@ class Kube:
             raise
 
     # -- Jobs -------------------------------------------------------------------------------------
-    def create_job(self, body: dict) -> dict:
+    def create_job(self, body: dict, attempts: int = 3) -> dict:
         """Create, or return the Job of that name if it exists already and is ours (idempotent);
-        a Job of that name owned by another owner is ChildConflict, never adopted."""
-        try:
-            return self._json(call(self.batch.create_namespaced_job, self.namespace, body, _preload_content=False))
-        except Exception as e:  # noqa: BLE001
-            if http_status(e) != 409:
-                raise
+        a Job of that name owned by another owner is ChildConflict, never adopted. A Job that
+        exists on create and is gone on read was deleted in between: created again, `attempts`
+        times at most, so a Job something keeps deleting cannot hold the search in a loop."""
         name = body["metadata"]["name"]
-        existing = self.read_job(name)
-        theirs = owner_uids(existing or {})
-        if existing is not None and not (owner_uids(body) & theirs):
-            raise ChildConflict(f"Job {name} already exists and belongs to another owner "
-                                f"({', '.join(sorted(theirs)) or 'none'})")
-        return existing if existing is not None else self.create_job(body)
+        for _ in range(attempts):
+            try:
+                return self._json(call(self.batch.create_namespaced_job, self.namespace, body, _preload_content=False))
+            except Exception as e:  # noqa: BLE001
+                if http_status(e) != 409:
+                    raise
+            existing = self.read_job(name)
+            if existing is None:
+                continue
+            theirs = owner_uids(existing)
+            if not (owner_uids(body) & theirs):
+                raise ChildConflict(f"Job {name} already exists and belongs to another owner "
+                                    f"({', '.join(sorted(theirs)) or 'none'})")
+            return existing
+        raise RuntimeError(f"Job {name}: creating it answered 'already exists' and reading it 'not found', "
+                           f"{attempts} times in a row; something else keeps creating and deleting that Job")
 
     def read_job(self, name: str) -> dict | None:
         return self._read(self.batch.read_namespaced_job, name, self.namespace)
