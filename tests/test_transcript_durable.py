@@ -47,12 +47,13 @@ class FakeCluster:
         self.jobs: dict[str, dict] = {}
         self.created: list[str] = []  # every create call, adopted ones included
         self.ran: set[str] = set()
+        self.patches: list[dict] = []  # every status patch, in order
 
     def read_prunejob(self, name):
         return self.doc
 
     def patch_status(self, name, status):
-        pass
+        self.patches.append(status)
 
     def event(self, prunejob, reason, message, type_="Normal"):
         pass
@@ -118,6 +119,10 @@ def test_a_lost_controller_is_replaced_without_asking_the_llm_again(tiny_job, tm
         with pytest.raises(ControllerLost) as lost:
             controller.run(doc, cluster)
         killed_job = str(lost.value)
+        # a new search shows its progress from the start, before its first checkpoint
+        running = [p for p in cluster.patches if p.get("phase") == "Running"]
+        assert running[0]["progress"] == f"0/{running[0]['budget']:g}" and running[0]["budgetSpent"] == 0
+        patches_of_first_life = len(cluster.patches)
         asked_before = len(server.requests)
         first_life = len(cluster.created)
         checkpoint = store.get_json(layout.latest_state)
@@ -136,6 +141,9 @@ def test_a_lost_controller_is_replaced_without_asking_the_llm_again(tiny_job, tm
         cluster.create_job = create_job
         assert controller.run(doc, cluster) == 0
         asked_after = len(server.requests)
+        # a resumed one keeps the progress it had reached instead of going back to 0
+        resumed = next(p for p in cluster.patches[patches_of_first_life:] if p.get("phase") == "Running")
+        assert "budget" in resumed and "progress" not in resumed and "budgetSpent" not in resumed
         transcript = store.get_bytes(layout.output("llm_transcript.jsonl")).decode().splitlines()
 
     # the screen's results were in storage already: the first Job the new controller asks for is

@@ -111,10 +111,12 @@ def run(doc: dict, kube: Kube) -> int:
         executor.generation = _resumed_generation(store, layout)
     pj = kube.read_prunejob(name) or doc
     generation = pj["metadata"].get("generation")
-    # what bestFitness is measured in, and the budget status.progress counts against, from the start
+    # what bestFitness is measured in, and the budget status.progress counts against, from the start;
+    # a new search shows 0/budget until its first checkpoint, a resumed one keeps what it had reached
     metric = job.spec.fitness.metric
+    start = status.progress(0, spec_mod.budget(job))
     kube.patch_status(name, {"phase": status.RUNNING, "fitnessMetric": metric,
-                             "budget": status.progress(0, spec_mod.budget(job))["budget"], "conditions": [
+                             **(start if not checkpoints["n"] else {"budget": start["budget"]}), "conditions": [
         status.condition(status.RUNNING, "True", "SearchRunning", "the controller is running the search", generation)]})
     executor.prepare()
     executor.memory_plan = executor.memory_plan or plan
