@@ -257,6 +257,15 @@ def test_indexed_job_with_fail_index_rule(cluster, kubelet):
     assert status["succeeded"] == 2 and status["failed"] == 1 and status["active"] == 0
     assert [c["type"] for c in status["conditions"]] == ["FailureTarget", "Failed"]
     assert len(kubelet.logs("idx")) == 3      # FailIndex: index 1 is not retried
+    # each pod's container status names its container and says how it ended, as a kubelet does
+    ended = {p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]: p["status"]
+             for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == "idx"}
+    for index, pod_status in ended.items():
+        [cs] = pod_status["containerStatuses"]
+        code, reason = (42, "Error") if index == "1" else (0, "Completed")
+        assert cs["name"] == "worker" and cs["state"]["terminated"]["exitCode"] == code, cs
+        assert cs["state"]["terminated"]["reason"] == reason
+        assert pod_status["phase"] == ("Failed" if code else "Succeeded")
 
 
 def test_preemption_is_ignored_and_env_comes_from_secrets(cluster, kubelet, tmp_path):
