@@ -25,7 +25,7 @@ cmd=${1:-}; shift || true
 case "$cmd" in
 start)
     work=$(workdir "$@")
-    rm -rf "$SRC" && mkdir -p "$SRC" "$work" && cp -r bench pruner_image "$SRC"/
+    rm -rf "$SRC" && mkdir -p "$SRC" "$work" && cp -rL bench pruner_image "$SRC"/  # -L: the package's CRD is a link to crds/prunejob.yaml
     setsid nohup "$PYTHON" "$SRC/bench/matrix.py" --jobs "$JOBS" "$@" >"$work/matrix.log" 2>&1 &
     echo "started; log in $work/matrix.log"
     ;;

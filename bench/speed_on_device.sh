@@ -55,7 +55,7 @@ bench() {  # bench NAME ARGS...: one bench_export_throughput.py run, its JSON at
 case "${1:-}" in
 start)
     rm -rf "$SRC" && mkdir -p "$SRC"
-    cp -r bench pruner_image "$SRC/"
+    cp -rL bench pruner_image "$SRC/"  # -L: the package's CRD is a link to crds/prunejob.yaml
     nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu --format=csv \
         >"$RESULTS/nvidia-smi.csv" 2>&1 || true
     setsid nohup bash "$SRC/bench/speed_on_device.sh" steps >"$RESULTS/speed.log" 2>&1 </dev/null &
