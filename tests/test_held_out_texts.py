@@ -135,3 +135,20 @@ def test_demo_calibration_mixes_shakespeare_and_code_from_its_first_window_and_n
         assert reference[:2000] not in mix
     with pytest.raises(UserError, match="demo:calibration-shakespeare"):
         corpus.load_text("demo:shakespeare")
+
+
+def test_demo_fitness_mix_holds_shakespeare_and_code_that_calibration_and_held_out_text_do_not():
+    """The fitness text of two domains (docs/benchmarks.md §15): the fitness works and another project's
+    code, both within the first windows, and no line of it in calibration or held-out text."""
+    from selfpruner import corpus
+
+    mix = corpus.load_text("demo:fitness-mix")
+    works = corpus.load_text("demo:fitness")
+    start = mix[:3 * corpus.MIX_BLOCK]
+    assert start.startswith(works[:200]) and "def " in start and "import " in start
+    cut = works.find("\n", corpus.MIX_BLOCK) + 1  # where the first block of code begins
+    code = mix[cut:cut + 2000]
+    assert mix[:cut] == works[:cut] and code.startswith('"""\nClick is')
+    for other in ("demo:calibration", "demo:heldout", "demo:python-reference"):
+        text = corpus.load_text(other)
+        assert code not in text and works[:2000] not in text
