@@ -176,12 +176,11 @@ class JobController:
         """The Job controller's view of a terminated pod."""
         # as a kubelet reports it: the container's own name, and the reason beside the exit code
         containers = ((run.spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
-        code = pod.exit_code or 0
-        self._publish(run, pod.name, pod.index, containers[0].get("name", ""),
-                      "Succeeded" if code == 0 and not pod.preempted else "Failed",
+        code, ok = pod.exit_code or 0, pod.exit_code == 0 and not pod.preempted
+        self._publish(run, pod.name, pod.index, containers[0].get("name", ""), "Succeeded" if ok else "Failed",
                       {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
                                       "finishedAt": _now()}})
-        if pod.exit_code == 0 and not pod.preempted:
+        if ok:
             if run.indexed:
                 run.succeeded.add(pod.index)
             else:
