@@ -13,7 +13,8 @@ geometric mean and its ratio to dense: `matrix.json` and `matrix.md` in the work
     ... --report-only      # the table from the folders, evaluating nothing
 
 Axis values are YAML (`0.3`, `true`, `demo:calibration`), split at `;` where there is one, else at
-`,` (`--axis 'llm.evidence=[];[calibration, feedback]'`); `--set KEY=VALUE` changes the base for
+`,` (`--axis 'llm.evidence=[];[calibration, feedback]'`); keys joined by `+` take the same value
+(`--axis search.seed+llm.seed=0,1,2`: the LLM samples with the search's seed); `--set KEY=VALUE` changes the base for
 every cell (a YAML value: `--set 'fitness.heldOutTexts=[a.txt, b.txt]'`). A searched row of an
 llm-evolution run also says how many of the LLM's offspring entered the population against the
 classical operators' (result.json's `origins`).
@@ -84,7 +85,8 @@ def cells(a) -> list[tuple[str, dict, dict]]:
         values = {key: v for (key, _), v in zip(axes, combo)}
         doc = json.loads(json.dumps(base))
         for key, v in values.items():
-            _put(doc["spec"], key.split("."), v)
+            for one in key.split("+"):
+                _put(doc["spec"], one.split("."), v)
         name = cell_name(values)
         if name in names:
             sys.exit(f"two cells are both named {name}: make the axis values differ in their first 60 characters")

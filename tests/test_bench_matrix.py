@@ -56,3 +56,13 @@ def test_two_cells_with_one_name_are_refused(tmp_path):
     with pytest.raises(SystemExit, match="both named"):
         matrix.cells(matrix.parse_args(["--base", str(base), "--axis", "calibration.text=a/x.txt,b/x.txt",
                                         "--workdir", str(tmp_path / "w")]))
+
+
+def test_keys_joined_by_plus_take_one_value_in_every_cell(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump({"apiVersion": "selfpruner.io/v1alpha1", "kind": "PruneJob",
+                                    "metadata": {"name": "b"}, "spec": {"model": {"source": "demo"}}}))
+    out = matrix.cells(matrix.parse_args(["--base", str(base), "--axis", "search.seed+llm.seed=0,2",
+                                          "--axis", "target.ratio=0.3", "--workdir", str(tmp_path / "w")]))
+    assert [name for name, _, _ in out] == ["seed-0-ratio-0-3", "seed-2-ratio-0-3"]
+    assert [(d["spec"]["search"]["seed"], d["spec"]["llm"]["seed"]) for _, _, d in out] == [(0, 0), (2, 2)]
