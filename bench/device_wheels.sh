@@ -15,7 +15,8 @@ DIR=$(realpath -m "${1:?usage: $0 DIR}")
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 # what the device lacks, as pyproject.toml pins it (the base install, gguf of `engine`, `eval`)
-PACKAGES=("lm-eval>=0.4.13,<0.5" "datasets>=3" "gguf>=0.10" "jsonschema>=4" "cel-python>=0.5" tzdata)
+PACKAGES=("lm-eval>=0.4.13,<0.5" "datasets>=3" "gguf>=0.10" "jsonschema>=4" "cel-python>=0.5" tzdata
+    "llguidance>=1.9,<2")  # llguidance: the local LLM's constrained decoding (llm-evolution)
 # dependencies of lm-eval that PyPI has only as sdists: built into wheels here (pure Python)
 SDIST=(sqlitedict word2number rouge-score)
 # the device's versions where they steer the resolution (huggingface_hub 2 would bring httpx2)
@@ -34,7 +35,7 @@ mkdir -p "$DIR" && rm -f "$DIR"/*.whl
 "$PYTHON" -m pip wheel -q --no-deps -w "$DIR" "${SDIST[@]}"
 "$PYTHON" -m pip download -q -d "$DIR" --find-links "$DIR" --only-binary=:all: --python-version 3.12 \
     --implementation cp --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-    --platform manylinux_2_34_x86_64 -c <(printf '%s\n' "${DEVICE[@]}") "${PACKAGES[@]}"
+    --platform manylinux_2_31_x86_64 --platform manylinux_2_34_x86_64 -c <(printf '%s\n' "${DEVICE[@]}") "${PACKAGES[@]}"
 for f in "$DIR"/*.whl; do
     name=$(basename "$f"); name=${name%%-*}; name=${name,,}; name=${name//./_}
     for x in "${EXCLUDE[@]}"; do [[ $name == $x ]] && { rm "$f"; break; }; done
