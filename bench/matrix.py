@@ -11,6 +11,7 @@ geometric mean and its ratio to dense: `matrix.json` and `matrix.md` in the work
     PYTHONPATH=pruner_image .venv/bin/python bench/matrix.py --base examples/demo.yaml \\
         --axis target.ratio=0.3,0.5 --workdir runs/matrix
     ... --report-only      # the table from the folders, evaluating nothing
+    ... --group search.seed  # also mean ± sd over the seeds of every other cell
 
 Axis values are YAML (`0.3`, `true`, `demo:calibration`), split at `;` where there is one, else at
 `,` (`--axis 'llm.evidence=[];[calibration, feedback]'`); keys joined by `+` take the same value
@@ -27,6 +28,7 @@ import itertools
 import json
 import math
 import re
+import statistics
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", required=True, help="one folder per cell, and the report")
     p.add_argument("--jobs", type=int, default=1, help="cells run at once")
     p.add_argument("--report-only", action="store_true", help="evaluate nothing; report what is there")
+    p.add_argument("--group", metavar="AXIS", help="also report mean ± sd over this axis (e.g. search.seed)")
     return p.parse_args(argv)
 
 
@@ -126,7 +129,55 @@ def rows_of(name: str, values: dict, result: dict) -> list[dict]:
                     "zero_shot_mean": zs.get("mean"), "zero_shot_stderr": zs.get("mean_stderr"),
                     "zero_shot_drop": zs.get("mean_drop")})
     out[-1].update(offspring(result.get("origins") or {}))
+    out[-1].update(search_figures(result))
     return out
+
+
+def search_figures(result: dict) -> dict:
+    """What the searched row's search cost and how it went: the best of the initial population, the
+    seconds a generation spent in the LLM and in evaluations, and the LLM's share of each
+    generation's crossovers and mutations (llm-evolution)."""
+    gens = result.get("generations") or []
+    later = [g for g in gens if g.get("generation", 0) >= 1]
+    out = {"evaluations": (result.get("cost") or {}).get("evaluations"),
+           "wall_seconds": (result.get("cost") or {}).get("wall_seconds"),
+           "initial_best": (result.get("best_per_generation") or [None])[0],
+           "evaluation_seconds_per_generation": _mean([g.get("evaluation_seconds") for g in later])}
+    llm = (result.get("cost") or {}).get("llm")
+    if llm:
+        arms = ("llm-crossover", "llm-mutation", "crossover", "mutation")
+        out.update({"llm_seconds_per_generation": _mean([g.get("llm_seconds") for g in later]),
+                    "llm_duplicates": llm.get("offspring_duplicates"),
+                    "llm_share_per_generation": [
+                        round((g["shares"].get(arms[0], 0) + g["shares"].get(arms[1], 0))
+                              / max(1, sum(g["shares"].get(k, 0) for k in arms)), 3)
+                        for g in gens if g.get("shares")]})
+    return out
+
+
+def _mean(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return round(statistics.mean(xs), 2) if xs else None
+
+
+def groups(rows: list[dict], keys: list[str], over: str) -> list[dict]:
+    """Mean and standard deviation over the axis `over` (the seeds) of every other axis' cell and
+    allocation: what a comparison between strategies should read, not one seed's luck."""
+    out: dict[tuple, list] = {}
+    for r in rows:
+        out.setdefault(tuple(str(r.get(k)) for k in keys if k != over) + (r["allocation"],), []).append(r)
+    table = []
+    for key, rs in out.items():
+        g = {**{k: rs[0].get(k) for k in keys if k != over}, "allocation": rs[0]["allocation"], "n": len(rs)}
+        for field in ("fitness", "geometric_mean", "vs_dense", "initial_best"):
+            xs = [r.get(field) for r in rs if r.get(field) is not None]
+            if xs:
+                g[field] = statistics.mean(xs)
+                g[f"{field}_sd"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        for i in range(len(rs[0]["held_out"])):
+            g.setdefault("held_out", []).append(statistics.mean(r["held_out"][i] for r in rs))
+        table.append(g)
+    return table
 
 
 def offspring(origins: dict) -> dict:
@@ -173,8 +224,24 @@ def report(a, all_cells) -> list[dict]:
     lines += [""] + [f"held-out {i + 1}: {t}" for i, t in enumerate(texts or [])]
     if missing:
         lines.append(f"not finished: {', '.join(missing)}")
+    summary = None
+    if a.group:
+        if a.group not in keys:
+            sys.exit(f"--group {a.group}: not one of the axes ({', '.join(keys) or 'none'})")
+        summary = groups(rows, keys, a.group)
+        rest = [k for k in keys if k != a.group]
+        head = rest + ["allocation", "n", "fitness", "initial best"] + \
+            [f"held-out {i + 1}" for i in range(len(texts or []))] + ["geo-mean", "× dense"]
+        lines += ["", f"mean ± sd over {a.group}:", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for g in summary:
+            sd = lambda f: f"{_num(g.get(f))} ± {_num(g.get(f + '_sd'))}" if g.get(f) is not None else "-"  # noqa: E731
+            lines.append("| " + " | ".join([str(g.get(k)) for k in rest] + [g["allocation"], str(g["n"]), sd("fitness"),
+                         sd("initial_best")] + [_num(x) for x in g["held_out"]] + [sd("geometric_mean"),
+                                                                                      _num(g.get("vs_dense"))]) + " |")
     (workdir / "matrix.md").write_text("\n".join(lines) + "\n")
-    (workdir / "matrix.json").write_text(json.dumps({"held_out_texts": texts, "rows": rows, "unfinished": missing},
+    (workdir / "matrix.json").write_text(json.dumps({"held_out_texts": texts, "rows": rows, "unfinished": missing,
+                                                     **({"groups": summary} if summary is not None else {})},
                                                     indent=2) + "\n")
     print("\n".join(lines))
     return rows

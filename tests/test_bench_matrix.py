@@ -48,6 +48,21 @@ def test_a_two_by_one_matrix_runs_every_cell_and_reports_every_allocation(tiny_j
     assert matrix.main(args) == 0
     assert capsys.readouterr().out.count("done before") == 2
 
+    # the searched row says what its search cost and where it started
+    searched = [r for r in rows if r["allocation"] == "searched"]
+    for r in searched:
+        result = json.loads((work / r["cell"] / "result.json").read_text())
+        assert r["evaluations"] == result["cost"]["evaluations"] and r["initial_best"] == result["best_per_generation"][0]
+    # mean ± sd over an axis: one row per allocation, over both cells
+    assert matrix.main(args + ["--report-only", "--group", "target.ratio"]) == 0
+    summary = json.loads((work / "matrix.json").read_text())["groups"]
+    assert [(g["allocation"], g["n"]) for g in summary] == [("dense", 2), ("uniform", 2), ("searched", 2)]
+    assert summary[2]["fitness"] == pytest.approx((searched[0]["fitness"] + searched[1]["fitness"]) / 2)
+    assert summary[2]["fitness_sd"] == pytest.approx(abs(searched[0]["fitness"] - searched[1]["fitness"]) / 2 ** 0.5)
+    assert "mean ± sd over target.ratio:" in (work / "matrix.md").read_text()
+    with pytest.raises(SystemExit, match="not one of the axes"):
+        matrix.main(args + ["--report-only", "--group", "search.seed"])
+
 
 def test_two_cells_with_one_name_are_refused(tmp_path):
     base = tmp_path / "base.yaml"
