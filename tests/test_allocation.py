@@ -125,8 +125,12 @@ def test_a_bad_endpoint_cannot_sink_the_search(tiny_job, copies):
     llm = adaptive["cost"]["llm"]
     if copies:  # every copy is a repeat: asked again once, then replaced, never evaluated twice
         assert llm["offspring_duplicates"] > 0 and llm["offspring_duplicates_kept"] > 0
-    # the heuristic seeds stand beside the LLM's initial proposals
-    assert "uniform" in adaptive["origins"]
+    # the heuristic seeds and as many random draws (what genetic starts from) stand beside the LLM's
+    # initial proposals: half of the rest of the population each
+    origins = adaptive["origins"]
+    assert "uniform" in origins
+    seeds = sum(1 for o in ("uniform", "owl") if o in origins)
+    assert origins["random"]["made"] == (8 - seeds) // 2, origins
     # the summary table says how the offspring were shared, first and last generation
     shared = [g["shares"] for g in adaptive["generations"] if "shares" in g]
     first, last = shared[0], shared[-1]
@@ -141,7 +145,7 @@ def test_the_papers_fixed_allocation_gives_the_llm_every_offspring(tiny_job):
     with HostileChat() as server:
         fixed = search(tiny_job, "fixed", url=server.url, allocation="fixed")
     assert all(llm_share(g) == 1.0 for g in fixed["generations"] if "shares" in g)
-    assert "uniform" not in fixed["origins"] and "crossover" not in fixed["origins"]
+    assert not {"uniform", "random", "crossover"} & set(fixed["origins"])
     assert "crossover 4/0 -> 4/0, mutation 4/0 -> 4/0;" in summary_table(fixed)
 
 

@@ -2,7 +2,7 @@
 generation's crossovers and mutations: all of them with `llm.allocation: fixed` (the paper), or
 the share its measured success earns beside the classical operators and tournament selection
 with `adaptive` (allocation.py; the initial population then also holds the uniform and OWL
-allocations).
+allocations and, for half of the LLM's proposals, random draws as `genetic` starts from).
 
 With `llm.operators: edits` a crossover is written as a choice of parent per block
 (`{"take":"ABBA..."}`) and a mutation as moves of pruning between blocks
@@ -34,7 +34,7 @@ import numpy as np
 
 from . import evidence as evidence_mod
 from . import operators
-from .allocation import CROSSOVER, LLM_CROSSOVER, LLM_MUTATION, LLM_SELECTION, MUTATION, TOURNAMENT, Allocation
+from .allocation import CROSSOVER, LLM_CROSSOVER, LLM_MUTATION, LLM_SELECTION, MUTATION, TOURNAMENT, Allocation, split
 from .encoding import Codec, moves_schema, projection_distance, selection_schema, take_schema
 from .evolution import ClassicalProposer, Evolution, Offspring
 from .replies import first_object, parse_candidates, parse_selection
@@ -264,17 +264,22 @@ class LLMProposer(ClassicalProposer):
 
     # -- the proposer interface ------------------------------------------------------
     def initial(self, strategy: Evolution, n: int) -> list[Offspring]:
-        """The LLM's proposals; with adaptive allocation beside heuristic seeds (uniform, OWL from
-        the calibration statistics), so a weak LLM cannot start the search from worse than those."""
+        """The LLM's proposals; with adaptive allocation, half of them beside as many random draws
+        (what `genetic` starts from) and the heuristic seeds (uniform, OWL from the calibration
+        statistics). Measured on the H200 (docs/benchmarks.md §16), the LLMs here write initial
+        candidates that are worse and more alike than random ones (best of the initial population
+        95-107 against 90 perplexity), and a search that starts from them ends behind `genetic`."""
         ctx = strategy.ctx
         seeds = self._seeds(strategy, n) if strategy.allocation.adaptive else []
+        asked, drawn = split(n - len(seeds), [1.0, 1.0], floor=0) if seeds else (n, 0)
         jobs = []
-        for start in range(0, n - len(seeds), self.per_call):
-            k = min(self.per_call, n - len(seeds) - start)
+        for start in range(0, asked, self.per_call):
+            k = min(self.per_call, asked - start)
             schema, read = self._whole(strategy, k)
             jobs.append({"template": "initial", "kind": "initial", "fallbacks": [lambda: ctx.space.random(ctx.rng)] * k,
                          "extra": {}, "schema": schema, "read": read})
-        return seeds + [Offspring(u, o) for u, o in self._ask_all(strategy, jobs)]
+        asked_for = [Offspring(u, o) for u, o in self._ask_all(strategy, jobs)]
+        return seeds + asked_for + super().initial(strategy, drawn)
 
     @staticmethod
     def _seeds(strategy: Evolution, n: int) -> list[Offspring]:
