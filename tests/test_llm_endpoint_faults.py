@@ -100,7 +100,9 @@ def test_a_context_length_400_mid_run_leaves_json_schema_in_use(tiny_job):
 
 
 def llm_job(tiny_job, name, url, **llm):
-    return tiny_job(name, search={"strategy": "llm-evolution"},
+    # population 6 = uniform + owl + 2 random draws + 2 from the LLM: the initial round is two calls,
+    # so one scripted failure in it sits next to an answer (one failed call alone is a dead endpoint)
+    return tiny_job(name, search={"strategy": "llm-evolution", "population": 6},
                     llm={"provider": "openai", "model": "m", "baseURL": url, "maxRetries": 0, "timeoutSeconds": 2,
                          **llm})
 
@@ -167,7 +169,7 @@ def test_an_endpoint_failing_some_calls_still_completes_the_run(tiny_job):
 def test_an_endpoint_gone_mid_run_ends_it_on_the_second_failed_round(tiny_job):
     """One failed round after answers (a selection out of retries) is occasional; a second right
     after it means the endpoint has gone away."""
-    initial = [("default",)] * 2  # population 4 = uniform + owl + 2 from the LLM, one per call: answered
+    initial = [("default",)] * 2  # the LLM's 2 of population 6, one per call: answered
     with ScriptedChat(initial, dim=DIM, fail=(503, "the server is shutting down")) as server:
         doc = llm_job(tiny_job, "gone", server.url, concurrency=1, offspringPerCall=1)
         with pytest.raises(LLMUnavailable, match="HTTP 503: the server is shutting down"):
