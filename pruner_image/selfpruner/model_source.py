@@ -78,24 +78,22 @@ def check_source(source: str, what: str = "model") -> None:
 
 def check_gguf(gguf: Path, what: str = "model") -> None:
     """Refuse a GGUF file that is cut short (an interrupted download) or not GGUF at all, in one
-    line and in milliseconds: its header and tensor table are read, no tensor data is."""
+    line and in well under a second: its header and tensor table are read, no tensor data is
+    (gguf_header.py; any quantisation type the `gguf` package knows)."""
+    from .gguf_header import Truncated, Unreadable, extent
+
     size = gguf.stat().st_size
     fix = "download it again" if size else "it is empty; download it again"
     try:
-        from transformers.integrations.gguf.reader import GgufHeader
-    except ImportError:  # another transformers: its own reader still fails in one line (`_converted`)
-        return
-    try:
-        header = GgufHeader.from_file(str(gguf))
-    except struct.error:
+        found = extent(gguf)
+    except Truncated:
         raise UserError(f"{what} {gguf}: GGUF file is truncated ({size} bytes end inside its header); {fix}") from None
-    except (ValueError, KeyError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+    except (Unreadable, UnicodeDecodeError, OverflowError, MemoryError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0]
         raise UserError(f"{what} {gguf}: not a readable GGUF file ({first}); {fix}") from None
-    need = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
-    if need > size:
+    if found.need > size:
         raise UserError(f"{what} {gguf}: GGUF file is truncated: it has {size} bytes, its tensor table needs "
-                        f"{need}; {fix}")
+                        f"{found.need}; {fix}")
 
 
 def resolve(source: str) -> tuple[str, bool]:
