@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_search import goal_checker, sources  # noqa: E402  (the same tiny model, texts and verdicts)
+from matrix import llm_shares  # noqa: E402
 
 LLM_ORIGINS = ("llm-initial", "llm-crossover", "llm-mutation")
 CLASSICAL_OFFSPRING = ("crossover", "mutation")  # genetic's offspring
@@ -171,12 +172,7 @@ def summarize(run: dict, result: dict) -> dict:
                     "projection_mean_abs_change": llm["projection_mean_abs_change"],
                     "offspring_duplicates": llm["offspring_duplicates"],
                     "offspring_new_when_asked_again": llm.get("offspring_new_when_asked_again", 0),
-                    # the LLM's share of each generation's crossovers and mutations (allocation.py)
-                    "llm_share_per_generation": [
-                        round((g["shares"].get("llm-crossover", 0) + g["shares"].get("llm-mutation", 0))
-                              / max(1, sum(g["shares"].get(k, 0) for k in ("llm-crossover", "llm-mutation",
-                                                                            "crossover", "mutation"))), 3)
-                        for g in gens if g.get("shares")]})
+                    "llm_share_per_generation": llm_shares(gens)})
     return row
 
 

@@ -145,14 +145,17 @@ def search_figures(result: dict) -> dict:
            "evaluation_seconds_per_generation": _mean([g.get("evaluation_seconds") for g in later])}
     llm = (result.get("cost") or {}).get("llm")
     if llm:
-        arms = ("llm-crossover", "llm-mutation", "crossover", "mutation")
         out.update({"llm_seconds_per_generation": _mean([g.get("llm_seconds") for g in later]),
                     "llm_duplicates": llm.get("offspring_duplicates"),
-                    "llm_share_per_generation": [
-                        round((g["shares"].get(arms[0], 0) + g["shares"].get(arms[1], 0))
-                              / max(1, sum(g["shares"].get(k, 0) for k in arms)), 3)
-                        for g in gens if g.get("shares")]})
+                    "llm_share_per_generation": llm_shares(gens)})
     return out
+
+
+def llm_shares(generations: list[dict]) -> list[float]:
+    """The LLM's share of each generation's crossovers and mutations (allocation.py's slots)."""
+    arms = ("llm-crossover", "llm-mutation", "crossover", "mutation")
+    return [round((g["shares"].get(arms[0], 0) + g["shares"].get(arms[1], 0))
+                  / max(1, sum(g["shares"].get(k, 0) for k in arms)), 3) for g in generations if g.get("shares")]
 
 
 def _mean(xs: list) -> float | None:

@@ -88,9 +88,8 @@ def check_gguf(gguf: Path, what: str = "model") -> None:
         found = extent(gguf)
     except Truncated:
         raise UserError(f"{what} {gguf}: GGUF file is truncated ({size} bytes end inside its header); {fix}") from None
-    except (Unreadable, UnicodeDecodeError, OverflowError, MemoryError) as e:
-        first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{what} {gguf}: not a readable GGUF file ({first}); {fix}") from None
+    except Unreadable as e:
+        raise UserError(f"{what} {gguf}: not a readable GGUF file ({e}); {fix}") from None
     if found.need > size:
         raise UserError(f"{what} {gguf}: GGUF file is truncated: it has {size} bytes, its tensor table needs "
                         f"{found.need}; {fix}")
