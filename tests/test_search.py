@@ -80,6 +80,49 @@ def test_resume_after_a_finished_run_evaluates_nothing_new(tiny_job):
     assert second["best"] == first["best"]
 
 
+def test_a_device_out_of_memory_stops_the_search_and_the_same_command_resumes_it(tiny_job, monkeypatch):
+    """Processes sharing one GPU: a search's evaluations run out of memory because another process
+    took it. That is the device's failure, not the candidates': recorded as theirs, it was written
+    into the checkpoint, and every resume stopped again with "every evaluation failed". Now the run
+    stops saying what failed, records nothing for those candidates, and the same command ends where
+    an undisturbed run ends. CUDA cannot run out of memory on this CPU-only machine, so torch's own
+    exception is raised from the perplexity call the executor makes (the one thing mocked)."""
+    import torch
+
+    from selfpruner import evaluate
+    from selfpruner.errors import DeviceFailed
+
+    undisturbed = run(tiny_job("undisturbed"))
+    doc = tiny_job("shared-gpu")
+    state = runner.Path(doc["spec"]["output"]["path"]) / "state.json"
+    real, after_checkpoint = evaluate.perplexity, []
+
+    def another_process_took_the_memory(*args, **kwargs):
+        if state.exists():  # from generation 1 on: the first evaluation still fits, the rest do not
+            after_checkpoint.append(1)
+            if len(after_checkpoint) > 1:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 768.00 MiB. GPU 0 has a total "
+                                             "capacity of 79.18 GiB of which 560.31 MiB is free.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "perplexity", another_process_took_the_memory)
+    with pytest.raises(DeviceFailed, match=r"device failed on 3 of 4 evaluation\(s\) of generation 1.*"
+                                           r"CUDA out of memory.*run the same command again") as failure:
+        run(doc)
+    assert "\n" not in str(failure.value)
+    entries = history(doc)
+    assert not [e for e in entries if e.get("error")], "a device failure was recorded as the candidate's"
+    assert [e["generation"] for e in entries].count(1) == 1  # the evaluation that fitted is kept
+    assert json.loads(state.read_text())["strategy"]["generation"] == 1  # the last finished generation
+
+    monkeypatch.setattr(evaluate, "perplexity", real)  # the other process is gone
+    resumed = run(doc)
+    assert resumed["best"] == undisturbed["best"]
+    assert resumed["best_per_generation"] == undisturbed["best_per_generation"]
+    keys = [(json.dumps(e["rates"]), e["tokens_budget"], e["text"], e.get("sample")) for e in history(doc)]
+    assert len(keys) == len(set(keys)), "an evaluation was repeated"
+
+
 def test_a_different_spec_in_the_same_folder_is_refused(tiny_job):
     doc = tiny_job("clash")
     run(doc)

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 
-from ..errors import UserError
+from ..errors import UserError, is_device_error  # noqa: F401 - the worker's and tests' import
 from .manifests import EXIT_DEVICE_ERROR, EXIT_UNEVALUABLE
 
 EXIT_TRANSIENT = 1
@@ -147,31 +146,6 @@ def check_prunejob(kube, doc: dict) -> dict:
 
 
 # -- what went wrong, and the exit code that says it ------------------------------------------
-
-# the texts CUDA, the caching allocator, NCCL and the driver put in their errors; an EvalOutcome's
-# error is "<exception type>: <message>", so the type names are matched too
-_DEVICE_TEXT = re.compile(
-    r"CUDA out of memory|\bOutOfMemoryError\b|CUDA error|CUDA driver error|device-side assert|NCCL error"
-    r"|\bXid\b|\bAcceleratorError\b|\bDistBackendError\b|uncorrectable ECC error", re.IGNORECASE)
-_DEVICE_TYPES = {"OutOfMemoryError", "AcceleratorError", "DistBackendError"}  # torch's, matched by name:
-# importing torch here would load it into the controller, which must stay light
-
-
-def is_device_error(error: BaseException | str | None) -> bool:
-    """Whether an exception (or the text an executor recorded for one) is the accelerator's failure
-    rather than the candidate's: OOM, a CUDA or NCCL error, a device-side assert, an XID. The
-    exception's causes are looked at too (a library may wrap the CUDA error in its own)."""
-    if error is None:
-        return False
-    if isinstance(error, str):
-        return bool(_DEVICE_TEXT.search(error))
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if any(t.__name__ in _DEVICE_TYPES for t in type(error).__mro__) or _DEVICE_TEXT.search(str(error)):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def is_transient(error: BaseException) -> bool:

@@ -10,6 +10,7 @@ import os
 import time
 from pathlib import Path
 
+from ..errors import DeviceFailed, is_device_error
 from ..executors.base import EvalOutcome, EvalTask
 from .space import SearchSpace
 from .strategy import Request, Result
@@ -96,8 +97,12 @@ class Evaluator:
             rates, tokens, text, _, sample = items[i]
             unique.setdefault(History.key(rates, tokens, text, sample), []).append(i)
         firsts = [idx[0] for idx in unique.values()]
+        device_failures: list[str] = []
 
         def record(k: int, outcome: EvalOutcome) -> None:
+            if outcome.error and is_device_error(outcome.error):
+                device_failures.append(outcome.error)  # the device's failure, not the candidate's
+                return
             i = firsts[k]
             rates, tokens, text, origin, sample = items[i]
             entry = {"n": len(self.history.entries), "generation": generation, "origin": origin, "text": text,
@@ -112,6 +117,15 @@ class Evaluator:
         if firsts:
             self.executor.evaluate([EvalTask(rates=items[i][0], tokens=items[i][1], text=items[i][2],
                                             sample=items[i][4]) for i in firsts], on_result=record)
+        if device_failures:
+            # recorded, they would count as the candidates' failures and be checkpointed with the
+            # generation; stopping before `tell` leaves the last checkpoint to resume from
+            first = " ".join(device_failures[0].split())
+            raise DeviceFailed(
+                f"the device failed on {len(device_failures)} of {len(firsts)} evaluation(s) of generation "
+                f"{generation}, nothing was recorded for them (first: {first[:240]}{'…' if len(first) > 240 else ''}); "
+                "free the device (another process may hold its memory) and run the same command again: "
+                "the search resumes from its last finished generation")
         return out
 
     def evaluate(self, requests: list[Request], generation: int) -> list[Result]:
