@@ -308,3 +308,29 @@ def test_a_device_error_writes_no_result_and_the_retry_finishes_the_shard(tmp_pa
     assert worker.worker() == 0
     assert store.get_json(layout.result("t1"))["fitness"] > 1 and store.get_json(layout.result("t1"))["error"] is None
     assert {t: store.get_bytes(layout.result(t)) for t in ("t0", "t2")} == first  # kept, not re-evaluated
+
+def test_a_worker_whose_model_does_not_fit_the_device_at_load_is_retried_elsewhere(tmp_path, tiny_job, monkeypatch,
+                                                                                   capsys):
+    """An evaluation pod that runs out of GPU memory loading the model (the GPU is shared, or smaller
+    than planned) exits 43 so that its Job retries on another pod, not 2 (which would fail the
+    candidates as unevaluable). Only the failure is injected (no GPU here): torch's real
+    OutOfMemoryError where the weights would be allocated."""
+    from selfpruner import model_source
+    from selfpruner.cluster import worker
+
+    uri, store = stored_run(tmp_path, tiny_job)
+    layout = Layout(UID)
+    store.put_json(layout.shard("b1", 0), {"tasks": [{"id": "t0", "rates": [0.2] * 6, "tokens": 256,
+                                                      "text": "fitness"}]})
+    for name, value in dict(SELFPRUNER_PRUNEJOB_UID=UID, SELFPRUNER_STORE=uri, SELFPRUNER_BATCH="b1",
+                            JOB_COMPLETION_INDEX="0", SELFPRUNER_DEVICES="cpu").items():
+        monkeypatch.setenv(name, value)
+
+    def allocate(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.89 GiB.")
+
+    monkeypatch.setattr(model_source, "load", allocate)
+    assert worker.worker() == EXIT_DEVICE_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "while loading" in err[-1] and "retries on another pod" in err[-1]
+    assert not store.exists(layout.result("t0"))

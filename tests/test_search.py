@@ -123,6 +123,27 @@ def test_a_device_out_of_memory_stops_the_search_and_the_same_command_resumes_it
     assert len(keys) == len(set(keys)), "an evaluation was repeated"
 
 
+def test_a_device_out_of_memory_while_loading_says_so_in_one_line(tiny_job, monkeypatch):
+    """Processes started together on one GPU: the model of the last one no longer fits when it loads.
+    A one-line reason, not a traceback of the loader. CUDA cannot run out of memory on this CPU-only
+    machine, so torch's own exception is raised where the weights would be allocated."""
+    import torch
+
+    from selfpruner import model_source
+    from selfpruner.errors import DeviceFailed
+
+    def allocate(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.89 GiB. GPU 0 has a total capacity "
+                                     "of 79.18 GiB of which 2.31 GiB is free. " + "Process 959 has 2.79 GiB memory "
+                                     "in use. " * 20)
+
+    monkeypatch.setattr(model_source, "load", allocate)
+    with pytest.raises(DeviceFailed, match=r"while loading and calibrating the model \(OutOfMemoryError: CUDA out "
+                                           r"of memory.*…\); free it .*run the same command again") as failure:
+        run(tiny_job("late-start"))
+    assert "\n" not in str(failure.value) and len(str(failure.value)) < 500
+
+
 def test_a_different_spec_in_the_same_folder_is_refused(tiny_job):
     doc = tiny_job("clash")
     run(doc)

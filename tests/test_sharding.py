@@ -198,6 +198,25 @@ def test_70b_needs_two_h200s_and_is_refused_on_one():
     assert p.device_map(["cuda:0", "cuda:1"])["lm_head"] == "cuda:1"
 
 
+def test_memory_other_processes_hold_is_not_planned_for():
+    """A GPU shared with other jobs (on the benchmark machine 24 searches shared one H100 and 12 ran
+    out of memory mid-run): what other processes hold is not usable, the plan says so, and a model
+    that no longer fits is refused before it loads, naming them."""
+    work = memory_plan.Workload(dtype="bfloat16", batch_size=8, seq_len=512)
+    h100 = 80 * 2**30
+    idle = memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100)
+    busy = memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100, held=40 * 2**30)
+    assert busy.usable == idle.usable - 40 * 2**30
+    assert "(40.0 GiB held by other processes)" in busy.lines()[1] and "held" not in idle.lines()[1]
+    assert busy.to_dict()["held_by_others_bytes"] == 40 * 2**30
+    with pytest.raises(UserError) as e:
+        memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100, held=60 * 2**30)
+    message = str(e.value)
+    assert "\n" not in message
+    assert "the rest held by other processes" in message and "other processes hold 60.0 GiB" in message
+    assert "CUDA_VISIBLE_DEVICES" in message
+
+
 def test_a_working_set_too_large_names_batch_size_and_seq_len():
     work = memory_plan.Workload(dtype="bfloat16", batch_size=64, seq_len=32768)
     with pytest.raises(UserError) as e:

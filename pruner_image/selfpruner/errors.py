@@ -20,9 +20,16 @@ class LLMUnavailable(UserError):
 
 
 class DeviceFailed(UserError):
-    """The accelerator failed while evaluating candidates (out of memory, a CUDA error): the
-    candidates were not at fault, so nothing is recorded for them and the search stops before its
-    next checkpoint; the same command resumes it once the device is free."""
+    """The accelerator failed (out of memory, a CUDA error) while loading the model or evaluating
+    candidates: the candidates were not at fault, so nothing is recorded for them and the search
+    stops before its next checkpoint; the same command resumes it once the device is free."""
+
+    @staticmethod
+    def describe(error: BaseException | str, limit: int = 240) -> str:
+        """The error on one line, cut at `limit` characters (CUDA's out-of-memory message lists
+        every process on the GPU)."""
+        text = " ".join(str(error if isinstance(error, str) else f"{type(error).__name__}: {error}").split())
+        return text if len(text) <= limit else text[:limit] + "…"
 
 
 # the texts CUDA, the caching allocator, NCCL and the driver put in their errors; an EvalOutcome's

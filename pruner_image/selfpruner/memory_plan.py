@@ -31,7 +31,9 @@ starts a GPU pod, and a local run prints it before loading. Every figure is in b
   matrices, 4·((Hq·d)² + I²).
 
 A GPU needs weights + copies + means + refit state + the larger of the two working sets, and may use
-`USABLE` of its memory (the CUDA context and the allocator's fragmentation take the rest).
+`USABLE` of its memory (the CUDA context and the allocator's fragmentation take the rest), less what
+other processes hold on it (`held`: a GPU shared with other jobs, as a local run finds it; planning
+with the whole GPU there only defers the failure to an out-of-memory mid-search).
 """
 
 from __future__ import annotations
@@ -169,19 +171,21 @@ class MemoryPlan:
     block_of: list[int] = field(default_factory=list)  # device index (within a replica) of each block
     head_device: int = 0
     on_cpu: bool = False  # the devices are the CPU (a local run without GPUs): no GPU to speak of
+    held: int = 0  # bytes other processes hold on the fullest GPU (a GPU shared with other jobs)
 
     @property
     def usable(self) -> int | None:
-        return None if self.gpu_memory is None else int(self.gpu_memory * USABLE)
+        return None if self.gpu_memory is None else max(0, int(self.gpu_memory * USABLE) - self.held)
 
     def to_dict(self) -> dict:
         return {"params": self.params, "weights_bytes": self.weights, "gpus": self.gpus,
-                "gpu_memory_bytes": self.gpu_memory, "usable_bytes": self.usable,
+                "gpu_memory_bytes": self.gpu_memory, "usable_bytes": self.usable, "held_by_others_bytes": self.held,
                 "gpus_per_replica": self.gpus_per_replica, "replicas": self.replicas,
                 "per_gpu": [{**asdict(s), "total": s.total} for s in self.shares]}
 
     def lines(self) -> list[str]:
-        cap = f" of {gib(self.usable)} usable" if self.usable else ""
+        cap = (f" of {gib(self.usable)} usable{f' ({gib(self.held)} held by other processes)' if self.held else ''}"
+               if self.gpu_memory is not None else "")
         unit = "CPU device(s)" if self.on_cpu else "GPU(s)"
         layout = ("1 replica on the CPU" if self.on_cpu and self.gpus == 1 else
                   f"{self.replicas} replica(s) of {self.gpus_per_replica} {unit} on {self.gpus} {unit}")
@@ -255,10 +259,11 @@ def _shares(size: ModelSize, work: Workload, k: int) -> tuple[list[GpuShare], li
 
 
 def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None,
-         gpus_per_replica: int = 0, on_cpu: bool = False) -> MemoryPlan:
+         gpus_per_replica: int = 0, on_cpu: bool = False, held: int = 0) -> MemoryPlan:
     """The split of `config`'s model over the fewest GPUs that hold it (or `gpus_per_replica`),
     and ⌊gpus / k⌋ replicas. Raises UserError, one line naming what to change, when it cannot fit.
-    `on_cpu`: the devices are the CPU (the plan's lines then speak of it, not of GPUs)."""
+    `on_cpu`: the devices are the CPU (the plan's lines then speak of it, not of GPUs); `held`:
+    bytes other processes hold on a GPU, not usable."""
     size = ModelSize.of(config)
     gpus = max(1, gpus)
 
@@ -266,7 +271,7 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
         shares, block_of, head = _shares(size, work, k)
         return MemoryPlan(params=size.total_params, weights=size.total_params * work.bytes, gpus=gpus,
                           gpu_memory=gpu_memory, gpus_per_replica=k, replicas=gpus // k, shares=shares,
-                          block_of=block_of, head_device=head, on_cpu=on_cpu)
+                          block_of=block_of, head_device=head, on_cpu=on_cpu, held=held)
 
     def fits(p: MemoryPlan) -> bool:
         return p.usable is None or all(s.total <= p.usable for s in p.shares)
@@ -285,7 +290,11 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
             p = make(k)
             if fits(p):
                 return p
-    raise UserError(_refusal(size, work, make(candidates[-1]), make, fits, bool(gpus_per_replica)))
+    message = _refusal(size, work, make(candidates[-1]), make, fits, bool(gpus_per_replica))
+    if held:
+        message += (f" (other processes hold {gib(held)} of the GPU: once they free it, less may do; "
+                    f"set CUDA_VISIBLE_DEVICES to a free GPU)")
+    raise UserError(message)
 
 
 def _refusal(size: ModelSize, work: Workload, p: MemoryPlan, make, fits, fixed_k: bool) -> str:
@@ -294,7 +303,7 @@ def _refusal(size: ModelSize, work: Workload, p: MemoryPlan, make, fits, fixed_k
     need = next((n for n in range(1, MAX_GPUS + 1) if fits(make(n))), None)
     what = (f"the model ({size.total_params / 1e9:.1f}B parameters, {gib(size.total_params * work.bytes)} in "
             f"{work.dtype}) does not fit {p.gpus_per_replica} GPU(s) of {gib(p.gpu_memory)} "
-            f"(GPU {worst.device} needs {gib(worst.total)}, {gib(p.usable)} usable)")
+            f"(GPU {worst.device} needs {gib(worst.total)}, {gib(p.usable)} usable{', the rest held by other processes' if p.held else ''})")
     weights_fit = all(s.weights + s.copies + s.means + s.refit <= p.usable for s in p.shares)
     field_k = "spec.evaluator.gpusPerReplica" if fixed_k else "spec.evaluator.gpusPerPod"
     if not weights_fit:

@@ -24,7 +24,7 @@ import json
 import os
 import sys
 
-from ..errors import UserError, is_device_error  # noqa: F401 - the worker's and tests' import
+from ..errors import DeviceFailed, UserError, is_device_error
 from .manifests import EXIT_DEVICE_ERROR, EXIT_UNEVALUABLE
 
 EXIT_TRANSIENT = 1
@@ -175,8 +175,12 @@ def run_pod(command: str, body) -> int:
     try:
         return body()
     except UserError as e:
-        print(f"selfpruner {command}: {one_line(e)}", file=sys.stderr)
-        return EXIT_UNEVALUABLE
+        if not isinstance(e, DeviceFailed):  # the device's failure is told to the user as one, but retried here
+            print(f"selfpruner {command}: {one_line(e)}", file=sys.stderr)
+            return EXIT_UNEVALUABLE
+        print(f"selfpruner {command}: {one_line(e)}; exit {EXIT_DEVICE_ERROR}: the Job retries on another pod",
+              file=sys.stderr)
+        return EXIT_DEVICE_ERROR
     except Exception as e:
         if isinstance(e, DeviceError) or is_device_error(e):
             print(f"selfpruner {command}: the device failed ({one_line(e)}); exit {EXIT_DEVICE_ERROR}: "

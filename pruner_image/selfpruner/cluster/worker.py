@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .. import corpus
 from .. import spec as spec_mod
-from ..errors import UserError
+from ..errors import DeviceFailed, UserError
 from ..executors.base import EvalOutcome, EvalTask
 from ..paths import cache_dir
 from ..executors.for_spec import load_texts, make_executor
@@ -123,6 +123,8 @@ def _worker() -> int:
         return 0  # done by an earlier attempt, or by the Job of a controller that was restarted
     try:
         executor = _executor(spec, store, layout, opts)
+    except DeviceFailed:
+        raise  # the device's failure, not this PruneJob's: run_pod exits so that the Job retries
     except UserError as e:
         print(f"selfpruner worker: cannot evaluate anything: {pod_env.one_line(e)}", file=sys.stderr)
         if preparing:  # the controller puts this in the PruneJob's status

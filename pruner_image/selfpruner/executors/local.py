@@ -35,10 +35,18 @@ def local_devices() -> list[str]:
     return ["cpu"]
 
 
-def gpu_memory(devices: list[str]) -> int | None:
-    """The smallest total memory of the CUDA devices among `devices`; None when none is one."""
-    sizes = [torch.cuda.get_device_properties(torch.device(d)).total_memory for d in devices if d.startswith("cuda")]
-    return min(sizes) if sizes else None
+CONTEXT = 2 ** 30  # what this process's CUDA context and allocator hold before the model loads
+
+
+def gpu_memory(devices: list[str]) -> tuple[int | None, int]:
+    """(total, held): the smallest total memory of the CUDA devices among `devices` (None when none
+    is one), and the most that other processes hold on one of them, beyond a CUDA context's worth
+    (a GPU shared with other jobs: the plan counts only what they leave)."""
+    cuda = [torch.device(d) for d in devices if d.startswith("cuda")]
+    if not cuda:
+        return None, 0
+    infos = [torch.cuda.mem_get_info(d) for d in cuda]  # (free, total)
+    return min(total for _, total in infos), max(max(0, total - free - CONTEXT) for free, total in infos)
 
 
 def replica_devices(devices: list[str], k: int) -> list[list[str]]:
@@ -111,7 +119,7 @@ class LocalExecutor:
     def __init__(self, model: str, settings: engine.PruneSettings, texts: dict[str, str], *, dtype: str = "float32",
                  seq_len: int = 512, batch_size: int = 1, devices: list[str] | None = None, progress: bool = True,
                  gpus_per_replica: int = 0, metric: str = "perplexity", top_k: int = 64):
-        from ..errors import UserError
+        from ..errors import DeviceFailed, UserError, is_device_error
         from ..model_source import load_config
 
         if metric not in METRICS:
@@ -123,14 +131,22 @@ class LocalExecutor:
         workload = memory_plan.Workload(dtype=dtype, batch_size=batch_size, seq_len=seq_len,
                                         calibration_seq_len=settings.calibration_seq_len, head_mode=settings.head_mode,
                                         refit=settings.refit)
-        plan = memory_plan.plan(load_config(model), workload, gpus=len(devices), gpu_memory=gpu_memory(devices),
+        total, held = gpu_memory(devices)
+        plan = memory_plan.plan(load_config(model), workload, gpus=len(devices), gpu_memory=total, held=held,
                                 gpus_per_replica=gpus_per_replica,
                                 on_cpu=not any(d.startswith("cuda") for d in devices))
         print("\n".join(plan.lines()), file=sys.stderr, flush=True)
         self.memory_plan = {**plan.to_dict(), "devices": devices}
-        self.workers = [_Worker(model, dtype, group, settings, texts, seq_len, batch_size, progress, workload,
-                                metric=metric, top_k=top_k)
-                        for group in replica_devices(devices, plan.gpus_per_replica)]
+        try:
+            self.workers = [_Worker(model, dtype, group, settings, texts, seq_len, batch_size, progress, workload,
+                                    metric=metric, top_k=top_k)
+                            for group in replica_devices(devices, plan.gpus_per_replica)]
+        except Exception as e:
+            if not is_device_error(e):
+                raise
+            raise DeviceFailed(f"the device failed while loading and calibrating the model "
+                               f"({DeviceFailed.describe(e)}); free it (another process may hold its memory) "
+                               "and run the same command again") from e
         first = self.workers[0]
         self.geometry = first.geometry
         self.tokenizer = first.eng.loaded.tokenizer

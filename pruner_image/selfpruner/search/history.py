@@ -120,10 +120,9 @@ class Evaluator:
         if device_failures:
             # recorded, they would count as the candidates' failures and be checkpointed with the
             # generation; stopping before `tell` leaves the last checkpoint to resume from
-            first = " ".join(device_failures[0].split())
             raise DeviceFailed(
                 f"the device failed on {len(device_failures)} of {len(firsts)} evaluation(s) of generation "
-                f"{generation}, nothing was recorded for them (first: {first[:240]}{'…' if len(first) > 240 else ''}); "
+                f"{generation}, nothing was recorded for them (first: {DeviceFailed.describe(device_failures[0])}); "
                 "free the device (another process may hold its memory) and run the same command again: "
                 "the search resumes from its last finished generation")
         return out
