@@ -96,3 +96,31 @@ def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
     history = read_jsonl(out / "history.jsonl")
     assert len(keys(history)) == len(set(keys(history)))
     assert json.loads((out / "result.json").read_text())["best"]["fitness"] > 0
+
+
+def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(tiny_job, tmp_path):
+    """The same command started twice (two terminals, a benchmark driver restarted while its first
+    copy still runs): both would append to one history and overwrite each other's state. The
+    second is refused in one line naming the first; the first finishes undisturbed; once it is
+    gone, the same command reads its result back. Real processes."""
+    doc = tiny_job("twice", search={"generations": 60})
+    spec = tmp_path / "twice.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    out = Path(doc["spec"]["output"]["path"])
+    first = start(spec)
+    deadline = time.time() + 300
+    while not (out / "state.json").exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert first.poll() is None, "the first run ended before the second started"
+    second = start(spec)
+    assert second.wait(timeout=120) == 2
+    err = second.stderr.read().strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"is in use by another selfpruner run (pid {first.pid} on " in err and "spec.output.path" in err
+    assert first.poll() is None  # the refusal touched nothing of the first run's
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    history = read_jsonl(out / "history.jsonl")
+    assert len(keys(history)) == len(set(keys(history)))
+    third = start(spec)  # the first is gone, and with it its lock
+    assert third.wait(timeout=300) == 0, third.stderr.read()
+    assert len(read_jsonl(out / "history.jsonl")) == len(history)  # read back, nothing evaluated again

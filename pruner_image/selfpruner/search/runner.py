@@ -9,9 +9,12 @@ asked again, and answered from the cache and the transcript.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from .history import Evaluator, History
 from .llm_clients import LocalChat, OpenAIChat, Transcript
 
 STATE = "state.json"
+LOCK = ".selfpruner.lock"
 
 
 def output_dir(spec: Section) -> Path:
@@ -98,13 +102,43 @@ def run(spec: Section, *, executor=None, llm_client=None, progress: bool = True,
     `stop_after_generation` ends early after that checkpoint (tests use it to interrupt);
     `on_checkpoint(out_dir, strategy)` runs after every checkpoint (the cluster controller
     copies the state to object storage and reports progress there)."""
-    started = time.time()
     out = Path(out_dir) if out_dir else output_dir(spec)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the results folder {out}: {e.strerror or e}; set spec.output.path "
                         "(or --output) to a folder you can write") from None
+    with _only_run_in(out):
+        return _run(spec, out, executor=executor, llm_client=llm_client, progress=progress,
+                    stop_after_generation=stop_after_generation, on_checkpoint=on_checkpoint)
+
+
+@contextlib.contextmanager
+def _only_run_in(out: Path):
+    """Two runs in one folder would both append to its history and overwrite each other's state,
+    and neither would notice (the same command in two terminals; a benchmark driver restarted
+    while its first copy still runs): the second is refused. The lock is the kernel's, so a run
+    killed by any signal leaves none behind."""
+    lock = open(out / LOCK, "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise UserError(f"{out} is in use by another selfpruner run ({holder}); wait for it to finish, or set "
+                        "spec.output.path (or --output) to another folder") from None
+    try:
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        lock.flush()
+        yield
+    finally:
+        lock.close()  # closing releases the lock
+
+
+def _run(spec: Section, out: Path, *, executor, llm_client, progress: bool, stop_after_generation, on_checkpoint):
+    started = time.time()
     state_path = out / STATE
     saved = read_state(state_path)
     if saved and saved.get("spec_hash") != spec_hash(spec):
