@@ -8,7 +8,10 @@
 #   bench/matrix_on_device.sh collect D ARGS... # D/matrix.tgz: the report, run folders (no checkpoints), logs
 #
 # Variables: SRC (/tmp/src-matrix), JOBS (4), PYTHON (python3). Rerunning `start` resumes: finished
-# cells are read back, unfinished ones resume from their state.json.
+# cells are read back, unfinished ones resume from their state.json, and a cell still running in an
+# earlier copy refuses the second run (its folder's lock), so `start` may be rerun at any time (with
+# another SRC while the earlier copy runs: `start` replaces SRC), e.g. for cells that stopped because
+# the shared GPU ran out of memory (each says so in its log).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=${SRC:-/tmp/src-matrix}
