@@ -31,6 +31,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -46,6 +47,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1, help="cells run at once")
     p.add_argument("--report-only", action="store_true", help="evaluate nothing; report what is there")
     p.add_argument("--group", metavar="AXIS", help="also report mean ± sd over this axis (e.g. search.seed)")
+    p.add_argument("--device-retries", type=int, default=5, metavar="N",
+                   help="rerun a cell whose device failed or was full (exit 3) up to N times")
+    p.add_argument("--retry-wait", type=float, default=60.0, metavar="S", help="seconds before such a rerun")
     return p.parse_args(argv)
 
 
@@ -100,17 +104,29 @@ def cells(a) -> list[tuple[str, dict, dict]]:
     return out
 
 
-def run_cell(name: str, doc: dict, workdir: Path) -> str:
+EXIT_DEVICE = 3  # `selfpruner run`: the device failed or other processes filled it; a rerun resumes
+
+
+def run_cell(name: str, doc: dict, workdir: Path, retries: int = 0, wait: float = 60.0) -> str:
+    """Run one cell; where its device failed or was full (cells sharing one GPU), wait and resume it,
+    up to `retries` times."""
     folder = workdir / name
     if (folder / "result.json").is_file():
         return f"{name}: done before"
     folder.mkdir(parents=True, exist_ok=True)
     job = workdir / f"{name}.yaml"
     job.write_text(yaml.safe_dump(doc, sort_keys=False))
-    with open(workdir / f"{name}.log", "a") as log:
-        done = subprocess.run([sys.executable, "-m", "selfpruner.cli", "run", str(job), "--quiet"],
-                              stdout=log, stderr=subprocess.STDOUT)
-    return f"{name}: {'finished' if done.returncode == 0 else f'failed ({done.returncode}), see {name}.log'}"
+    for attempt in range(retries + 1):
+        with open(workdir / f"{name}.log", "a") as log:
+            if attempt:
+                print(f"matrix: device failed or full; rerun {attempt} of {retries}", file=log, flush=True)
+            done = subprocess.run([sys.executable, "-m", "selfpruner.cli", "run", str(job), "--quiet"],
+                                  stdout=log, stderr=subprocess.STDOUT)
+        if done.returncode != EXIT_DEVICE or attempt == retries:
+            break
+        time.sleep(wait)
+    reruns = f" after {attempt} rerun(s)" if attempt else ""
+    return f"{name}: {'finished' if done.returncode == 0 else f'failed ({done.returncode}), see {name}.log'}{reruns}"
 
 
 def rows_of(name: str, values: dict, result: dict) -> list[dict]:
@@ -266,7 +282,7 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if not a.report_only:
         with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-            for line in pool.map(lambda c: run_cell(c[0], c[2], workdir), all_cells):
+            for line in pool.map(lambda c: run_cell(c[0], c[2], workdir, a.device_retries, a.retry_wait), all_cells):
                 print(line, flush=True)
     report(a, all_cells)
     return 0

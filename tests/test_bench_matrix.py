@@ -81,3 +81,30 @@ def test_keys_joined_by_plus_take_one_value_in_every_cell(tmp_path):
                                           "--axis", "target.ratio=0.3", "--workdir", str(tmp_path / "w")]))
     assert [name for name, _, _ in out] == ["seed-0-ratio-0-3", "seed-2-ratio-0-3"]
     assert [(d["spec"]["search"]["seed"], d["spec"]["llm"]["seed"]) for _, _, d in out] == [(0, 0), (2, 2)]
+
+
+def test_a_cell_whose_shared_gpu_ran_out_of_memory_is_rerun_and_resumes(tiny_job, tmp_path, monkeypatch, capsys):
+    """Cells sharing one GPU: one starts while the others fill it, and its model does not fit. Its
+    run exits 3 (device failed or full, resumable); the driver waits and reruns it, and the cell
+    finishes. The failing GPU is injected into the child processes (tests/device_faults: torch's
+    OutOfMemoryError on the first model load); everything else is a real `selfpruner run`."""
+    doc = tiny_job("shared", search={"strategy": "owl", "baselines": []})
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(doc))
+    work = tmp_path / "matrix"
+    faults = Path(__file__).resolve().parent / "device_faults"
+    import os
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(faults), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("SELFPRUNER_TEST_OOM_LOADS", "1")
+    monkeypatch.setenv("SELFPRUNER_TEST_OOM_COUNT", str(tmp_path / "oom-count"))
+    args = ["--base", str(base), "--workdir", str(work), "--retry-wait", "0"]
+    assert matrix.main(args + ["--device-retries", "0"]) == 0  # no rerun: the cell stays failed
+    assert "base: failed (3)" in capsys.readouterr().out  # a matrix without axes: one cell, "base"
+    log = (work / "base.log").read_text()
+    assert "selfpruner: error: the device failed while loading" in log and "Traceback" not in log
+    (tmp_path / "oom-count").write_text("0")  # the GPU is full again for the next start
+    assert matrix.main(args + ["--device-retries", "2"]) == 0
+    assert "base: finished after 1 rerun(s)" in capsys.readouterr().out
+    assert "rerun 1 of 2" in (work / "base.log").read_text()
+    assert json.loads((work / "matrix.json").read_text())["unfinished"] == []

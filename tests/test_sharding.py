@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from conftest import _random_text, char_tokenizer, tiny_model
 from selfpruner import calibration, corpus, engine, evaluate, export, memory_plan, model_source, structure
-from selfpruner.errors import UserError
+from selfpruner.errors import DeviceFailed, UserError
 
 SPLIT = ("llama-gqa", "llama-bias", "mistral-gqa", "qwen2-gqa")
 
@@ -215,6 +215,10 @@ def test_memory_other_processes_hold_is_not_planned_for():
     assert "\n" not in message
     assert "the rest held by other processes" in message and "other processes hold 60.0 GiB" in message
     assert "CUDA_VISIBLE_DEVICES" in message
+    assert isinstance(e.value, DeviceFailed)  # it fits once the others are done: exit 3, run it later
+    with pytest.raises(UserError) as e:  # too large even for the idle GPU: bad input, not a busy device
+        memory_plan.plan(_config("Llama-2-70B"), work, gpus=1, gpu_memory=h100, held=60 * 2**30)
+    assert not isinstance(e.value, DeviceFailed) and "other processes hold 60.0 GiB" in str(e.value)
 
 
 def test_a_working_set_too_large_names_batch_size_and_seq_len():

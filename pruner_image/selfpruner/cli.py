@@ -1,8 +1,9 @@
 """selfpruner: run or validate a PruneJob's search, prune a model, evaluate one; and the in-cluster entry points.
 
-Bad input ends with one line on stderr saying what to fix, and exit code 2. The in-cluster
-commands (controller, worker, finalize) end the same way, in one line, with the exit codes their
-Jobs act on (`cluster.pod_env` has the table): 42 for bad input, 1 for a transient failure.
+Bad input ends with one line on stderr saying what to fix, and exit code 2; a device that failed
+or that other processes fill ends with one line and exit code 3 (the same command, run later,
+resumes). The in-cluster commands (controller, worker, finalize) end the same way, in one line,
+with the exit codes their Jobs act on (`cluster.pod_env` has the table): 42 for bad input, 1 for a transient failure.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import argparse
 import json
 import sys
 
-from .errors import UserError
+from .errors import DeviceFailed, UserError
+
+EXIT_DEVICE = 3  # the device failed or other processes hold it: the same command, run later, resumes
 
 DEMO_EVAL_TEXT = "demo:heldout"
 
@@ -347,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         for line in str(e).splitlines():
             print(f"selfpruner: error: {line}", file=sys.stderr)
-        return 2
+        return EXIT_DEVICE if isinstance(e, DeviceFailed) else 2
     except KeyboardInterrupt:
         print("selfpruner: interrupted", file=sys.stderr)
         return 130

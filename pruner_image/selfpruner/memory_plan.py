@@ -42,7 +42,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from .architecture import Geometry, geometry_of
-from .errors import UserError
+from .errors import DeviceFailed, UserError
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 USABLE = 0.92
@@ -294,6 +294,11 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
     if held:
         message += (f" (other processes hold {gib(held)} of the GPU: once they free it, less may do; "
                     f"set CUDA_VISIBLE_DEVICES to a free GPU)")
+        try:
+            plan(config, work, gpus=gpus, gpu_memory=gpu_memory, gpus_per_replica=gpus_per_replica, on_cpu=on_cpu)
+        except UserError:
+            raise UserError(message) from None  # too small even when the others are done
+        raise DeviceFailed(message)  # it fits once the others are done: later, not never
     raise UserError(message)
 
 
