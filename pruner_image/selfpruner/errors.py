@@ -1,8 +1,8 @@
 """One exception type for input a user can fix, and the test that tells a failure of the
 accelerator from a failure of what it was running.
 
-The CLI turns a `UserError` into a single line on stderr and exit code 2; anything
-else is a bug and keeps its traceback.
+The CLI turns a `UserError` into a single line on stderr and exit code 2 (3 for a
+`DeviceFailed`: run it again later); anything else is a bug and keeps its traceback.
 """
 
 import re
