@@ -45,11 +45,13 @@ def test_the_local_data_is_the_seven_validation_splits(task_data):
 
 def test_a_search_scores_dense_baselines_and_best_as_their_checkpoints_score(tiny_job, task_data):
     doc = tiny_job("zero-shot", search={"strategy": "genetic", "baselines": ["uniform"],
-                                        "zeroShotTasks": ["arc_easy", "boolq"], "zeroShotLimit": LIMIT})
+                                        "zeroShotTasks": ["arc_easy", "boolq"], "zeroShotLimit": LIMIT,
+                                        "zeroShotBatchSize": 2})
     result = run(doc)
     zs = result["zero_shot"]
     assert set(zs["table"]["rows"]) == {"dense", "best", "uniform"}
     assert zs["table"]["tasks"] == ["arc_easy", "boolq"] and zs["table"]["limit"] == LIMIT
+    assert zs["table"]["batch_size"] == 2
     for name, scores in zs["models"].items():
         for task, s in scores.items():
             assert s["documents"] == LIMIT and 0.0 <= s["accuracy"] <= 1.0
@@ -57,7 +59,8 @@ def test_a_search_scores_dense_baselines_and_best_as_their_checkpoints_score(tin
     assert zs["table"]["rows"]["dense"]["mean_drop"] == 0.0
     # the in-memory (sliced) best scores exactly as its exported checkpoint, loaded afresh
     loaded = model_source.load(result["checkpoint"])
-    again = zero_shot.evaluate(loaded.model, loaded.tokenizer, ["arc_easy", "boolq"], limit=LIMIT, device="cpu")
+    again = zero_shot.evaluate(loaded.model, loaded.tokenizer, ["arc_easy", "boolq"], limit=LIMIT, batch_size=2,
+                               device="cpu")
     assert {t: s["metrics"] for t, s in again.items()} == {t: s["metrics"] for t, s in zs["models"]["best"].items()}
     table = report.summary_table(result)
     assert "zero-shot accuracy (%), first 4 documents per task" in table and "| uniform |" in table

@@ -242,7 +242,7 @@ def _zero_shot(args, device: str) -> int:
         loaded = model_source.load(args.model, dtype=args.dtype, device=device)
         scores = zero_shot.evaluate(loaded.model, loaded.tokenizer, tasks, limit=args.limit, batch_size=batch,
                                     device=device)
-    result = {"model": args.model, "limit": args.limit, **zero_shot.summary({args.model: scores}, args.limit)}
+    result = {"model": args.model, "limit": args.limit, **zero_shot.summary({args.model: scores}, args.limit, batch)}
     if args.output:
         _write_json(args.output, result)
     print(json.dumps(result) if args.json else zero_shot.markdown(result["table"]))

@@ -257,6 +257,7 @@ def request(tasks: list[str], candidates: dict, *, limit: int | None = None, bat
     return {"tasks": parse_tasks(tasks), "candidates": candidates, "limit": limit, "batch_size": batch_size}
 
 
-def summary(scores: dict[str, dict], limit: int | None = None) -> dict:
-    """result.json's `zero_shot`: every model's lm-eval scores and the paper's table."""
-    return {"models": scores, "table": {**table(scores, dense="dense"), "limit": limit}}
+def summary(scores: dict[str, dict], limit: int | None = None, batch_size: int | None = None) -> dict:
+    """result.json's `zero_shot`: every model's lm-eval scores and the paper's table (with the batch
+    size: padding moves the log-likelihoods in their last digits)."""
+    return {"models": scores, "table": {**table(scores, dense="dense"), "limit": limit, "batch_size": batch_size}}

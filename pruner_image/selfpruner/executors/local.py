@@ -209,7 +209,7 @@ class LocalExecutor:
         except Exception as e:  # noqa: BLE001 - reported in result.json, the checkpoint is kept
             first = (str(e).splitlines() or [""])[0]
             return {"error": f"zero-shot tasks could not run: {type(e).__name__}: {first}", "tasks": request["tasks"]}
-        return zero_shot.summary(scores, request.get("limit"))
+        return zero_shot.summary(scores, request.get("limit"), request.get("batch_size", 8))
 
     def finalize(self, rates, out_dir: str | None, info: dict, zero_shot_request: dict | None = None) -> dict:
         checkpoint = self.export(rates, out_dir, info) if out_dir else None

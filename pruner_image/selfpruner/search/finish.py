@@ -75,7 +75,8 @@ def finish(spec, out: Path, strategy, space, evaluator, executor, transcript, wa
     request = None
     if search.zero_shot_tasks:
         named = {"dense": dense, **candidates}
-        request = zs.request(search.zero_shot_tasks, named, limit=search.get("zeroShotLimit"))
+        request = zs.request(search.zero_shot_tasks, named, limit=search.get("zeroShotLimit"),
+                             batch_size=search.get("zeroShotBatchSize") or 8)
     if spec.spec.output.export or request:
         info = {"source_model": spec.spec.model.source, "rates": candidates["best"],
                 "metric": spec.spec.pruning.metric, "fitness": numbers["best"]["fitness"],
