@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from selfpruner.cli import EXIT_DEVICE
 
 
 def parse_args(argv=None):
@@ -104,9 +105,6 @@ def cells(a) -> list[tuple[str, dict, dict]]:
     return out
 
 
-EXIT_DEVICE = 3  # `selfpruner run`: the device failed or other processes filled it; a rerun resumes
-
-
 def run_cell(name: str, doc: dict, workdir: Path, retries: int = 0, wait: float = 60.0) -> str:
     """Run one cell; where its device failed or was full (cells sharing one GPU), wait and resume it,
     up to `retries` times."""
@@ -122,7 +120,7 @@ def run_cell(name: str, doc: dict, workdir: Path, retries: int = 0, wait: float 
                 print(f"matrix: device failed or full; rerun {attempt} of {retries}", file=log, flush=True)
             done = subprocess.run([sys.executable, "-m", "selfpruner.cli", "run", str(job), "--quiet"],
                                   stdout=log, stderr=subprocess.STDOUT)
-        if done.returncode != EXIT_DEVICE or attempt == retries:
+        if done.returncode != EXIT_DEVICE or attempt == retries:  # 3: device failed or full; a rerun resumes
             break
         time.sleep(wait)
     reruns = f" after {attempt} rerun(s)" if attempt else ""

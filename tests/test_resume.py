@@ -75,16 +75,22 @@ def test_sigkill_mid_generation_then_resume(tiny_job, tmp_path):
     assert res["counters"] == ref["counters"]
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
-    # 60 generations: a few seconds of search after the first checkpoint, so the signal comes mid-run
-    doc = tiny_job("interrupted", search={"generations": 60})
-    spec = tmp_path / "interrupted.yaml"
+def start_past_first_checkpoint(tiny_job, tmp_path, name):
+    """A 60-generation run started in a process and left running once its first checkpoint is
+    written (a few seconds of search remain): (spec file, output folder, process)."""
+    doc = tiny_job(name, search={"generations": 60})
+    spec = tmp_path / f"{name}.yaml"
     spec.write_text(yaml.safe_dump(doc))
     out = Path(doc["spec"]["output"]["path"])
     proc = start(spec)
     deadline = time.time() + 300
     while not (out / "state.json").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
+    return spec, out, proc
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tiny_job, tmp_path):
+    spec, out, proc = start_past_first_checkpoint(tiny_job, tmp_path, "interrupted")
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130
@@ -103,14 +109,7 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(tiny_jo
     copy still runs): both would append to one history and overwrite each other's state. The
     second is refused in one line naming the first; the first finishes undisturbed; once it is
     gone, the same command reads its result back. Real processes."""
-    doc = tiny_job("twice", search={"generations": 60})
-    spec = tmp_path / "twice.yaml"
-    spec.write_text(yaml.safe_dump(doc))
-    out = Path(doc["spec"]["output"]["path"])
-    first = start(spec)
-    deadline = time.time() + 300
-    while not (out / "state.json").exists() and first.poll() is None and time.time() < deadline:
-        time.sleep(0.005)
+    spec, out, first = start_past_first_checkpoint(tiny_job, tmp_path, "twice")
     assert first.poll() is None, "the first run ended before the second started"
     second = start(spec)
     assert second.wait(timeout=120) == 2

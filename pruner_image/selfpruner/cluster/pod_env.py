@@ -174,13 +174,13 @@ def run_pod(command: str, body) -> int:
     stderr and the exit code the module docstring tables; a bug keeps its traceback."""
     try:
         return body()
-    except UserError as e:
-        if not isinstance(e, DeviceFailed):  # the device's failure is told to the user as one, but retried here
-            print(f"selfpruner {command}: {one_line(e)}", file=sys.stderr)
-            return EXIT_UNEVALUABLE
+    except DeviceFailed as e:  # a UserError for the CLI, which says it in one line; retried here
         print(f"selfpruner {command}: {one_line(e)}; exit {EXIT_DEVICE_ERROR}: the Job retries on another pod",
               file=sys.stderr)
         return EXIT_DEVICE_ERROR
+    except UserError as e:
+        print(f"selfpruner {command}: {one_line(e)}", file=sys.stderr)
+        return EXIT_UNEVALUABLE
     except Exception as e:
         if isinstance(e, DeviceError) or is_device_error(e):
             print(f"selfpruner {command}: the device failed ({one_line(e)}); exit {EXIT_DEVICE_ERROR}: "
