@@ -1,5 +1,6 @@
 """A search killed with SIGKILL mid-generation and run again gives the same result as an
-uninterrupted run, and no evaluation is repeated. Real processes, real HTTP LLM server."""
+uninterrupted run, and no evaluation is repeated. Real processes, real HTTP LLM server; and a
+local LLM whose GPU fails mid-search (in-process: the GPU's error is injected)."""
 
 import json
 import os
@@ -123,3 +124,57 @@ def test_a_second_run_in_the_same_folder_is_refused_while_the_first_runs(tiny_jo
     third = start(spec)  # the first is gone, and with it its lock
     assert third.wait(timeout=300) == 0, third.stderr.read()
     assert len(read_jsonl(out / "history.jsonl")) == len(history)  # read back, nothing evaluated again
+
+
+def test_the_llms_gpu_failing_mid_search_exits_3_and_the_same_command_resumes(tiny_job, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Found on a shared H100: a local LLM (`llm.provider: local`) whose `generate` ran out of GPU
+    memory ended the run with a cuBLAS traceback and exit 1, which a benchmark driver does not rerun.
+    This machine has no GPU, so torch's own OutOfMemoryError is raised where `generate` would raise
+    it, on the second call (generation 1's selection, after generation 0's checkpoint). The CLI says
+    so in one line and exits 3; the same command resumes and ends with the result of a run that never
+    failed."""
+    import torch
+
+    from conftest import tiny_chat_model
+    from selfpruner import cli
+    from selfpruner import spec as spec_mod
+    from selfpruner.search import runner
+    from selfpruner.search.llm_clients import LocalChat
+
+    chat = tiny_chat_model(seed=1)
+    folder = tmp_path / "tiny-chat"
+    chat.model.save_pretrained(folder)
+    chat.tokenizer.save_pretrained(folder)
+    llm = {"provider": "local", "model": str(folder), "temperature": 1.0}
+    clean = runner.run(spec_mod.parse(tiny_job("clean", search={"strategy": "llm-evolution"}, llm=llm)),
+                       progress=False)
+
+    doc = tiny_job("llm-oom", search={"strategy": "llm-evolution"}, llm=llm)
+    path = tmp_path / "llm-oom.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    out = Path(doc["spec"]["output"]["path"])
+    real, calls = LocalChat._generate, []
+
+    def generate_on_a_full_gpu(self, prompts, first_index):
+        calls.append(first_index)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.20 GiB. GPU 0 has a total "
+                                         "capacity of 79.18 GiB of which 310.00 MiB is free.")
+        return real(self, prompts, first_index)
+
+    monkeypatch.setattr(LocalChat, "_generate", generate_on_a_full_gpu)
+    capsys.readouterr()
+    assert cli.main(["run", str(path), "--quiet"]) == cli.EXIT_DEVICE
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("selfpruner: error:")]
+    assert len(err) == 1 and "the device failed (OutOfMemoryError: CUDA out of memory" in err[0]
+    assert "run the same command again" in err[0]
+    assert (out / "state.json").exists() and not (out / "result.json").exists()
+
+    monkeypatch.setattr(LocalChat, "_generate", real)
+    assert cli.main(["run", str(path), "--quiet"]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["best"]["rates"] == clean["best"]["rates"]
+    assert result["best"]["fitness"] == clean["best"]["fitness"]
+    history = read_jsonl(out / "history.jsonl")
+    assert len(keys(history)) == len(set(keys(history)))  # nothing evaluated twice

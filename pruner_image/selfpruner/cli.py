@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 
-from .errors import DeviceFailed, UserError
+from .errors import DeviceFailed, UserError, is_device_error
 
 EXIT_DEVICE = 3  # the device failed or other processes hold it: the same command, run later, resumes
 
@@ -354,6 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("selfpruner: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - only the device's failures; anything else is a bug, traceback kept
+        if not is_device_error(e):
+            raise
+        # outside the paths that say it themselves (the Evaluator, loading): the LLM's generation, the
+        # zero-shot tasks, a prune or an eval. The run's checkpoint holds every generation before it.
+        print(f"selfpruner: error: the device failed ({DeviceFailed.describe(e)}); free it (another process "
+              "may hold its memory) and run the same command again: a run resumes from its last checkpoint",
+              file=sys.stderr)
+        return EXIT_DEVICE
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 accelerator from a failure of what it was running.
 
 The CLI turns a `UserError` into a single line on stderr and exit code 2 (3 for a
-`DeviceFailed`: run it again later); anything else is a bug and keeps its traceback.
+`DeviceFailed`, and for any other exception `is_device_error` recognises: run it again later);
+anything else is a bug and keeps its traceback.
 """
 
 import re
