@@ -309,6 +309,36 @@ def test_a_device_error_writes_no_result_and_the_retry_finishes_the_shard(tmp_pa
     assert store.get_json(layout.result("t1"))["fitness"] > 1 and store.get_json(layout.result("t1"))["error"] is None
     assert {t: store.get_bytes(layout.result(t)) for t in ("t0", "t2")} == first  # kept, not re-evaluated
 
+def test_a_finalize_pod_records_a_gpu_failure_in_the_zero_shot_tasks_and_keeps_the_checkpoint(
+        tmp_path, tiny_job, task_data, monkeypatch):
+    """On one machine a device failure in the zero-shot tasks stops the run so that the same command
+    (perhaps with a smaller batch) does that step again; a finalize pod cannot rerun with another spec,
+    and a finalize Job failed by retries would lose the checkpoint, so there it is recorded like any
+    other error and the checkpoint is written. Only the failure is injected (no GPU here): torch's
+    real OutOfMemoryError where lm-eval would meet it."""
+    import lm_eval
+
+    from selfpruner import zero_shot
+    from selfpruner.cluster import worker
+
+    uri, store = stored_run(tmp_path, tiny_job)
+    layout = Layout(UID)
+    request = zero_shot.request(["arc_easy"], {"dense": [0.0] * 6, "best": [0.2] * 6}, limit=2)
+    store.put_json(layout.finalize_task, {"rates": [0.2] * 6, "info": {"prunejob": "tiny"}, "export": True,
+                                          "zero_shot": request})
+    for name, value in dict(SELFPRUNER_PRUNEJOB_UID=UID, SELFPRUNER_STORE=uri, SELFPRUNER_DEVICES="cpu").items():
+        monkeypatch.setenv(name, value)
+
+    def on_a_full_gpu(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB.")
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", on_a_full_gpu)
+    assert worker.finalize() == 0
+    done = store.get_json(layout.finalize_done)
+    assert "OutOfMemoryError: CUDA out of memory" in done["zero_shot"]["error"]
+    assert done["checkpoint"] and store.exists(f"{layout.checkpoint}/pruning.json")
+
+
 def test_a_worker_whose_model_does_not_fit_the_device_at_load_is_retried_elsewhere(tmp_path, tiny_job, monkeypatch,
                                                                                    capsys):
     """An evaluation pod that runs out of GPU memory loading the model (the GPU is shared, or smaller

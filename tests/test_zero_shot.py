@@ -66,6 +66,47 @@ def test_a_search_scores_dense_baselines_and_best_as_their_checkpoints_score(tin
     assert "zero-shot accuracy (%), first 4 documents per task" in table and "| uniform |" in table
 
 
+def test_a_gpu_failing_in_the_zero_shot_step_stops_the_run_and_the_same_command_does_only_that_step(
+        tiny_job, task_data, monkeypatch):
+    """The last step's device failure (CUDA out of memory while another process fills a shared GPU)
+    was recorded in result.json like any error, and the table was lost for good: the run stops
+    instead, saying so, with the search kept; run again, with a smaller zero-shot batch (an OOM may
+    be the batch's own), it scores the models and evaluates no candidate again. This machine has no
+    GPU: torch's own OutOfMemoryError is raised where lm-eval would meet it, once."""
+    import lm_eval
+
+    from selfpruner.errors import DeviceFailed
+    from test_search import history
+
+    doc = tiny_job("zero-shot-oom", search={"strategy": "genetic", "baselines": [],
+                                            "zeroShotTasks": ["arc_easy"], "zeroShotLimit": LIMIT})
+    real, calls = lm_eval.simple_evaluate, []
+
+    def on_a_full_gpu(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 5.00 GiB. GPU 0 has a total "
+                                         "capacity of 79.18 GiB of which 1.02 GiB is free.")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", on_a_full_gpu)
+    with pytest.raises(DeviceFailed, match=r"during the zero-shot tasks \(OutOfMemoryError: CUDA out of memory.*"
+                                           r"smaller search.zeroShotBatchSize"):
+        run(doc)
+    out = doc["spec"]["output"]["path"]
+    assert not os.path.exists(f"{out}/result.json")
+    evaluated = history(doc)
+    doc["spec"]["search"]["zeroShotBatchSize"] = 2
+    result = run(doc)
+    assert set(result["zero_shot"]["table"]["rows"]) == {"dense", "best"} and "error" not in result["zero_shot"]
+    assert result["zero_shot"]["table"]["batch_size"] == 2
+    assert history(doc) == evaluated  # the search was not run again
+    doc["spec"]["search"]["population"] = 5  # a field the search reads still refuses the folder
+    with pytest.raises(UserError, match="different"):
+        run(doc)
+
+
+
 def test_weights_scored_before_are_read_back_and_changed_weights_are_scored_again(task_data, monkeypatch):
     """The dense model and the baselines are the same in every PruneJob of a model: their scores
     come from the cache, keyed by the weights as applied, never by a name."""

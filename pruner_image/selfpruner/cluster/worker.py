@@ -179,7 +179,7 @@ def _finalize() -> int:
     executor = _executor(spec, store, layout, opts)
     out = Path(tempfile.mkdtemp()) / "checkpoint"
     done = executor.finalize(task["rates"], str(out) if task.get("export", True) else None, task["info"],
-                             task.get("zero_shot"))
+                             task.get("zero_shot"), device_failure_stops=False)  # recorded: the spec cannot change
     uri = None
     if done["checkpoint"] is not None:
         for path in sorted(out.rglob("*")):

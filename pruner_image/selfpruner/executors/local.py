@@ -187,10 +187,15 @@ class LocalExecutor:
             finally:
                 w.eng.pm.restore()
 
-    def zero_shot(self, request: dict) -> dict:
+    def zero_shot(self, request: dict, device_failure_stops: bool = True) -> dict:
         """lm-eval's scores of each named candidate, applied (sliced) to the loaded model,
         as `zero_shot.request` asks; a failure is recorded, never raised (the search's
-        results are already in hand). Scores of weights scored before (the dense model, a
+        results are already in hand), except the device's where `device_failure_stops`: on
+        one machine, where another process may have filled the GPU, that one stops the run
+        before result.json is written, and the same command does only this last step again (a
+        recorded OOM would lose the table for good; the zero-shot fields may change meanwhile).
+        A cluster's finalize pod records it: its spec cannot change, and a failed finalize Job
+        would lose the checkpoint. Scores of weights scored before (the dense model, a
         baseline) come from the cache."""
         w = self.workers[0]
         try:
@@ -207,11 +212,19 @@ class LocalExecutor:
                     finally:
                         w.eng.pm.restore()
         except Exception as e:  # noqa: BLE001 - reported in result.json, the checkpoint is kept
+            from ..errors import DeviceFailed, is_device_error
+
+            if device_failure_stops and is_device_error(e):
+                raise DeviceFailed(f"the device failed during the zero-shot tasks ({DeviceFailed.describe(e)}); "
+                                   "the search is done and kept: run the same command again once the device "
+                                   "is free (or with a smaller search.zeroShotBatchSize), and only the last step "
+                                   "runs again") from e
             first = (str(e).splitlines() or [""])[0]
             return {"error": f"zero-shot tasks could not run: {type(e).__name__}: {first}", "tasks": request["tasks"]}
         return zero_shot.summary(scores, request.get("limit"), request.get("batch_size", 8))
 
-    def finalize(self, rates, out_dir: str | None, info: dict, zero_shot_request: dict | None = None) -> dict:
+    def finalize(self, rates, out_dir: str | None, info: dict, zero_shot_request: dict | None = None,
+                 device_failure_stops: bool = True) -> dict:
         checkpoint = self.export(rates, out_dir, info) if out_dir else None
-        scores = self.zero_shot(zero_shot_request) if zero_shot_request else {}
+        scores = self.zero_shot(zero_shot_request, device_failure_stops) if zero_shot_request else {}
         return {"checkpoint": checkpoint, "zero_shot": scores}

@@ -37,6 +37,9 @@ SEARCH_FIELDS = ("model", "target", "pruning", "calibration", "fitness", "search
 # how the LLM is reached, not what it is asked: these may change mid-run (the CRD lets them; its
 # transition rule on spec.llm holds every other field fixed, and a test checks the two agree)
 LLM_CALL_FIELDS = ("apiKeySecret", "apiKeyEnv", "baseURL", "timeoutSeconds", "maxRetries", "concurrency")
+# what only the last step reads (the zero-shot tasks after the search): changing them before a rerun,
+# e.g. a smaller batch after the tasks ran out of GPU memory, must not throw the search away
+FINISH_FIELDS = ("zeroShotTasks", "zeroShotLimit", "zeroShotBatchSize")
 
 
 def spec_hash(spec: Section) -> str:
@@ -44,6 +47,7 @@ def spec_hash(spec: Section) -> str:
     decide the search's result (not where it is written, nor how the cluster runs it)."""
     s = {k: v for k, v in spec["spec"].items() if k in SEARCH_FIELDS}
     s["llm"] = {k: v for k, v in (s.get("llm") or {}).items() if k not in LLM_CALL_FIELDS}
+    s["search"] = {k: v for k, v in (s.get("search") or {}).items() if k not in FINISH_FIELDS}
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
 
 
