@@ -213,8 +213,10 @@ def test_memory_other_processes_hold_is_not_planned_for():
         memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100, held=60 * 2**30)
     message = str(e.value)
     assert "\n" not in message
-    assert "the rest held by other processes" in message and "other processes hold 60.0 GiB" in message
-    assert "CUDA_VISIBLE_DEVICES" in message
+    assert message.startswith("the GPU is busy: the model needs ") and "8.0B parameters in bfloat16" in message
+    assert "other processes hold 60.0 GiB of its 80.0 GiB, leaving 13.6 GiB" in message
+    assert "CUDA_VISIBLE_DEVICES" in message and "run the same command again" in message
+    assert "GPUs hold it" not in message and "more memory" not in message  # no advice to buy GPUs for a busy one
     assert isinstance(e.value, DeviceFailed)  # it fits once the others are done: exit 3, run it later
     with pytest.raises(UserError) as e:  # too large even for the idle GPU: bad input, not a busy device
         memory_plan.plan(_config("Llama-2-70B"), work, gpus=1, gpu_memory=h100, held=60 * 2**30)

@@ -292,13 +292,18 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
                 return p
     message = _refusal(size, work, make(candidates[-1]), make, fits, bool(gpus_per_replica))
     if held:
-        message += (f" (other processes hold {gib(held)} of the GPU: once they free it, less may do; "
-                    f"set CUDA_VISIBLE_DEVICES to a free GPU)")
         try:
-            plan(config, work, gpus=gpus, gpu_memory=gpu_memory, gpus_per_replica=gpus_per_replica, on_cpu=on_cpu)
-        except UserError:
-            raise UserError(message) from None  # too small even when the others are done
-        raise DeviceFailed(message)  # it fits once the others are done: later, not never
+            idle = plan(config, work, gpus=gpus, gpu_memory=gpu_memory, gpus_per_replica=gpus_per_replica,
+                        on_cpu=on_cpu)
+        except UserError:  # too small even when the others are done: the advice above stands
+            raise UserError(message + f" (other processes hold {gib(held)} of the GPU: once they free it, less "
+                                      f"may do; set CUDA_VISIBLE_DEVICES to a free GPU)") from None
+        # it fits once the others are done: later, not never (the advice to add GPUs would mislead)
+        need = max(s.total for s in idle.shares)
+        raise DeviceFailed(f"the GPU is busy: the model needs {gib(need)} of a GPU ({size.total_params / 1e9:.1f}B "
+                           f"parameters in {work.dtype}), and other processes hold {gib(held)} of its "
+                           f"{gib(gpu_memory)}, leaving {gib(make(1).usable)}; run the same command again once "
+                           "they free it, or set CUDA_VISIBLE_DEVICES to a free GPU")
     raise UserError(message)
 
 
