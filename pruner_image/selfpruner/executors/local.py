@@ -24,6 +24,7 @@ import torch
 
 from .. import calibration, corpus, dense_reference, engine, evaluate, export, memory_plan, prior, structure, zero_shot
 from ..architecture import geometry_of
+from ..errors import DeviceFailed, UserError, is_device_error
 from .base import EvalOutcome, EvalTask
 
 METRICS = ("perplexity", "kl")
@@ -119,7 +120,6 @@ class LocalExecutor:
     def __init__(self, model: str, settings: engine.PruneSettings, texts: dict[str, str], *, dtype: str = "float32",
                  seq_len: int = 512, batch_size: int = 1, devices: list[str] | None = None, progress: bool = True,
                  gpus_per_replica: int = 0, metric: str = "perplexity", top_k: int = 64):
-        from ..errors import DeviceFailed, UserError, is_device_error
         from ..model_source import load_config
 
         if metric not in METRICS:
@@ -212,8 +212,6 @@ class LocalExecutor:
                     finally:
                         w.eng.pm.restore()
         except Exception as e:  # noqa: BLE001 - reported in result.json, the checkpoint is kept
-            from ..errors import DeviceFailed, is_device_error
-
             if device_failure_stops and is_device_error(e):
                 raise DeviceFailed(f"the device failed during the zero-shot tasks ({DeviceFailed.describe(e)}); "
                                    "the search is done and kept: run the same command again once the device "
