@@ -214,13 +214,70 @@ def test_memory_other_processes_hold_is_not_planned_for():
     message = str(e.value)
     assert "\n" not in message
     assert message.startswith("the GPU is busy: the model needs ") and "8.0B parameters in bfloat16" in message
-    assert "other processes hold 60.0 GiB of its 80.0 GiB, leaving 13.6 GiB" in message
+    assert "other processes hold 60.0 GiB of its 80.0 GiB;" in message
     assert "CUDA_VISIBLE_DEVICES" in message and "run the same command again" in message
     assert "GPUs hold it" not in message and "more memory" not in message  # no advice to buy GPUs for a busy one
     assert isinstance(e.value, DeviceFailed)  # it fits once the others are done: exit 3, run it later
     with pytest.raises(UserError) as e:  # too large even for the idle GPU: bad input, not a busy device
         memory_plan.plan(_config("Llama-2-70B"), work, gpus=1, gpu_memory=h100, held=60 * 2**30)
     assert not isinstance(e.value, DeviceFailed) and "other processes hold 60.0 GiB" in str(e.value)
+
+
+def test_a_local_llm_beside_the_model_is_planned_for():
+    """Found on a shared H100: the 1.5B as a local LLM ran out of memory in `generate`, which the plan
+    had not counted. Its weights, KV cache and prefill working set are now part of the plan of a model
+    on its GPU; a model that fits alone but not beside it is refused naming the LLM's fields (bad
+    input: no wait fixes it), and one that fits beside it once other processes free the GPU is busy."""
+    from transformers import Qwen2Config
+
+    qwen15 = Qwen2Config(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True)
+    assert memory_plan.ModelSize.of(qwen15).total_params == 1_543_714_304  # Qwen2.5-1.5B's published count
+    weights = memory_plan.local_llm(qwen15, 0, 30)
+    assert weights == 2 * 1_543_714_304  # bf16
+    per_token = 28 * 2 * 2 * 128 * 2 + 3 * 8960 * 2  # K and V of 2 KV heads × 128 in 28 layers; gate, up, product
+    assert memory_plan.local_llm(qwen15, 1, 16) - weights == 2048 * per_token  # at least 2048 tokens
+    assert memory_plan.local_llm(qwen15, 32, 30) - weights == 32 * 30 * 128 * per_token
+
+    work = memory_plan.Workload(dtype="bfloat16", batch_size=8, seq_len=512)
+    h100 = 80 * 2**30
+    alone = memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100)
+    beside = memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100, llm=10 * 2**30)
+    assert beside.usable == alone.usable - 10 * 2**30 and beside.to_dict()["local_llm_bytes"] == 10 * 2**30
+    assert "(10.0 GiB for the local LLM)" in beside.lines()[1]
+    with pytest.raises(UserError) as e:
+        memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100, llm=60 * 2**30)
+    assert not isinstance(e.value, DeviceFailed) and "\n" not in str(e.value)
+    assert "not beside the local LLM (60.0 GiB" in str(e.value) and "spec.llm.batchSize" in str(e.value)
+    with pytest.raises(DeviceFailed, match="the GPU is busy: the model and the local LLM need .* other processes "
+                                           "hold 50.0 GiB"):
+        memory_plan.plan(_config("Llama-3-8B"), work, gpus=1, gpu_memory=h100, held=50 * 2**30, llm=10 * 2**30)
+
+
+def test_the_local_llm_is_counted_only_on_the_gpu_it_uses(tiny_job, tmp_path, monkeypatch):
+    from conftest import tiny_chat_model
+    from selfpruner import spec as spec_mod
+    from selfpruner.executors.for_spec import local_llm_need
+    from selfpruner.executors.local import llm_beside
+
+    chat = tiny_chat_model()
+    folder = tmp_path / "tiny-chat"
+    chat.model.save_pretrained(folder)
+    chat.tokenizer.save_pretrained(folder)
+    llm = {"provider": "local", "model": str(folder)}
+    job = spec_mod.parse(tiny_job("llm", search={"strategy": "llm-evolution"}, llm=llm))
+    need = memory_plan.local_llm(model_source.load_config(str(folder)), 32, 6)  # the tiny job prunes 6 blocks
+    monkeypatch.setenv("SELFPRUNER_LLM_DEVICE", "cuda")
+    assert local_llm_need(job) == ("cuda:0", need)
+    monkeypatch.setenv("SELFPRUNER_LLM_DEVICE", "cpu")
+    assert local_llm_need(job) is None
+    monkeypatch.setenv("SELFPRUNER_LLM_DEVICE", "cuda:1")
+    assert local_llm_need(spec_mod.parse(tiny_job("genetic", llm=llm))) is None
+    assert local_llm_need(spec_mod.parse(tiny_job("endpoint", search={"strategy": "llm-evolution"},
+                                                  llm={"provider": "openai", "model": "m"}))) is None
+    assert llm_beside(("cuda:1", need), ["cuda:0", "cuda:1"]) == need
+    assert llm_beside(("cuda:0", need), ["cuda"]) == need
+    assert llm_beside(("cuda:1", need), ["cuda:0"]) == 0 and llm_beside(None, ["cuda:0"]) == 0
 
 
 def test_a_working_set_too_large_names_batch_size_and_seq_len():

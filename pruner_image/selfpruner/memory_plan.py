@@ -30,10 +30,17 @@ starts a GPU pod, and a local run prints it before loading. Every figure is in b
   per block; they go to the host afterwards); with the refit also each block's float32 Gram
   matrices, 4·((Hq·d)² + I²).
 
+- **a local LLM** (`llm.provider: local`, an llm-evolution search on the GPU it prunes on), in bf16:
+  its weights, the KV cache of `llm.batchSize` sequences of C = max(2048, 128·N) tokens (N: the pruned
+  model's blocks; its prompts list candidates of N rates: the longest prompt and reply seen with 28
+  blocks was 3 201 tokens), 2·layers·Hkv·d·2 bytes a token, and its MLP's working set at prefill,
+  3·B·C·I in bf16 (`generate` keeps the logits of the last position only).
+
 A GPU needs weights + copies + means + refit state + the larger of the two working sets, and may use
 `USABLE` of its memory (the CUDA context and the allocator's fragmentation take the rest), less what
 other processes hold on it (`held`: a GPU shared with other jobs, as a local run finds it; planning
-with the whole GPU there only defers the failure to an out-of-memory mid-search).
+with the whole GPU there only defers the failure to an out-of-memory mid-search) and what a local LLM
+beside the model takes (`llm`; counted on every GPU of the plan, though it sits on the first).
 """
 
 from __future__ import annotations
@@ -50,6 +57,8 @@ LOGITS_CHUNK = 1024  # evaluate.perplexity's logits_chunk
 GIB = 1024 ** 3
 MAX_GPUS = 64  # the CRD's bound on evaluator.gpusPerPod
 REFIT_CACHE = 4  # refitted widths `pruned_model` keeps per projection and block
+LLM_TOKENS_PER_BLOCK = 128  # a local LLM's prompt and reply, per block of the pruned model (see above)
+LLM_MIN_TOKENS = 2048
 _QUANTITY = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|K|M|G|T|P)?$")
 _UNITS = {None: 1, "k": 10 ** 3, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9, "T": 10 ** 12, "P": 10 ** 15,
           "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50}
@@ -129,6 +138,16 @@ class ModelSize:
         return self.embed_params + self.geometry.num_layers * self.block_params + self.head_params
 
 
+def local_llm(config, batch_size: int, blocks: int) -> int:
+    """Bytes a local LLM of `config` takes on its GPU while it writes `batch_size` replies about a
+    model of `blocks` blocks (the module docstring has the terms)."""
+    size = ModelSize.of(config)
+    g = size.geometry
+    tokens = batch_size * max(LLM_MIN_TOKENS, LLM_TOKENS_PER_BLOCK * blocks)
+    kv = 2 * g.num_layers * g.num_kv_heads * g.head_dim * 2 * tokens
+    return 2 * size.total_params + kv + 3 * tokens * g.intermediate_size * 2
+
+
 @dataclass(frozen=True)
 class Workload:
     dtype: str = "bfloat16"
@@ -172,20 +191,24 @@ class MemoryPlan:
     head_device: int = 0
     on_cpu: bool = False  # the devices are the CPU (a local run without GPUs): no GPU to speak of
     held: int = 0  # bytes other processes hold on the fullest GPU (a GPU shared with other jobs)
+    llm: int = 0  # bytes a local LLM takes beside the model (`local_llm`)
 
     @property
     def usable(self) -> int | None:
-        return None if self.gpu_memory is None else max(0, int(self.gpu_memory * USABLE) - self.held)
+        return None if self.gpu_memory is None else max(0, int(self.gpu_memory * USABLE) - self.held - self.llm)
 
     def to_dict(self) -> dict:
         return {"params": self.params, "weights_bytes": self.weights, "gpus": self.gpus,
                 "gpu_memory_bytes": self.gpu_memory, "usable_bytes": self.usable, "held_by_others_bytes": self.held,
+                "local_llm_bytes": self.llm,
                 "gpus_per_replica": self.gpus_per_replica, "replicas": self.replicas,
                 "per_gpu": [{**asdict(s), "total": s.total} for s in self.shares]}
 
     def lines(self) -> list[str]:
-        cap = (f" of {gib(self.usable)} usable{f' ({gib(self.held)} held by other processes)' if self.held else ''}"
-               if self.gpu_memory is not None else "")
+        beside = [f"{gib(self.held)} held by other processes"] if self.held else []
+        beside += [f"{gib(self.llm)} for the local LLM"] if self.llm else []
+        beside = f" ({', '.join(beside)})" if beside else ""
+        cap = f" of {gib(self.usable)} usable{beside}" if self.gpu_memory is not None else ""
         unit = "CPU device(s)" if self.on_cpu else "GPU(s)"
         layout = ("1 replica on the CPU" if self.on_cpu and self.gpus == 1 else
                   f"{self.replicas} replica(s) of {self.gpus_per_replica} {unit} on {self.gpus} {unit}")
@@ -259,11 +282,12 @@ def _shares(size: ModelSize, work: Workload, k: int) -> tuple[list[GpuShare], li
 
 
 def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None,
-         gpus_per_replica: int = 0, on_cpu: bool = False, held: int = 0) -> MemoryPlan:
+         gpus_per_replica: int = 0, on_cpu: bool = False, held: int = 0, llm: int = 0) -> MemoryPlan:
     """The split of `config`'s model over the fewest GPUs that hold it (or `gpus_per_replica`),
-    and ⌊gpus / k⌋ replicas. Raises UserError, one line naming what to change, when it cannot fit.
-    `on_cpu`: the devices are the CPU (the plan's lines then speak of it, not of GPUs); `held`:
-    bytes other processes hold on a GPU, not usable."""
+    and ⌊gpus / k⌋ replicas. Raises UserError, one line naming what to change, when it cannot fit
+    (DeviceFailed where it would fit once other processes free the GPU). `on_cpu`: the devices are
+    the CPU (the plan's lines then speak of it, not of GPUs); `held`: bytes other processes hold on
+    a GPU, not usable; `llm`: bytes a local LLM takes beside the model (`local_llm`)."""
     size = ModelSize.of(config)
     gpus = max(1, gpus)
 
@@ -271,7 +295,7 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
         shares, block_of, head = _shares(size, work, k)
         return MemoryPlan(params=size.total_params, weights=size.total_params * work.bytes, gpus=gpus,
                           gpu_memory=gpu_memory, gpus_per_replica=k, replicas=gpus // k, shares=shares,
-                          block_of=block_of, head_device=head, on_cpu=on_cpu, held=held)
+                          block_of=block_of, head_device=head, on_cpu=on_cpu, held=held, llm=llm)
 
     def fits(p: MemoryPlan) -> bool:
         return p.usable is None or all(s.total <= p.usable for s in p.shares)
@@ -291,19 +315,30 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
             if fits(p):
                 return p
     message = _refusal(size, work, make(candidates[-1]), make, fits, bool(gpus_per_replica))
-    if held:
+
+    def on_idle(**kw) -> MemoryPlan | None:
         try:
-            idle = plan(config, work, gpus=gpus, gpu_memory=gpu_memory, gpus_per_replica=gpus_per_replica,
-                        on_cpu=on_cpu)
-        except UserError:  # too small even when the others are done: the advice above stands
-            raise UserError(message + f" (other processes hold {gib(held)} of the GPU: once they free it, less "
-                                      f"may do; set CUDA_VISIBLE_DEVICES to a free GPU)") from None
+            return plan(config, work, gpus=gpus, gpu_memory=gpu_memory, gpus_per_replica=gpus_per_replica,
+                        on_cpu=on_cpu, **kw)
+        except UserError:
+            return None
+
+    besides = " and the local LLM need" if llm else " needs"
+    if held and (idle := on_idle(llm=llm)) is not None:
         # it fits once the others are done: later, not never (the advice to add GPUs would mislead)
-        need = max(s.total for s in idle.shares)
-        raise DeviceFailed(f"the GPU is busy: the model needs {gib(need)} of a GPU ({size.total_params / 1e9:.1f}B "
-                           f"parameters in {work.dtype}), and other processes hold {gib(held)} of its "
-                           f"{gib(gpu_memory)}, leaving {gib(make(1).usable)}; run the same command again once "
-                           "they free it, or set CUDA_VISIBLE_DEVICES to a free GPU")
+        need = max(s.total for s in idle.shares) + llm
+        raise DeviceFailed(f"the GPU is busy: the model{besides} {gib(need)} of a GPU "
+                           f"({size.total_params / 1e9:.1f}B parameters in {work.dtype}), and other processes hold "
+                           f"{gib(held)} of its {gib(gpu_memory)}; run the same command again once they free it, or "
+                           "set CUDA_VISIBLE_DEVICES to a free GPU")
+    if llm and on_idle() is not None:  # the model fits its GPUs alone: the LLM is what to move or shrink
+        raise UserError(f"the model fits {gpus} GPU(s) of {gib(gpu_memory)} alone but not beside the local LLM "
+                        f"({gib(llm)}: spec.llm.model's weights and the KV cache of spec.llm.batchSize prompts): "
+                        "lower spec.llm.batchSize, put the LLM on another GPU (SELFPRUNER_LLM_DEVICE), or serve it "
+                        "from an endpoint (spec.llm.provider: openai)")
+    if held:  # too small even when the others are done: the advice stands
+        message += (f" (other processes hold {gib(held)} of the GPU: once they free it, less may do; set "
+                    "CUDA_VISIBLE_DEVICES to a free GPU)")
     raise UserError(message)
 
 

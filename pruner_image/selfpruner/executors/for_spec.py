@@ -47,9 +47,28 @@ def load_texts(fitness, load) -> dict[str, str]:
     return {"fitness": load(fitness.text), **{label: load(source) for label, source, _ in held_out_texts(fitness)}}
 
 
-def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None):
+def local_llm_need(spec: Section) -> tuple[str, int] | None:
+    """(device, bytes) of the local LLM an llm-evolution search runs in this process
+    (`runner.make_llm` puts it on SELFPRUNER_LLM_DEVICE or the default device), so that the memory
+    plan of a model on the same GPU leaves it room; None for an endpoint or an LLM on the CPU."""
+    s = spec.spec
+    if s.search.strategy != "llm-evolution" or s.llm.provider != "local":
+        return None
+    from .. import memory_plan, model_source
+
+    device = os.environ.get("SELFPRUNER_LLM_DEVICE") or model_source.default_device()
+    if not device.startswith("cuda"):
+        return None
+    blocks = model_source.load_config(s.model.source).num_hidden_layers
+    need = memory_plan.local_llm(model_source.load_config(s.llm.model), s.llm.batch_size, blocks)
+    return device if ":" in device else f"{device}:0", need
+
+
+def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None,
+                  local_llm: bool = False):
     """The in-process executor; `model` and `texts` override where the model and the
-    texts are read from (a worker pod passes the node-cache copy of an s3:// model)."""
+    texts are read from (a worker pod passes the node-cache copy of an s3:// model).
+    `local_llm`: this process also runs the search's LLM (`selfpruner run`, not a worker pod)."""
     from .. import corpus
 
     f = spec.spec.fitness
@@ -63,7 +82,7 @@ def make_executor(spec: Section, progress: bool = True, model: str | None = None
     return LocalExecutor(model, engine_settings(spec), texts, dtype=spec.spec.model.dtype,
                          seq_len=f.seq_len, batch_size=f.batch_size, devices=devices,
                          progress=progress, gpus_per_replica=spec.spec.evaluator.gpus_per_replica,
-                         metric=f.metric, top_k=f.top_k)
+                         metric=f.metric, top_k=f.top_k, local_llm=local_llm_need(spec) if local_llm else None)
 
 
 def check_inputs(spec: Section, model: str, texts: dict[str, str], devices: list[str]) -> None:

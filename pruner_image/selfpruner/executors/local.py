@@ -50,6 +50,14 @@ def gpu_memory(devices: list[str]) -> tuple[int | None, int]:
     return min(total for _, total in infos), max(max(0, total - free - CONTEXT) for free, total in infos)
 
 
+def llm_beside(local_llm: tuple[str, int] | None, devices: list[str]) -> int:
+    """The bytes of a local LLM (`for_spec.local_llm_need`) that sits on one of `devices`, else 0."""
+    if not local_llm:
+        return 0
+    named = {d if ":" in d or not d.startswith("cuda") else f"{d}:0" for d in devices}
+    return local_llm[1] if local_llm[0] in named else 0
+
+
 def replica_devices(devices: list[str], k: int) -> list[list[str]]:
     """⌊len(devices)/k⌋ groups of k consecutive devices; the rest stay idle."""
     return [devices[i * k:(i + 1) * k] for i in range(len(devices) // k)]
@@ -119,7 +127,8 @@ class _Worker:
 class LocalExecutor:
     def __init__(self, model: str, settings: engine.PruneSettings, texts: dict[str, str], *, dtype: str = "float32",
                  seq_len: int = 512, batch_size: int = 1, devices: list[str] | None = None, progress: bool = True,
-                 gpus_per_replica: int = 0, metric: str = "perplexity", top_k: int = 64):
+                 gpus_per_replica: int = 0, metric: str = "perplexity", top_k: int = 64,
+                 local_llm: tuple[str, int] | None = None):
         from ..model_source import load_config
 
         if metric not in METRICS:
@@ -133,7 +142,7 @@ class LocalExecutor:
                                         refit=settings.refit)
         total, held = gpu_memory(devices)
         plan = memory_plan.plan(load_config(model), workload, gpus=len(devices), gpu_memory=total, held=held,
-                                gpus_per_replica=gpus_per_replica,
+                                gpus_per_replica=gpus_per_replica, llm=llm_beside(local_llm, devices),
                                 on_cpu=not any(d.startswith("cuda") for d in devices))
         print("\n".join(plan.lines()), file=sys.stderr, flush=True)
         self.memory_plan = {**plan.to_dict(), "devices": devices}

@@ -153,7 +153,7 @@ def _run(spec: Section, out: Path, *, executor, llm_client, progress: bool, stop
         from ..model_source import check_source
 
         check_source(spec.spec.llm.model, "spec.llm.model")  # a bad LLM should not wait for the model to load
-    executor = executor or make_executor(spec, progress)
+    executor = executor or make_executor(spec, progress, local_llm=llm_client is None)
     space = factory.make_space(spec, executor.geometry)
     budget = spec_budget(spec)
     ctx = factory.make_context(spec, space, executor.prior, budget)
