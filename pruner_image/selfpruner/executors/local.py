@@ -145,7 +145,7 @@ class LocalExecutor:
                                 gpus_per_replica=gpus_per_replica, llm=llm_beside(local_llm, devices),
                                 on_cpu=not any(d.startswith("cuda") for d in devices))
         print("\n".join(plan.lines()), file=sys.stderr, flush=True)
-        self.memory_plan = {**plan.to_dict(), "devices": devices}
+        self._plan = {**plan.to_dict(), "devices": devices}
         try:
             self.workers = [_Worker(model, dtype, group, settings, texts, seq_len, batch_size, progress, workload,
                                     metric=metric, top_k=top_k)
@@ -163,6 +163,14 @@ class LocalExecutor:
         self.settings = settings
         self.metric, self.top_k = metric, top_k
         self._pool = ThreadPoolExecutor(max_workers=len(self.workers)) if len(self.workers) > 1 else None
+
+    @property
+    def memory_plan(self) -> dict:
+        """The plan, with the most each CUDA device's allocator has held so far in this process (the
+        model, candidates, evaluations, a local LLM on it): what a run puts in result.json, so that
+        every run on a GPU checks the plan's arithmetic (per GPU: `per_gpu[].total` + `local_llm_bytes`)."""
+        peaks = {d: torch.cuda.max_memory_allocated(d) for d in self._plan["devices"] if d.startswith("cuda")}
+        return {**self._plan, **({"peak_allocated_bytes": peaks} if peaks else {})}
 
     def evaluate(self, tasks: list[EvalTask], on_result=None) -> list[EvalOutcome]:
         done = on_result or (lambda i, outcome: None)
