@@ -152,6 +152,25 @@ def test_a_different_spec_in_the_same_folder_is_refused(tiny_job):
         run(doc)
 
 
+def test_a_state_written_before_the_zero_shot_fields_left_its_key_still_resumes(tiny_job):
+    """Upgrading mid-run: a state keyed with every search field (as before the zero-shot fields,
+    which only the last step reads, left the key) resumes, and evaluates nothing again."""
+    doc = tiny_job("older-state")
+    first = run(doc, stop_after_generation=0)
+    assert first.get("interrupted")
+    state = runner.Path(doc["spec"]["output"]["path"]) / "state.json"
+    saved = json.loads(state.read_text())
+    job = spec_mod.parse(doc)
+    assert runner.spec_hash(job, finish_fields=True) != saved["spec_hash"]  # zeroShotTasks: [] is in every spec
+    saved["spec_hash"] = runner.spec_hash(job, finish_fields=True)
+    state.write_text(json.dumps(saved))
+    n = len(history(doc))
+    result = run(doc)
+    assert result["best"]["fitness"] > 0
+    assert len(history(doc)) > n and len({json.dumps(e["rates"]) + str(e["tokens"]) for e in history(doc)}) == \
+        len(history(doc))  # went on from the state: nothing evaluated twice
+
+
 def test_two_local_workers_give_the_same_result(tiny_job, monkeypatch):
     """One worker per device: two CPU workers stand in for two GPUs (the same code path,
     threads and all); results must not depend on how tasks were spread."""

@@ -42,12 +42,14 @@ LLM_CALL_FIELDS = ("apiKeySecret", "apiKeyEnv", "baseURL", "timeoutSeconds", "ma
 FINISH_FIELDS = ("zeroShotTasks", "zeroShotLimit", "zeroShotBatchSize")
 
 
-def spec_hash(spec: Section) -> str:
+def spec_hash(spec: Section, finish_fields: bool = False) -> str:
     """What a resumed run must share with the one that wrote the state: the fields that
-    decide the search's result (not where it is written, nor how the cluster runs it)."""
+    decide the search's result (not where it is written, nor how the cluster runs it).
+    `finish_fields`: the hash as states written before FINISH_FIELDS left it were keyed."""
     s = {k: v for k, v in spec["spec"].items() if k in SEARCH_FIELDS}
     s["llm"] = {k: v for k, v in (s.get("llm") or {}).items() if k not in LLM_CALL_FIELDS}
-    s["search"] = {k: v for k, v in (s.get("search") or {}).items() if k not in FINISH_FIELDS}
+    if not finish_fields:
+        s["search"] = {k: v for k, v in (s.get("search") or {}).items() if k not in FINISH_FIELDS}
     return hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -145,7 +147,7 @@ def _run(spec: Section, out: Path, *, executor, llm_client, progress: bool, stop
     started = time.time()
     state_path = out / STATE
     saved = read_state(state_path)
-    if saved and saved.get("spec_hash") != spec_hash(spec):
+    if saved and saved.get("spec_hash") not in (spec_hash(spec), spec_hash(spec, finish_fields=True)):
         raise UserError(f"{out} holds a search of a different PruneJob spec; set spec.output.path to another folder "
                         "or remove it")
     s = spec.spec.search
