@@ -323,11 +323,11 @@ def plan(config, work: Workload, *, gpus: int = 1, gpu_memory: int | None = None
         except UserError:
             return None
 
-    besides = " and the local LLM need" if llm else " needs"
+    who_needs = "the model and the local LLM need" if llm else "the model needs"
     if held and (idle := on_idle(llm=llm)) is not None:
         # it fits once the others are done: later, not never (the advice to add GPUs would mislead)
         need = max(s.total for s in idle.shares) + llm
-        raise DeviceFailed(f"the GPU is busy: the model{besides} {gib(need)} of a GPU "
+        raise DeviceFailed(f"the GPU is busy: {who_needs} {gib(need)} of a GPU "
                            f"({size.total_params / 1e9:.1f}B parameters in {work.dtype}), and other processes hold "
                            f"{gib(held)} of its {gib(gpu_memory)}; run the same command again once they free it, or "
                            "set CUDA_VISIBLE_DEVICES to a free GPU")

@@ -253,6 +253,11 @@ def _load_split(folder: str, config, cls, dtype: str, device_map: dict[str, str]
     return model
 
 
+def indexed(device: str) -> str:
+    """`cuda` named as the device it is, `cuda:0`, so that two spellings of one GPU compare equal."""
+    return f"{device}:0" if device == "cuda" else device
+
+
 def default_device() -> str:
     import torch
 

@@ -61,7 +61,7 @@ def local_llm_need(spec: Section) -> tuple[str, int] | None:
         return None
     blocks = model_source.load_config(s.model.source).num_hidden_layers
     need = memory_plan.local_llm(model_source.load_config(s.llm.model), s.llm.batch_size, blocks)
-    return device if ":" in device else f"{device}:0", need
+    return model_source.indexed(device), need
 
 
 def make_executor(spec: Section, progress: bool = True, model: str | None = None, texts: dict | None = None,

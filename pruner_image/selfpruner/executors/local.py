@@ -25,6 +25,7 @@ import torch
 from .. import calibration, corpus, dense_reference, engine, evaluate, export, memory_plan, prior, structure, zero_shot
 from ..architecture import geometry_of
 from ..errors import DeviceFailed, UserError, is_device_error
+from ..model_source import indexed
 from .base import EvalOutcome, EvalTask
 
 METRICS = ("perplexity", "kl")
@@ -54,8 +55,7 @@ def llm_beside(local_llm: tuple[str, int] | None, devices: list[str]) -> int:
     """The bytes of a local LLM (`for_spec.local_llm_need`) that sits on one of `devices`, else 0."""
     if not local_llm:
         return 0
-    named = {d if ":" in d or not d.startswith("cuda") else f"{d}:0" for d in devices}
-    return local_llm[1] if local_llm[0] in named else 0
+    return local_llm[1] if local_llm[0] in {indexed(d) for d in devices} else 0
 
 
 def replica_devices(devices: list[str], k: int) -> list[list[str]]:
