@@ -242,12 +242,19 @@ DEVICE_ERRORS = [
     torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error, NCCL "
                                        "version 2.21.5"),
     RuntimeError("NVRM: Xid (PCI:0000:3b:00): 79, GPU has fallen off the bus."),
+    # seen on a shared H100 in scaled_dot_product_attention; the rerun on a freer GPU passed
+    RuntimeError("Expected mha_graph.execute(handle, variant_pack, workspace_ptr.get()).is_good() to be true, "
+                 "but got false.  (Could this error message be improved?  If so, please report an enhancement "
+                 "request to PyTorch.)"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
 ]
 NOT_DEVICE_ERRORS = [
     ValueError("rates must be in [0, 1), got 1.2"),
     RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x48 and 40x48)"),
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
     KeyError("heldout"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
+                 "non-contiguous input."),
 ]
 
 

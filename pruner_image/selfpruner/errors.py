@@ -34,10 +34,14 @@ class DeviceFailed(UserError):
 
 
 # the texts CUDA, the caching allocator, NCCL and the driver put in their errors; an EvalOutcome's
-# error is "<exception type>: <message>", so the type names are matched too
+# error is "<exception type>: <message>", so the type names are matched too. cuDNN's attention graph
+# fails to execute ("mha_graph.execute(...).is_good()") when its workspace cannot be had on a full
+# GPU, and the same call succeeds on a free one; its NOT_SUPPORTED and BAD_PARAM are the input's
+# fault and are left out.
 _DEVICE_TEXT = re.compile(
     r"CUDA out of memory|\bOutOfMemoryError\b|CUDA error|CUDA driver error|device-side assert|NCCL error"
-    r"|\bXid\b|\bAcceleratorError\b|\bDistBackendError\b|uncorrectable ECC error", re.IGNORECASE)
+    r"|\bXid\b|\bAcceleratorError\b|\bDistBackendError\b|uncorrectable ECC error"
+    r"|mha_graph\.execute\(|CUDNN_STATUS_(?:ALLOC_FAILED|EXECUTION_FAILED|INTERNAL_ERROR)", re.IGNORECASE)
 _DEVICE_TYPES = {"OutOfMemoryError", "AcceleratorError", "DistBackendError"}  # torch's, matched by name:
 # importing torch here would load it into the controller, which must stay light
 
