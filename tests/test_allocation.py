@@ -98,10 +98,11 @@ class HostileChat(ScriptedChat):
 
 
 def search(tiny_job, name, strategy="llm-evolution", url=None, **llm):
+    # the endpoint is a local server: a long timeout only keeps a loaded machine from losing a call
     doc = tiny_job(name, search={"strategy": strategy, "population": 8, "generations": 6, "crossovers": 4,
                                  "mutations": 4, "seed": 1},
                    llm={"provider": "openai", "model": "hostile", "baseURL": url or "http://unused/v1",
-                        "timeoutSeconds": 5, "maxRetries": 1, **llm})
+                        "timeoutSeconds": 60, "maxRetries": 1, **llm})
     return runner.run(spec_mod.parse(doc), progress=False)
 
 

@@ -34,7 +34,8 @@ PAPER = {
 
 
 def job(tiny_job, name, url, evidence_items=None, **search):
-    llm = {"provider": "openai", "model": "scripted", "baseURL": url, "timeoutSeconds": 5, "maxRetries": 1,
+    # the endpoint is a local server: a long timeout only keeps a loaded machine from losing a call
+    llm = {"provider": "openai", "model": "scripted", "baseURL": url, "timeoutSeconds": 60, "maxRetries": 1,
            "allocation": "fixed", "offspringPerCall": 2}
     if evidence_items is not None:
         llm["evidence"] = evidence_items
