@@ -16,6 +16,7 @@ from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
 from selfpruner import corpus, evaluate
 from selfpruner.cluster.status import progress
 from selfpruner.storage import open_store
+from test_operator_faults import wait
 
 pytestmark = needs_kubectl
 
@@ -111,7 +112,8 @@ def test_invalid_prunejob_is_refused_and_nothing_is_created(world, tmp_path):
     condition = {c["type"]: c for c in pj["status"]["conditions"]}["Invalid"]
     assert "spec.target.minRate: 0.005 is not a multiple of grid" in condition["message"]
     assert cluster.list("jobs", labels="selfpruner.io/prunejob=odd") == []
-    assert "Invalid" in {e["reason"] for e in cluster.events("odd")}
+    wait(lambda: "Invalid" in {e["reason"] for e in cluster.events("odd")}, 10,
+         "the Invalid event")  # posted from kopf's event queue, not with the status patch
 
 
 def test_prunejobs_outside_the_installation_policy_are_invalid(world, tmp_path):
