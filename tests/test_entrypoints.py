@@ -255,6 +255,9 @@ NOT_DEVICE_ERRORS = [
     KeyError("heldout"),
     RuntimeError("cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a "
                  "non-contiguous input."),
+    # what the cluster records once a shard's Job has spent its retries: the candidates' failure from then on
+    RuntimeError("evaluation failed after its retries (FailedIndexes: Job has failed indexes); its pods exited "
+                 "43 (the GPU failed) 3 times"),
 ]
 
 

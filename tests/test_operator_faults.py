@@ -142,7 +142,9 @@ def test_failing_index_and_s3_errors(world, tmp_path):
     assert marker.exists()
     history = output(endpoint, pj, "history.jsonl")
     failed = [e for e in history if e.get("error")]
-    assert failed and all("failed after its retries" in e["error"] for e in failed)
+    # the recorded failure says why the shard's pod failed, not only its log
+    assert failed and all("failed after its retries" in e["error"] and "its pods exited 42 (cannot be evaluated) "
+                          "1 time" in e["error"] for e in failed), failed
     failed_jobs = [j for j in cluster.list("jobs", labels="selfpruner.io/prunejob=e2e")
                    if j["status"].get("failedIndexes")]
     assert [j["status"]["failedIndexes"] for j in failed_jobs] == ["1"]
@@ -213,11 +215,21 @@ def test_suspend_holds_the_search_and_unsuspend_finishes_it(world, tmp_path):
     assert pj["status"]["phase"] == "Succeeded", pj["status"]
 
 
+GPU_FAILS = """
+import os, sys
+if os.environ.get("SELFPRUNER_BATCH", "prep") != "prep" and os.environ.get("JOB_COMPLETION_INDEX") == "1":
+    print("selfpruner worker: the device failed (OutOfMemoryError: CUDA out of memory); exit 43", file=sys.stderr)
+    sys.exit(43)  # this shard's GPU fails on every pod: the worker's exit for a device error
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
 def test_more_failures_than_allowed_fail_the_search(world, tmp_path):
+    """A shard whose GPU fails on every try: the Job retries it (backoffLimitPerIndex, default 2), then its
+    candidates are recorded as failed, and with maxFailedEvaluations 0 the PruneJob fails saying why."""
     cluster, kubelet, operator, doc, endpoint = world
-    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", FAIL_ONCE, *argv[1:]]
+    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", GPU_FAILS, *argv[1:]]
                                              if argv[-1] == "worker" else argv)
-    kubelet.override_env["SELFPRUNER_TEST_FAIL_MARKER"] = str(tmp_path / "failed-once")
     doc = copy.deepcopy(doc)
     doc["spec"]["evaluator"]["maxFailedEvaluations"] = 0
     apply(cluster, doc, tmp_path)
@@ -225,6 +237,7 @@ def test_more_failures_than_allowed_fail_the_search(world, tmp_path):
     assert pj["status"]["phase"] == "Failed"
     condition = {c["type"]: c for c in pj["status"]["conditions"]}["Failed"]
     assert condition["reason"] == "TooManyFailedEvaluations" and "maxFailedEvaluations (0)" in condition["message"]
+    assert "its pods exited 43 (the GPU failed) 3 times" in condition["message"], condition
     assert pj["status"]["restarts"] == 0  # a verdict, not a lost controller
     assert not [j for j in cluster.list("jobs", labels="selfpruner.io/prunejob=e2e")
                 if j["metadata"]["labels"]["app.kubernetes.io/component"] == "finalize"]

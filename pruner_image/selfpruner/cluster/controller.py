@@ -145,14 +145,17 @@ def run(doc: dict, kube: Kube) -> int:
         checkpoints["n"] = n
         executor.generation = strategy.generation
         best = strategy.best()
-        totals = runner.History(out / "history.jsonl").totals()
+        history = runner.History(out / "history.jsonl")
+        totals = history.totals()
         kube.patch_status(name, {"generation": strategy.generation, "evaluations": totals["evaluations"],
                                  **status.progress(strategy.spent, strategy.ctx.budget),
                                  **({"bestFitness": best.fitness, "fitnessMetric": metric} if best else {})})
         failed = totals["failed_evaluations"]
         if failed > max_failed:
+            last = " ".join(next(e["error"] for e in reversed(history.entries) if e.get("error")).split())[:300]
             raise Verdict("TooManyFailedEvaluations", f"{failed} evaluations failed for good, more than "
-                                                      f"spec.evaluator.maxFailedEvaluations ({max_failed})")
+                                                      f"spec.evaluator.maxFailedEvaluations ({max_failed}); the "
+                                                      f"last: {last}")
 
     result = runner.run(job, executor=executor, out_dir=work, progress=False, on_checkpoint=on_checkpoint)
     for file in ("result.json", "fitness.png", "rates.png", *STATE_FILES):

@@ -8,7 +8,8 @@ restarted controller asking the same batch adopts the Job still running, and its
 the candidates done already), and nothing is evaluated twice. That needs the restarted
 controller to ask the same batch: what decided it and is not in storage yet (the LLM's replies
 since the last checkpoint) is put there before the Job is created (`before_submit`). A shard
-whose pods keep failing is recorded as failed evaluations.
+whose pods keep failing is recorded as failed evaluations, with how its pods exited (42: the
+candidates cannot be evaluated; 43: the GPU failed on every try).
 
 Time waiting for a Job counts only while it runs: not while it is suspended (by the user, or
 by Kueue while it waits for quota). Each Job has its own `activeDeadlineSeconds`, which
@@ -18,6 +19,7 @@ Kubernetes measures the same way.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 from ..architecture import Geometry
 from ..executors.base import EvalOutcome, EvalTask
@@ -91,9 +93,13 @@ class KubernetesExecutor:
             if self.before_submit is not None:
                 self.before_submit()
             job = self._run_batch(batch, shard_tasks, wanted=[(i, ids[i]) for i in missing], on_result=arrived)
-            for i in missing:
-                if outcomes[i] is None:
-                    outcomes[i] = EvalOutcome(None, 0, 0.0, None, f"evaluation failed after its retries{_why(job)}")
+            lost = [i for i in missing if outcomes[i] is None]
+            if lost:
+                exits = self._pod_exits(job)
+                index_of = {i: index for index, shard in enumerate(shards) for i in shard}
+                for i in lost:
+                    outcomes[i] = EvalOutcome(None, 0, 0.0, None, f"evaluation failed after its retries{_why(job)}"
+                                                                  f"{exits.get(index_of[i], '')}")
                     done(i, outcomes[i])
         return outcomes
 
@@ -123,6 +129,29 @@ class KubernetesExecutor:
         except UserError as e:
             raise Verdict("PolicyViolation", f"Job {body['metadata']['name']} was not created: {e}") from None
         return self.kube.create_job(body)
+
+    def _pod_exits(self, job: dict | None) -> dict[int, str]:
+        """Per completion index, '; its pods exited 43 (the GPU failed) 3 times': why a shard's pods
+        failed, from their exit codes, so that the recorded failure says so and not only the pods' logs.
+        Worded so that it never reads as a device error itself (`is_device_error`): the Job's own
+        retries are spent, and the candidates are recorded as failed, within maxFailedEvaluations."""
+        name = ((job or {}).get("metadata") or {}).get("name")
+        if not name:
+            return {}
+        codes: dict[int, list[str]] = {}
+        for pod in self.kube.list_pods(f"job-name={name}"):
+            meta = pod.get("metadata") or {}
+            index = next((m[INDEX_KEY] for m in (meta.get("labels"), meta.get("annotations")) if m and INDEX_KEY in m),
+                         None)  # a label since Kubernetes 1.28, an annotation before
+            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+                terminated = (cs.get("state") or {}).get("terminated") or {}
+                code = terminated.get("exitCode")
+                if index is not None and code:  # a failed pod (0: it succeeded)
+                    meaning = _EXIT_MEANING.get(code) or terminated.get("reason") or "failed"
+                    codes.setdefault(int(index), []).append(f"{code} ({meaning})")
+        return {index: "; its pods exited " + ", ".join(f"{c} {n} time{'s' if n > 1 else ''}"
+                                                          for c, n in Counter(found).items())
+                for index, found in codes.items()}
 
     def _finished_ids(self) -> list[str]:
         prefix = f"{self.layout.root}/results/"
@@ -232,6 +261,10 @@ class StartWatch:
 def _running(job: dict) -> bool:
     """Admitted and not suspended (Kueue keeps a queued Job suspended; startTime is set once it runs)."""
     return not (job.get("spec") or {}).get("suspend") and bool((job.get("status") or {}).get("startTime"))
+
+
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+_EXIT_MEANING = {manifests.EXIT_UNEVALUABLE: "cannot be evaluated", manifests.EXIT_DEVICE_ERROR: "the GPU failed"}
 
 
 def _why(job: dict | None) -> str:
