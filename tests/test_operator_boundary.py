@@ -11,6 +11,7 @@ import signal
 
 from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
+from test_operator_failures import hold_second_shard
 from test_operator_faults import renamed, wait
 
 pytestmark = needs_kubectl
@@ -94,6 +95,8 @@ def test_a_policy_tightened_mid_run_is_held_at_the_next_controller(world, tmp_pa
     """The installation stops handing out the Secret a running PruneJob uses: the operator checks the
     policy again when it resumes, refuses to build another Job with it, and stops what runs."""
     cluster, kubelet, operator, doc, endpoint = world
+    # the tiny search could finish while the operator restarts: an evaluation shard waits until the end
+    hold = hold_second_shard(kubelet, tmp_path)
     apply(cluster, renamed(doc, "tightened"), tmp_path)
     controller = wait(lambda: (cluster.get("prunejobs", "tightened").get("status") or {}).get("controllerJob"), 60,
                       "the controller")
@@ -107,6 +110,7 @@ def test_a_policy_tightened_mid_run_is_held_at_the_next_controller(world, tmp_pa
     attempts = [j for j in jobs_of(cluster, "tightened") if j["metadata"]["labels"]["app.kubernetes.io/component"]
                 == "controller"]
     assert len(attempts) <= 1, "a controller was started outside the policy"
+    hold.unlink()
 
 
 def test_api_server_blips_cost_no_controller(world, tmp_path):

@@ -51,8 +51,9 @@ def test_prunejob_end_to_end(world, tmp_path, _shared_task_data):
     assert status["checkpointURI"].startswith("s3://selfpruner/runs/")
     assert status["cost"]["tokensEvaluated"] > 0
 
-    reasons = {e["reason"] for e in cluster.events("e2e")}
-    assert {"ControllerStarted", "Succeeded"} <= reasons, reasons
+    # the operator's events come from kopf's queue, a moment after the phase they tell of
+    wait(lambda: {"ControllerStarted", "Succeeded"} <= {e["reason"] for e in cluster.events("e2e")}, 10,
+         "the ControllerStarted and Succeeded events")
 
     # the checkpoint in S3 loads with transformers and measures what the search measured
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -168,5 +169,6 @@ def test_installation_defaults_supply_the_store_and_without_them_the_prunejob_is
     assert json.loads(env["SELFPRUNER_PRUNEJOB"])["spec"]["storage"] == store
     assert env["SELFPRUNER_STORE"] == store["uri"]
     assert "storage" not in cluster.get("prunejobs", "defaulted")["spec"]  # the user's object is left as written
-    events = {e["reason"]: e["message"] for e in cluster.events("defaulted")}
+    events = wait(lambda: {e["reason"]: e["message"] for e in cluster.events("defaulted")
+                           if e["reason"] == "DefaultsApplied"}, 10, "the DefaultsApplied event")  # kopf's queue
     assert events["DefaultsApplied"] == "from the installation's defaults: storage"
