@@ -26,7 +26,7 @@ from ..executors.base import EvalOutcome, EvalTask
 from ..errors import UserError
 from . import manifests, policy, status
 from .failures import Verdict
-from .kube import job_failure, job_finished, job_stuck
+from .kube import failed_pod_exits, job_failure, job_finished, job_stuck
 from .layout import Layout, batch_id, task_id
 
 
@@ -132,26 +132,18 @@ class KubernetesExecutor:
 
     def _pod_exits(self, job: dict | None) -> dict[int, str]:
         """Per completion index, '; its pods exited 43 (the GPU failed) 3 times': why a shard's pods
-        failed, from their exit codes, so that the recorded failure says so and not only the pods' logs.
-        Worded so that it never reads as a device error itself (`is_device_error`): the Job's own
-        retries are spent, and the candidates are recorded as failed, within maxFailedEvaluations."""
+        failed, so that the recorded failure says so and not only the pods' logs. Worded so that it
+        never reads as a device error itself (`is_device_error`): the Job's own retries are spent,
+        and the candidates are recorded as failed, within maxFailedEvaluations."""
         name = ((job or {}).get("metadata") or {}).get("name")
         if not name:
             return {}
-        codes: dict[int, list[str]] = {}
-        for pod in self.kube.list_pods(f"job-name={name}"):
-            meta = pod.get("metadata") or {}
-            index = next((m[INDEX_KEY] for m in (meta.get("labels"), meta.get("annotations")) if m and INDEX_KEY in m),
-                         None)  # a label since Kubernetes 1.28, an annotation before
-            for cs in (pod.get("status") or {}).get("containerStatuses") or []:
-                terminated = (cs.get("state") or {}).get("terminated") or {}
-                code = terminated.get("exitCode")
-                if index is not None and code:  # a failed pod (0: it succeeded)
-                    meaning = _EXIT_MEANING.get(code) or terminated.get("reason") or "failed"
-                    codes.setdefault(int(index), []).append(f"{code} ({meaning})")
-        return {index: "; its pods exited " + ", ".join(f"{c} {n} time{'s' if n > 1 else ''}"
-                                                          for c, n in Counter(found).items())
-                for index, found in codes.items()}
+        out = {}
+        for index, exits in failed_pod_exits(self.kube, name).items():
+            told = Counter(f"{code} ({_EXIT_MEANING.get(code) or reason or 'failed'})" for code, reason in exits)
+            out[index] = "; its pods exited " + ", ".join(f"{c} {n} time{'s' if n > 1 else ''}"
+                                                         for c, n in told.items())
+        return out
 
     def _finished_ids(self) -> list[str]:
         prefix = f"{self.layout.root}/results/"
@@ -263,7 +255,6 @@ def _running(job: dict) -> bool:
     return not (job.get("spec") or {}).get("suspend") and bool((job.get("status") or {}).get("startTime"))
 
 
-INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 _EXIT_MEANING = {manifests.EXIT_UNEVALUABLE: "cannot be evaluated", manifests.EXIT_DEVICE_ERROR: "the GPU failed"}
 
 

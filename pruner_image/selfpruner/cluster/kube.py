@@ -271,6 +271,23 @@ def job_stuck(kube: Kube, job: dict) -> tuple[str, str] | None:
     return None
 
 
+INDEX_KEY = "batch.kubernetes.io/job-completion-index"
+
+
+def failed_pod_exits(kube: Kube, job_name: str) -> dict[int, list[tuple[int, str]]]:
+    """Per completion index of an Indexed Job, (exit code, reason) of each of its pods that failed."""
+    exits: dict[int, list[tuple[int, str]]] = {}
+    for pod in kube.list_pods(f"job-name={job_name}"):
+        meta = pod.get("metadata") or {}
+        index = next((m[INDEX_KEY] for m in (meta.get("labels"), meta.get("annotations")) if m and INDEX_KEY in m),
+                     None)  # a label since Kubernetes 1.28, an annotation before
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (cs.get("state") or {}).get("terminated") or {}
+            if index is not None and terminated.get("exitCode"):  # 0: it succeeded
+                exits.setdefault(int(index), []).append((terminated["exitCode"], terminated.get("reason") or ""))
+    return exits
+
+
 def indexes(text: str | None) -> set[int]:
     """Parse Kubernetes' index sets: "1,3-5" -> {1, 3, 4, 5}."""
     out: set[int] = set()
