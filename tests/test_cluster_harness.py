@@ -257,6 +257,8 @@ def test_indexed_job_with_fail_index_rule(cluster, kubelet):
     assert status["succeeded"] == 2 and status["failed"] == 1 and status["active"] == 0
     assert [c["type"] for c in status["conditions"]] == ["FailureTarget", "Failed"]
     assert len(kubelet.logs("idx")) == 3      # FailIndex: index 1 is not retried
+    from selfpruner.cluster.kube import Kube, failed_pod_exits
+    assert failed_pod_exits(Kube("default", config_file=str(cluster.kubeconfig)), "idx") == {1: [(42, "Error")]}
     # each pod's container status names its container and says how it ended, as a kubelet does
     ended = {p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]: p["status"]
              for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == "idx"}
@@ -269,6 +271,8 @@ def test_indexed_job_with_fail_index_rule(cluster, kubelet):
 
 
 def test_preemption_is_ignored_and_env_comes_from_secrets(cluster, kubelet, tmp_path):
+    from selfpruner.cluster.kube import Kube, failed_pod_exits
+
     cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "creds"},
                     "stringData": {"TOKEN": "s3cret", "REGION": "eu"}})
     marker = tmp_path / "preempted-once"
@@ -296,6 +300,14 @@ def test_preemption_is_ignored_and_env_comes_from_secrets(cluster, kubelet, tmp_
     assert pid not in kubelet.processes("pre").values()
     logs = [p.read_text() for p in kubelet.logs("pre")]
     assert len(logs) == 3 and all("s3cret eu" in text for text in logs)
+    # the preempted pod says so, as a real one does, and the controller's reader of failed pods
+    # (what a failed shard's reason is built from) does not count it as a failure
+    pods = [p for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == "pre"]
+    disrupted = [p for p in pods if any(c["type"] == "DisruptionTarget" and c["status"] == "True"
+                                        for c in p["status"]["conditions"])]
+    assert len(pods) == 3 and len(disrupted) == 1 and disrupted[0]["status"]["phase"] == "Failed"
+    assert disrupted[0]["status"]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+    assert failed_pod_exits(Kube("default", config_file=str(cluster.kubeconfig)), "pre") == {}
 
 
 def test_deleting_a_job_kills_its_pods(cluster, kubelet):

@@ -179,7 +179,7 @@ class JobController:
         code, ok = pod.exit_code or 0, pod.exit_code == 0 and not pod.preempted
         self._publish(run, pod.name, pod.index, containers[0].get("name", ""), "Succeeded" if ok else "Failed",
                       {"terminated": {"exitCode": code, "reason": "Completed" if code == 0 else "Error",
-                                      "finishedAt": _now()}})
+                                      "finishedAt": _now()}}, disrupted=pod.preempted)
         if ok:
             if run.indexed:
                 run.succeeded.add(pod.index)

@@ -121,10 +121,16 @@ class Kubelet(JobController):
             raise TimeoutError(f"job {job_name} did not finish in {timeout}s; pod logs:\n{self.dump_logs()}") from None
 
     def _publish(self, run: JobRun, name: str, index: int, container: str, phase: str,
-                 state: dict[str, Any]) -> None:
+                 state: dict[str, Any], disrupted: bool = False) -> None:
         """The Pod object a kubelet reports (what `kubectl get pods` and the operator read); owned by
-        its Job, so deleting the Job deletes it."""
-        status = {"phase": phase, "conditions": [{"type": "PodScheduled", "status": "True"}],
+        its Job, so deleting the Job deletes it. A pod killed as a disruption carries the condition
+        the scheduler adds before it preempts (DisruptionTarget=True), which is how a reader tells a
+        preemption from a failure the Job counted."""
+        conditions = [{"type": "PodScheduled", "status": "True"}]
+        if disrupted:
+            conditions.append({"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                               "message": "Kube-scheduler: preempting to accommodate a higher priority pod"})
+        status = {"phase": phase, "conditions": conditions,
                   "containerStatuses": [{"name": container, "ready": phase == "Running", "restartCount": 0,
                                          "image": "", "imageID": "", "state": state}]}
         try:

@@ -275,10 +275,15 @@ INDEX_KEY = "batch.kubernetes.io/job-completion-index"
 
 
 def failed_pod_exits(kube: Kube, job_name: str) -> dict[int, list[tuple[int, str]]]:
-    """Per completion index of an Indexed Job, (exit code, reason) of each of its pods that failed."""
+    """Per completion index of an Indexed Job, (exit code, reason) of each of its pods that failed
+    and counted against its retries: a pod preempted or evicted (DisruptionTarget=True) is left out,
+    as the Job's podFailurePolicy ignores it, so it never explains why an index failed."""
     exits: dict[int, list[tuple[int, str]]] = {}
     for pod in kube.list_pods(f"job-name={job_name}"):
         meta = pod.get("metadata") or {}
+        if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or []):
+            continue
         index = next((m[INDEX_KEY] for m in (meta.get("labels"), meta.get("annotations")) if m and INDEX_KEY in m),
                      None)  # a label since Kubernetes 1.28, an annotation before
         for cs in (pod.get("status") or {}).get("containerStatuses") or []:
