@@ -4,6 +4,7 @@ operator as a kopf process. Only the cluster and S3 are stand-ins."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import signal
@@ -163,3 +164,62 @@ def wait_phase(cluster: Cluster, name: str, phases: tuple[str, ...], timeout: fl
     raise AssertionError(f"{name} never reached {phases}: {json.dumps((pj or {}).get('status'), indent=1)}")
 
 
+# -- what the operator tests share ---------------------------------------------------------
+def runs_store(endpoint):
+    return open_store("s3://selfpruner/runs", endpoint_url=endpoint)
+
+
+def output(endpoint, pj, name):
+    store = runs_store(endpoint)
+    key = f"runs/{pj['metadata']['uid']}/output/{name}"
+    data = store.get_bytes(key).decode()
+    return json.loads(data) if name.endswith(".json") else [json.loads(line) for line in data.splitlines()]
+
+
+def wait(predicate, timeout=120, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def renamed(doc, name):
+    d = copy.deepcopy(doc)
+    d["metadata"]["name"] = name
+    return d
+
+
+HELD_SECOND_SHARD = """
+import os, sys, time
+if os.environ.get("SELFPRUNER_BATCH", "prep") != "prep" and os.environ.get("JOB_COMPLETION_INDEX") == "1":
+    while os.path.exists(os.environ["SELFPRUNER_TEST_HOLD"]):
+        time.sleep(0.05)  # the second shard waits, so a controller can die while the batch is half done
+os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+"""
+
+
+def hold_second_shard(kubelet, tmp_path):
+    """Shard 1 of every evaluation batch waits while the returned file exists."""
+    hold = tmp_path / "hold"
+    hold.touch()
+    kubelet.override_env["SELFPRUNER_TEST_HOLD"] = str(hold)
+    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", HELD_SECOND_SHARD, *argv[1:]]
+                                             if argv[-1] == "worker" else argv)
+    return hold
+
+
+def restart_operator(operator, **env):
+    operator.stop()
+    operator.env.update(env)
+    operator.start()
+
+
+def jobs_of(cluster, name):
+    return cluster.list("jobs", labels=f"selfpruner.io/prunejob={name}")
+
+
+def condition(pj, type_):
+    return {c["type"]: c for c in pj["status"]["conditions"]}[type_]

@@ -9,27 +9,12 @@ import json
 import os
 import signal
 
-from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
+from operator_world import (apply, condition, hold_second_shard, jobs_of, needs_kubectl, renamed,  # noqa: F401
+                            restart_operator, wait, wait_phase, world)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
-from test_operator_failures import hold_second_shard
-from test_operator_faults import renamed, wait
 
 pytestmark = needs_kubectl
 INSTALLATION_LLM = {"baseURL": "http://vllm.selfpruner.svc:8000/v1", "apiKeySecret": {"name": "llm-key", "key": "token"}}
-
-
-def restart_operator(operator, **env):
-    operator.stop()
-    operator.env.update(env)
-    operator.start()
-
-
-def jobs_of(cluster, name):
-    return cluster.list("jobs", labels=f"selfpruner.io/prunejob={name}")
-
-
-def condition(pj, type_):
-    return {c["type"]: c for c in pj["status"]["conditions"]}[type_]
 
 
 def test_tenant_a_tries_to_send_the_installation_llm_key_to_its_own_endpoint(world, tmp_path):

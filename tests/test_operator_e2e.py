@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
+from operator_world import apply, needs_kubectl, wait, wait_phase, world  # noqa: F401  (a pytest fixture)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
 from selfpruner import corpus, evaluate
 from selfpruner.cluster.status import progress
 from selfpruner.storage import open_store
-from test_operator_faults import wait
 
 pytestmark = needs_kubectl
 

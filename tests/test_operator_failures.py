@@ -11,9 +11,9 @@ import signal
 import sys
 import time
 
-from operator_world import IMAGE, apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
+from operator_world import (IMAGE, apply, hold_second_shard, needs_kubectl, output, renamed, runs_store,  # noqa: F401
+                            wait, wait_phase, world)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
-from test_operator_faults import output, renamed, runs_store, wait
 
 pytestmark = needs_kubectl
 UID = "selfpruner.io/uid"
@@ -86,25 +86,6 @@ def test_a_controller_pod_that_cannot_start_says_why_and_fails_in_bounded_time(w
         assert condition["reason"] == "ControllerNotStarting" and reason in condition["message"], condition
         wait(lambda: not unfinished(children(cluster, pj)), 30, f"{name}'s controller Job to be deleted")
         wait(lambda: cluster.get("prunejobs", name)["status"].get("childrenStopped"), 30, "childrenStopped")
-
-
-HELD_SECOND_SHARD = """
-import os, sys, time
-if os.environ.get("SELFPRUNER_BATCH", "prep") != "prep" and os.environ.get("JOB_COMPLETION_INDEX") == "1":
-    while os.path.exists(os.environ["SELFPRUNER_TEST_HOLD"]):
-        time.sleep(0.05)  # the second shard waits, so a controller can die while the batch is half done
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-"""
-
-
-def hold_second_shard(kubelet, tmp_path):
-    """Shard 1 of every evaluation batch waits while the returned file exists."""
-    hold = tmp_path / "hold"
-    hold.touch()
-    kubelet.override_env["SELFPRUNER_TEST_HOLD"] = str(hold)
-    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", HELD_SECOND_SHARD, *argv[1:]]
-                                             if argv[-1] == "worker" else argv)
-    return hold
 
 
 def kill_controller(cluster, kubelet, name):

@@ -12,47 +12,16 @@ import signal
 import sys
 import time
 
-import pytest
-import yaml
-
-from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
+from operator_world import apply, needs_kubectl, output, renamed, runs_store, wait, wait_phase, world  # noqa: F401
 from s3_server import FaultProxy, s3_endpoint  # noqa: F401  (a pytest fixture)
 from k8s import ClusterApiError
-from selfpruner.storage import open_store
 from test_validate import CASES, mutate
 
 pytestmark = needs_kubectl
 
 
-def runs_store(endpoint):
-    return open_store("s3://selfpruner/runs", endpoint_url=endpoint)
-
-
-def output(endpoint, pj, name):
-    store = runs_store(endpoint)
-    key = f"runs/{pj['metadata']['uid']}/output/{name}"
-    data = store.get_bytes(key).decode()
-    return json.loads(data) if name.endswith(".json") else [json.loads(line) for line in data.splitlines()]
-
-
 def keys(history):
     return [(json.dumps(e["rates"]), e["tokens_budget"], e["text"]) for e in history]
-
-
-def wait(predicate, timeout=120, what="condition"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def renamed(doc, name):
-    d = copy.deepcopy(doc)
-    d["metadata"]["name"] = name
-    return d
 
 
 def test_controller_killed_mid_search_resumes_with_the_same_result(world, tmp_path):

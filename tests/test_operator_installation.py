@@ -8,10 +8,9 @@ from __future__ import annotations
 import copy
 import json
 
-from operator_world import apply, needs_kubectl, wait_phase, world  # noqa: F401  (a pytest fixture)
+from operator_world import (apply, condition, jobs_of, needs_kubectl, renamed, restart_operator,  # noqa: F401
+                            wait, wait_phase, world)
 from s3_server import s3_endpoint  # noqa: F401  (a pytest fixture)
-from test_operator_boundary import condition, jobs_of, restart_operator
-from test_operator_faults import renamed, wait
 
 pytestmark = needs_kubectl
 QUEUE, PRIORITY = "kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class"
