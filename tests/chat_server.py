@@ -54,9 +54,12 @@ def good_selection(prompt: str, pairs: int, singles: int, size: int) -> str:
 
 def default_reply(body: dict, dim: int) -> str:
     """What a well-behaved structured-outputs server answers: a reply matching the request's
-    JSON schema when it sent one, else one read off the prompt."""
+    JSON schema when it sent one, else one read off the prompt. Told that its reply repeated a
+    candidate ("Reply again"), it writes new ones, as a sampling model does: the candidates are
+    drawn from the whole conversation, not from the notice alone, which is the same every time."""
     prompt = body["messages"][-1]["content"]
-    ratio = re.search(r"must be exactly (\d+(?:\.\d+)?)", prompt)
+    conversation = "\n".join(m["content"] for m in body["messages"])
+    ratio = re.search(r"must be exactly (\d+(?:\.\d+)?)", conversation)
     ratio = float(ratio.group(1)) / 100 if ratio else 0.3
     schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
     if "Choose the parents" in prompt:
@@ -75,7 +78,8 @@ def default_reply(body: dict, dim: int) -> str:
     if schema is not None:
         cands = schema["properties"]["candidates"]
         count = cands["minItems"]
-        return good_candidates(prompt, count, cands["items"]["minItems"], ratio, hi=cands["items"]["items"]["maximum"])
+        seed = prompt if len(body["messages"]) <= 2 else conversation  # a first turn: system + user
+        return good_candidates(seed, count, cands["items"]["minItems"], ratio, hi=cands["items"]["items"]["maximum"])
     wanted = re.search(r"Write (\d+) ", prompt)
     count = int(wanted.group(1)) if wanted else len(re.findall(r"^\d+\. ", prompt.split("below")[-1], flags=re.MULTILINE))
     return good_candidates(prompt, max(count, 1), dim, ratio)

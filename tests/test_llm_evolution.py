@@ -16,9 +16,11 @@ DIM = 6
 
 def llm_job(tiny_job, name, url, search=None, **extra):
     """The paper's llm-evolution (`allocation: fixed`: every offspring the LLM's), so that these
-    tests count the LLM's calls exactly; the shared allocation is tests/test_allocation.py's."""
+    tests count the LLM's calls exactly; the shared allocation is tests/test_allocation.py's. The
+    endpoint is a local server: a long timeout only keeps a loaded machine from losing a call (the
+    test of timeouts sets its own)."""
     return tiny_job(name, search={"strategy": "llm-evolution", **(search or {})},
-                    llm={"provider": "openai", "model": "scripted", "baseURL": url, "timeoutSeconds": 0.5,
+                    llm={"provider": "openai", "model": "scripted", "baseURL": url, "timeoutSeconds": 30,
                          "maxRetries": 2, "offspringPerCall": 2, "allocation": "fixed", **extra})
 
 
@@ -36,7 +38,8 @@ def test_search_survives_a_misbehaving_server(tiny_job):
         ("sleep", 2.0, "{}"), ("sleep", 2.0, "{}"), ("sleep", 2.0, "{}"),  # selection of generation 2: timeouts
     ]
     with ScriptedChat(script, dim=DIM) as server:
-        doc = llm_job(tiny_job, "misbehaving", server.url, concurrency=1)  # one at a time: the script's order
+        # one at a time: the script's order; 0.5 s: the sleeps of 2 s above time out
+        doc = llm_job(tiny_job, "misbehaving", server.url, concurrency=1, timeoutSeconds=0.5)
         result = runner.run(spec_mod.parse(doc), progress=False)
         sent = len(server.requests)
     counters = result["counters"]
