@@ -332,6 +332,41 @@ def test_deleting_a_job_kills_its_pods(cluster, kubelet):
     assert json.loads(cluster.kubectl("get", "jobs", "-o", "json").stdout)["items"] == []
 
 
+def test_suspending_a_job_deletes_its_pods_and_says_so_in_a_condition(cluster, kubelet, tmp_path):
+    """As the Job controller does: a suspended Job's pods are killed and their objects deleted
+    (status.active 0, no stale Running pod for a reader to trust), the Job carries Suspended=True
+    (JobSuspended), and on resume Suspended=False (JobResumed) and new pods start."""
+    marker = tmp_path / "second-run"
+    script = textwrap.dedent(f"""\
+        import pathlib, time
+        marker = pathlib.Path({str(marker)!r})
+        if not marker.exists():
+            marker.touch()
+            time.sleep(60)
+        """)
+    cluster.create(_indexed_job("pausy", script, completions=1, parallelism=1))
+
+    def pods():
+        return [p for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == "pausy"]
+    first = cluster.wait_for(lambda: kubelet.processes("pausy").get(0) and pods(), 20, message="a running pod")
+    cluster.patch("jobs.batch", "pausy", {"spec": {"suspend": True}})
+
+    def suspended():
+        job = cluster.get("jobs", "pausy")
+        conds = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or []}
+        return not pods() and conds.get("Suspended", {}).get("status") == "True" and job
+    job = cluster.wait_for(suspended, 20, message="the pods gone and Suspended=True")
+    assert job["status"]["active"] == 0 and job["status"].get("failed", 0) == 0  # not a failure
+    assert {c["type"]: c for c in job["status"]["conditions"]}["Suspended"]["reason"] == "JobSuspended"
+    assert not kubelet.processes("pausy")
+    cluster.patch("jobs.batch", "pausy", {"spec": {"suspend": False}})
+    done = kubelet.wait_finished("pausy")
+    conds = {c["type"]: c for c in done["status"]["conditions"]}
+    assert conds["Suspended"]["status"] == "False" and conds["Suspended"]["reason"] == "JobResumed"
+    assert conds["Complete"]["status"] == "True" and done["status"]["succeeded"] == 1
+    assert first[0]["metadata"]["name"] not in {p["metadata"]["name"] for p in pods()}  # a new pod ran
+
+
 def test_a_job_of_another_prunejob_is_never_adopted(cluster):
     """Kube.create_job takes a 409 on its own Job as success (idempotent) and on another owner's
     Job as an error: two searches must never share a Job."""

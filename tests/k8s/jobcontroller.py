@@ -78,6 +78,8 @@ class JobRun:
         self.waiting_reason: dict[int, str] = {}
         self.waiting_pod: dict[int, str] = {}             # index -> name of its Pod object while waiting
         self.all_pods: list[Pod] = []
+        self.suspended: bool | None = None               # None: never suspended (no Suspended condition)
+        self.suspended_at: str | None = None
         self.failed_create: str | None = None              # the last FailedCreate message posted
 
     def pending_indexes(self) -> list[int]:
@@ -146,10 +148,18 @@ class JobController:
                 if run.finished:
                     break
             if suspended and not run.finished:
-                for pod in list(run.pods.values()):   # suspension deletes the active pods
+                for pod in list(run.pods.values()):   # suspension deletes the active pods, objects and all
                     pod.preempted = True
                     self._kill(pod)
                     run.pods.pop(pod.index, None)
+                    self._delete_pod(run, pod.name)
+                for index, name in list(run.waiting_pod.items()):   # and the ones still waiting to start
+                    self._delete_pod(run, name)
+                    run.waiting_pod.pop(index)
+                    run.waiting_reason.pop(index, None)
+            if suspended != run.suspended and (suspended or run.suspended is not None):
+                run.suspended = suspended
+                run.suspended_at = _now()
                 run.start_time = None if not run.succeeded and not run.failed_pods else run.start_time
             if not run.finished and not suspended:
                 if run.start_time is None:
@@ -277,6 +287,11 @@ class JobController:
             status["completedIndexes"] = _compress(run.succeeded)
             if run.per_index is not None or run.failed_indexes:
                 status["failedIndexes"] = _compress(run.failed_indexes)
+        if run.suspended is not None:   # as the Job controller writes it; it stays after a resume, False
+            status["conditions"] = [{
+                "type": "Suspended", "status": str(run.suspended), "reason": "JobSuspended" if run.suspended
+                else "JobResumed", "message": "Job suspended" if run.suspended else "Job resumed",
+                "lastProbeTime": run.suspended_at, "lastTransitionTime": run.suspended_at}]
         if run.finished:
             status["active"] = status["ready"] = 0
             if run.finished == "Complete":
@@ -284,7 +299,7 @@ class JobController:
                 pre = "SuccessCriteriaMet"
             else:
                 pre = "FailureTarget"
-            status["conditions"] = [
+            status["conditions"] = status.get("conditions", []) + [
                 {"type": pre, "status": "True", "reason": run.finish_reason, "message": run.finish_message,
                  "lastProbeTime": run.completion_time, "lastTransitionTime": run.completion_time},
                 {"type": run.finished, "status": "True", "reason": run.finish_reason, "message": run.finish_message,

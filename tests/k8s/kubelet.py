@@ -149,6 +149,10 @@ class Kubelet(JobController):
             if e.code not in (404, 409):
                 raise
 
+    def _delete_pod(self, run: JobRun, name: str) -> None:
+        """Remove a Pod object from the API, as the Job controller does with a suspended Job's pods."""
+        self.cluster.delete("pods", name, run.namespace)
+
     def _wait_pod(self, run: JobRun, index: int, container: str, reason: str, message: str) -> None:
         name = run.waiting_pod.setdefault(index, f"{run.name}-{index}-{uuid.uuid4().hex[:5]}")
         if run.waiting_reason.get(index) != reason + message:
