@@ -73,7 +73,10 @@ class HostileChat(ScriptedChat):
         with self.lock:
             self.requests.append(body)
         prompt = "\n".join(m["content"] for m in body["messages"] if m["role"] == "user")
-        rng = random.Random(hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest())
+        # drawn from the conversation without the model's path, which is a temporary folder that differs
+        # from run to run: the same search gets the same replies on every machine
+        conversation = re.sub(r"language model \([^)]*\)", "language model", json.dumps(body["messages"]))
+        rng = random.Random(hashlib.sha256(conversation.encode()).hexdigest())
         schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema") or {}
         if "Choose the parents" in prompt:
             size = int(re.search(r"numbered 1 to (\d+)", prompt).group(1))
