@@ -367,6 +367,22 @@ def test_suspending_a_job_deletes_its_pods_and_says_so_in_a_condition(cluster, k
     assert first[0]["metadata"]["name"] not in {p["metadata"]["name"] for p in pods()}  # a new pod ran
 
 
+def test_a_job_past_its_deadline_kills_and_deletes_its_running_pods(cluster, kubelet):
+    """As the Job controller does: DeadlineExceeded ends the Job, and its running pods are killed
+    and deleted (no Pod object left Running for a reader to trust); an index that had ended keeps
+    its pod, which says how it ended."""
+    script = "import os, sys, time; sys.exit(0) if os.environ['JOB_COMPLETION_INDEX'] == '0' else time.sleep(60)"
+    cluster.create(_indexed_job("late", script, completions=2, parallelism=2, activeDeadlineSeconds=2))
+    done = kubelet.wait_finished("late")
+    conds = {c["type"]: c for c in done["status"]["conditions"]}
+    assert conds["Failed"]["reason"] == "DeadlineExceeded" and done["status"]["active"] == 0
+    assert not kubelet.processes("late")
+    pods = cluster.wait_for(lambda: (ps := [p for p in cluster.list("pods")
+                                            if p["metadata"]["labels"].get("job-name") == "late"]) and len(ps) == 1
+                            and ps, 10, message="only the pod that ended")
+    assert pods[0]["status"]["phase"] == "Succeeded"
+
+
 def test_a_job_of_another_prunejob_is_never_adopted(cluster):
     """Kube.create_job takes a 409 on its own Job as success (idempotent) and on another owner's
     Job as an error: two searches must never share a Job."""

@@ -148,15 +148,7 @@ class JobController:
                 if run.finished:
                     break
             if suspended and not run.finished:
-                for pod in list(run.pods.values()):   # suspension deletes the active pods, objects and all
-                    pod.preempted = True
-                    self._kill(pod)
-                    run.pods.pop(pod.index, None)
-                    self._delete_pod(run, pod.name)
-                for index, name in list(run.waiting_pod.items()):   # and the ones still waiting to start
-                    self._delete_pod(run, name)
-                    run.waiting_pod.pop(index)
-                    run.waiting_reason.pop(index, None)
+                self._delete_active(run)
             if suspended != run.suspended and (suspended or run.suspended is not None):
                 run.suspended = suspended
                 run.suspended_at = _now()
@@ -269,9 +261,21 @@ class JobController:
     def _finish(self, run: JobRun, kind: str, reason: str, message: str) -> None:
         run.finished, run.finish_reason, run.finish_message = kind, reason, message
         run.completion_time = _now()
+        self._delete_active(run)
+
+    def _delete_active(self, run: JobRun) -> None:
+        """Kill the Job's running pods and delete their objects, and those of pods still waiting to
+        start, as the Job controller does when the Job finishes or is suspended. The pods that ended
+        stay (until the Job is deleted): they are what says why."""
         for pod in list(run.pods.values()):
+            pod.preempted = True
             self._kill(pod)
+            self._delete_pod(run, pod.name)
         run.pods.clear()
+        for index, name in list(run.waiting_pod.items()):
+            self._delete_pod(run, name)
+        run.waiting_pod.clear()
+        run.waiting_reason.clear()
 
     def _write_status(self, run: JobRun) -> None:
         status: dict[str, Any] = {
