@@ -247,6 +247,11 @@ def _indexed_job(name, script, completions=3, parallelism=3, **spec):
     }
 
 
+def _pods_of(cluster, job_name):
+    """The Pod objects the API server holds for a Job (what a reader of pods sees)."""
+    return [p for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == job_name]
+
+
 def test_indexed_job_with_fail_index_rule(cluster, kubelet):
     script = "import os, sys; sys.exit(42 if os.environ['JOB_COMPLETION_INDEX'] == '1' else 0)"
     cluster.create(_indexed_job("idx", script, backoffLimitPerIndex=1, podFailurePolicy={"rules": [
@@ -261,7 +266,7 @@ def test_indexed_job_with_fail_index_rule(cluster, kubelet):
     assert failed_pod_exits(Kube("default", config_file=str(cluster.kubeconfig)), "idx") == {1: [(42, "Error")]}
     # each pod's container status names its container and says how it ended, as a kubelet does
     ended = {p["metadata"]["labels"]["batch.kubernetes.io/job-completion-index"]: p["status"]
-             for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == "idx"}
+             for p in _pods_of(cluster, "idx")}
     for index, pod_status in ended.items():
         [cs] = pod_status["containerStatuses"]
         code, reason = (42, "Error") if index == "1" else (0, "Completed")
@@ -302,7 +307,7 @@ def test_preemption_is_ignored_and_env_comes_from_secrets(cluster, kubelet, tmp_
     assert len(logs) == 3 and all("s3cret eu" in text for text in logs)
     # the preempted pod says so, as a real one does, and the controller's reader of failed pods
     # (what a failed shard's reason is built from) does not count it as a failure
-    pods = [p for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == "pre"]
+    pods = _pods_of(cluster, "pre")
     disrupted = [p for p in pods if any(c["type"] == "DisruptionTarget" and c["status"] == "True"
                                         for c in p["status"]["conditions"])]
     assert len(pods) == 3 and len(disrupted) == 1 and disrupted[0]["status"]["phase"] == "Failed"
@@ -345,16 +350,14 @@ def test_suspending_a_job_deletes_its_pods_and_says_so_in_a_condition(cluster, k
             time.sleep(60)
         """)
     cluster.create(_indexed_job("pausy", script, completions=1, parallelism=1))
-
-    def pods():
-        return [p for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == "pausy"]
-    first = cluster.wait_for(lambda: kubelet.processes("pausy").get(0) and pods(), 20, message="a running pod")
+    first = cluster.wait_for(lambda: kubelet.processes("pausy").get(0) and _pods_of(cluster, "pausy"), 20,
+                             message="a running pod")
     cluster.patch("jobs.batch", "pausy", {"spec": {"suspend": True}})
 
     def suspended():
         job = cluster.get("jobs", "pausy")
         conds = {c["type"]: c for c in (job.get("status") or {}).get("conditions") or []}
-        return not pods() and conds.get("Suspended", {}).get("status") == "True" and job
+        return not _pods_of(cluster, "pausy") and conds.get("Suspended", {}).get("status") == "True" and job
     job = cluster.wait_for(suspended, 20, message="the pods gone and Suspended=True")
     assert job["status"]["active"] == 0 and job["status"].get("failed", 0) == 0  # not a failure
     assert {c["type"]: c for c in job["status"]["conditions"]}["Suspended"]["reason"] == "JobSuspended"
@@ -364,7 +367,7 @@ def test_suspending_a_job_deletes_its_pods_and_says_so_in_a_condition(cluster, k
     conds = {c["type"]: c for c in done["status"]["conditions"]}
     assert conds["Suspended"]["status"] == "False" and conds["Suspended"]["reason"] == "JobResumed"
     assert conds["Complete"]["status"] == "True" and done["status"]["succeeded"] == 1
-    assert first[0]["metadata"]["name"] not in {p["metadata"]["name"] for p in pods()}  # a new pod ran
+    assert first[0]["metadata"]["name"] not in {p["metadata"]["name"] for p in _pods_of(cluster, "pausy")}  # a new pod
 
 
 def test_a_job_past_its_deadline_kills_and_deletes_its_running_pods(cluster, kubelet):
@@ -377,9 +380,8 @@ def test_a_job_past_its_deadline_kills_and_deletes_its_running_pods(cluster, kub
     conds = {c["type"]: c for c in done["status"]["conditions"]}
     assert conds["Failed"]["reason"] == "DeadlineExceeded" and done["status"]["active"] == 0
     assert not kubelet.processes("late")
-    pods = cluster.wait_for(lambda: (ps := [p for p in cluster.list("pods")
-                                            if p["metadata"]["labels"].get("job-name") == "late"]) and len(ps) == 1
-                            and ps, 10, message="only the pod that ended")
+    pods = cluster.wait_for(lambda: len(ps := _pods_of(cluster, "late")) == 1 and ps, 10,
+                            message="only the pod that ended")
     assert pods[0]["status"]["phase"] == "Succeeded"
 
 

@@ -149,10 +149,9 @@ class JobController:
                     break
             if suspended and not run.finished:
                 self._delete_active(run)
-            if suspended != run.suspended and (suspended or run.suspended is not None):
-                run.suspended = suspended
-                run.suspended_at = _now()
                 run.start_time = None if not run.succeeded and not run.failed_pods else run.start_time
+            if suspended != run.suspended and (suspended or run.suspended is not None):
+                run.suspended, run.suspended_at = suspended, _now()
             if not run.finished and not suspended:
                 if run.start_time is None:
                     run.start_time, run.started_mono = _now(), now

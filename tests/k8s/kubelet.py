@@ -150,7 +150,8 @@ class Kubelet(JobController):
                 raise
 
     def _delete_pod(self, run: JobRun, name: str) -> None:
-        """Remove a Pod object from the API, as the Job controller does with a suspended Job's pods."""
+        """Remove a Pod object from the API, as the Job controller does with the active pods of a Job
+        that is suspended or has finished."""
         self.cluster.delete("pods", name, run.namespace)
 
     def _wait_pod(self, run: JobRun, index: int, container: str, reason: str, message: str) -> None:

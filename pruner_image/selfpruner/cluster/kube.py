@@ -280,13 +280,13 @@ def failed_pod_exits(kube: Kube, job_name: str) -> dict[int, list[tuple[int, str
     as the Job's podFailurePolicy ignores it, so it never explains why an index failed."""
     exits: dict[int, list[tuple[int, str]]] = {}
     for pod in kube.list_pods(f"job-name={job_name}"):
-        meta = pod.get("metadata") or {}
+        meta, status = pod.get("metadata") or {}, pod.get("status") or {}
         if any(c.get("type") == "DisruptionTarget" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or []):
+               for c in status.get("conditions") or []):
             continue
         index = next((m[INDEX_KEY] for m in (meta.get("labels"), meta.get("annotations")) if m and INDEX_KEY in m),
                      None)  # a label since Kubernetes 1.28, an annotation before
-        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        for cs in status.get("containerStatuses") or []:
             terminated = (cs.get("state") or {}).get("terminated") or {}
             if index is not None and terminated.get("exitCode"):  # 0: it succeeded
                 exits.setdefault(int(index), []).append((terminated["exitCode"], terminated.get("reason") or ""))
