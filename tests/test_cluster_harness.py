@@ -370,6 +370,32 @@ def test_suspending_a_job_deletes_its_pods_and_says_so_in_a_condition(cluster, k
     assert first[0]["metadata"]["name"] not in {p["metadata"]["name"] for p in _pods_of(cluster, "pausy")}  # a new pod
 
 
+def test_resuming_a_job_restarts_its_deadline_even_after_an_index_succeeded(cluster, kubelet, tmp_path):
+    """As the Job controller does: a resume resets status.startTime to now, so activeDeadlineSeconds
+    counts what the Job ran since, not the time it spent suspended (here: longer than the deadline),
+    also when part of the Job had already finished."""
+    marker = tmp_path / "second-run"
+    script = textwrap.dedent(f"""\
+        import os, pathlib, time
+        marker = pathlib.Path({str(marker)!r})
+        if os.environ['JOB_COMPLETION_INDEX'] == '1' and not marker.exists():
+            marker.touch()
+            time.sleep(60)
+        """)
+    cluster.create(_indexed_job("paused-late", script, completions=2, parallelism=1, activeDeadlineSeconds=4))
+    cluster.wait_for(lambda: marker.exists(), 20, message="index 1 running after index 0 succeeded")
+    before = cluster.get("jobs", "paused-late")["status"]
+    assert before["succeeded"] == 1 and before["startTime"]
+    cluster.patch("jobs.batch", "paused-late", {"spec": {"suspend": True}})
+    cluster.wait_for(lambda: not kubelet.processes("paused-late"), 20, message="the pod killed")
+    time.sleep(4.5)   # suspended past the deadline
+    cluster.patch("jobs.batch", "paused-late", {"spec": {"suspend": False}})
+    done = kubelet.wait_finished("paused-late")
+    conds = {c["type"]: c for c in done["status"]["conditions"]}
+    assert conds.get("Complete", {}).get("status") == "True", done["status"]
+    assert done["status"]["startTime"] > before["startTime"]
+
+
 def test_a_job_past_its_deadline_kills_and_deletes_its_running_pods(cluster, kubelet):
     """As the Job controller does: DeadlineExceeded ends the Job, and its running pods are killed
     and deleted (no Pod object left Running for a reader to trust); an index that had ended keeps

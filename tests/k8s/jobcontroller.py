@@ -150,10 +150,12 @@ class JobController:
             if suspended and not run.finished:
                 self._delete_active(run)
                 run.start_time = None if not run.succeeded and not run.failed_pods else run.start_time
+            resumed = run.suspended is True and not suspended
             if suspended != run.suspended and (suspended or run.suspended is not None):
                 run.suspended, run.suspended_at = suspended, _now()
             if not run.finished and not suspended:
-                if run.start_time is None:
+                # a resume always restarts the activeDeadlineSeconds timer, as the Job controller does
+                if run.start_time is None or resumed:
                     run.start_time, run.started_mono = _now(), now
                 if run.deadline is not None and run.started_mono is not None \
                         and now - run.started_mono > float(run.deadline):
