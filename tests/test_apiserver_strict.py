@@ -111,9 +111,8 @@ def test_undeclared_fields_are_pruned_on_create_put_every_patch_and_status(clust
                        subresource="status")
     assert st["status"] == {"phase": "Running"}
     for ctype, patch in (("application/merge-patch+json", {"spec": {"x1": 1}}),
-                         ("application/strategic-merge-patch+json", {"spec": {"x2": 1}}),
                          ("application/json-patch+json", [{"op": "add", "path": "/spec/x3", "value": 1}])):
-        assert not {"x1", "x2", "x3"} & set(cluster.patch("prunejobs", "demo", patch, content_type=ctype)["spec"])
+        assert not {"x1", "x3"} & set(cluster.patch("prunejobs", "demo", patch, content_type=ctype)["spec"])
     current = cluster.get("prunejobs", "demo")
     current["spec"]["x4"] = 1
     code, _, put = call(cluster, "PUT", f"{PJ}/demo", current)
@@ -243,6 +242,45 @@ def test_a_set_list_with_a_repeat_and_a_map_list_with_a_repeated_key_are_refused
         cluster.patch("prunejobs", "fine", {"status": {"conditions": [condition, {**condition, "status": "False"}]}},
                       "default", subresource="status")
     assert 'status.conditions[1]: Duplicate value: {"type":"Running"}' in err.value.status["message"]
+
+
+def test_a_strategic_merge_patch_of_a_custom_resource_is_refused(cluster):
+    """A custom resource has no patch strategies, so kube-apiserver answers 415 to a strategic merge
+    patch (what a client sends when it patches with a dict and no content type of its own)."""
+    cluster.create(prunejob())
+    for sub in (None, "status"):
+        with pytest.raises(ClusterApiError) as err:
+            cluster.patch("prunejobs", "demo", {"status": {"phase": "Running"}} if sub else {"spec": {"x": 1}},
+                          subresource=sub, content_type="application/strategic-merge-patch+json")
+        assert err.value.code == 415 and err.value.status["reason"] == "UnsupportedMediaType"
+    # built-in kinds have them
+    cluster.create(job("sm", suspend=True))
+    patched = cluster.patch("jobs", "sm", {"spec": {"suspend": False}},
+                            content_type="application/strategic-merge-patch+json")
+    assert patched["spec"]["suspend"] is False
+
+
+@pytest.mark.parametrize("text", ["NaN", "Infinity", "-Infinity"])
+def test_a_body_with_nan_or_infinity_is_refused(cluster, text):
+    """Go's JSON has no NaN or Infinity, Python's json.dumps writes them: a client that puts a NaN
+    fitness into a status gets a 400 from a real server, and so here."""
+    cluster.create(prunejob())
+    raw = ('{"status": {"phase": "Running", "bestFitness": %s}}' % text).encode()
+    req = urllib.request.Request(f"{cluster.url}{PJ}/demo/status", data=raw, method="PATCH",
+                                 headers={"Content-Type": "application/merge-patch+json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400
+    code, _, _ = call(cluster, "PATCH", f"{PJ}/demo/status", {"status": {"phase": "Running", "bestFitness": 1.5}},
+                      ctype="application/merge-patch+json")
+    assert code == 200   # a finite body still goes through
+    yaml_body = b"apiVersion: example.com/v1\nkind: Widget\nmetadata: {name: y}\nspec: {size: .nan}\n"
+    req = urllib.request.Request(cluster.url + WIDGETS, data=yaml_body, method="POST",
+                                 headers={"Content-Type": "application/yaml"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(req, timeout=30)
+    assert err.value.code == 400
+    assert cluster.get("prunejobs", "demo")["status"]["bestFitness"] == 1.5
 
 
 def test_a_status_write_outside_the_status_schema_is_refused(cluster):

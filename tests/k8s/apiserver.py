@@ -129,6 +129,26 @@ EVENT_COLUMNS = [
 ]
 
 
+class _NotJson(Exception):
+    pass
+
+
+def _no_json_constant(name: str):
+    """Go's JSON decoder has no NaN or Infinity (Python's json.loads and json.dumps do): a body with
+    one is a 400, so a client that writes a NaN fitness into a status fails on a real server too."""
+    raise _NotJson(f"invalid character {name[0] if name[0] != '-' else name[1]!r} looking for beginning of value")
+
+
+def _has_non_finite(value) -> bool:
+    if isinstance(value, float):
+        return value != value or value in (float("inf"), float("-inf"))
+    if isinstance(value, dict):
+        return any(_has_non_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_finite(v) for v in value)
+    return False
+
+
 class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
     """kmock's emulator with the API-server semantics the operator tests need (see module doc).
 
@@ -367,12 +387,17 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
                 return None
             raise ApiError(400, "BadRequest", "the request has no body")
         try:
-            return json.loads(raw)
+            return json.loads(raw, parse_constant=_no_json_constant)
+        except _NotJson as e:
+            raise ApiError(400, "BadRequest", f"cannot parse the body: {e}") from None
         except ValueError:
             try:
-                return yaml.safe_load(raw)
+                body = yaml.safe_load(raw)
             except yaml.YAMLError as e:
                 raise ApiError(400, "BadRequest", f"cannot parse the body: {e}") from None
+            if _has_non_finite(body):   # YAML's .nan and .inf become JSON, which has neither
+                raise ApiError(400, "BadRequest", "cannot parse the body: json: unsupported value: NaN or Inf")
+            return body
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -590,6 +615,11 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
     async def _update(self, res: kmock.resource, ns: str | None, name: str, sub: str | None, body: Any,
                       ctype: str, replace: bool) -> tuple[dict[str, Any], int]:
         info = self._info(res)
+        if not replace and ctype == "application/strategic-merge-patch+json" and res in self.crd_schemas:
+            # custom resources have no patch strategy to merge by: the real server refuses the type
+            raise ApiError(415, "UnsupportedMediaType", "the body of the request was in an unknown format - "
+                           "accepted media types include: application/json-patch+json, "
+                           "application/merge-patch+json, application/apply-patch+yaml")
         key = (res, ns, name)
         old = self.store.get(key)
         if old is None:
