@@ -425,3 +425,22 @@ def test_the_planned_refit_state_is_what_the_model_holds(text_ids):
     g = pm.geometry
     cache = 4 * g.hidden_size * (g.num_heads * g.head_dim + g.intermediate_size) * 4 * g.num_layers
     assert p.shares[0].refit == held + cache
+
+
+@pytest.mark.parametrize("metric", ["perplexity", "kl"])
+def test_a_candidate_whose_fitness_is_not_finite_is_a_failed_evaluation(tmp_path, metric):
+    """A forward pass that gives NaN logits (here: the final norm's weights are NaN) must not hand
+    NaN to the search, where it compares false with everything and no JSON reader accepts it."""
+    from selfpruner.executors.base import EvalTask
+    from selfpruner.executors.local import LocalExecutor
+
+    model = tiny_model("llama-gqa", num_hidden_layers=2)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(tmp_path / "nan")
+    char_tokenizer().save_pretrained(tmp_path / "nan")
+    ex = LocalExecutor(str(tmp_path / "nan"), engine.PruneSettings(metric="magnitude"), _texts(), seq_len=64,
+                       devices=["cpu"], progress=False, metric=metric)
+    [outcome] = ex.evaluate([EvalTask(rates=[0.2, 0.2], tokens=256)])
+    assert outcome.fitness is None and outcome.error.startswith("NonFiniteFitness: ")
+    assert "nan" in outcome.error

@@ -15,6 +15,7 @@ Held-out text is always scored by perplexity, whatever the metric.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 import time
@@ -100,6 +101,12 @@ class _Worker:
                     fitness = result.perplexity
                 self._sync()
                 seconds = time.perf_counter() - start
+                if not math.isfinite(fitness):
+                    # NaN would win or lose every comparison at random, and no JSON reader (a status
+                    # patch, history.jsonl) takes it: a failed evaluation that says so
+                    return EvalOutcome(None, result.tokens, seconds, plan.achieved_ratio,
+                                       f"NonFiniteFitness: the candidate's {self.metric if kl else 'perplexity'} "
+                                       f"is {fitness} (its forward pass gave NaN or Inf logits)")
                 return EvalOutcome(fitness, result.tokens, seconds, plan.achieved_ratio)
             except Exception as e:  # recorded as a failed evaluation; the search goes on
                 return EvalOutcome(None, 0, 0.0, None, f"{type(e).__name__}: {e}")
