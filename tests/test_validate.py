@@ -62,6 +62,28 @@ CASES = [
     ("spec.evaluator", {"gpusPerPod": -1}, "spec.evaluator.gpusPerPod"),
     ("spec.evaluator", {"tolerations": [{"operator": "Maybe"}]}, "spec.evaluator.tolerations[0].operator"),
     ("spec.evaluator", {"nodeSelector": {"gpu": 1}}, "spec.evaluator.nodeSelector.gpu"),
+    # what the API server would refuse in the evaluation Jobs' pods, or drop from them
+    ("spec.evaluator", {"cpu": "-4"}, "spec.evaluator.cpu: '-4' is negative"),
+    ("spec.evaluator", {"memory": -1}, "spec.evaluator.memory: '-1' is negative"),
+    ("spec.evaluator", {"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "value": "x"}]},
+     "spec.evaluator.tolerations[0].value: must be empty with operator Exists"),
+    ("spec.evaluator", {"tolerations": [{"key": "nvidia.com/gpu", "effect": "NoSchedule", "tolerationSeconds": 60}]},
+     "spec.evaluator.tolerations[0].tolerationSeconds: only with effect NoExecute"),
+    ("spec.evaluator", {"tolerations": [{"value": "x"}]}, "tolerations[0]: a toleration without a key must have"),
+    ("spec.evaluator", {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": []}}}},
+     "affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms: needs at least one"),
+    ("spec.evaluator", {"affinity": {"nodeAffinity": {"requiredDuringScheduling": {}}}},
+     "spec.evaluator.affinity.nodeAffinity.requiredDuringScheduling: not a field of NodeAffinity"),
+    ("spec.evaluator", {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In"}]}]}}}},
+     "matchExpressions[0].values: operator In needs at least one value"),
+    ("spec.evaluator", {"affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 0, "preference": {"matchExpressions": [{"key": "gpu", "operator": "Gt", "values": ["a"]}]}}]}}},
+     "preferredDuringSchedulingIgnoredDuringExecution[0].weight: 0 must be an integer from 1 to 100"),
+    ("spec.evaluator", {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchExpressions": [{"key": "app", "operator": "Exists", "values": ["x"]}]}}]}}},
+     "requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey: '' must be a label key"),
     ("spec.suspend", "no", "spec.suspend"),
     ("spec.search", {"baselines": ["uniform", "magic"]}, "spec.search.baselines[1]"),
     ("spec.llm", {"provider": "anthropic"}, "spec.llm.provider"),
@@ -183,3 +205,26 @@ def test_a_yaml_12_exponent_is_a_number(tmp_path):
     path = tmp_path / "grid.yaml"
     path.write_text(HEAD + "metadata: {name: n}\nspec:\n  model: {source: demo}\n  target: {ratio: 0.3, grid: 5e-3}\n")
     assert spec.load(path).spec.target.grid == 0.005
+
+
+def test_valid_scheduling_fields_pass_through():
+    """What the refusals above must not catch: the affinity and tolerations a GPU cluster uses."""
+    ev = {"cpu": "3500m", "memory": "0", "tolerations": [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60},
+        {"operator": "Exists"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["H100"]},
+                                          {"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["70000"]}]},
+                    {"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["gpu-node-1"]}]}]},
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": 50, "preference": {"matchExpressions": [{"key": "zone", "operator": "Exists"}]}}]},
+            "podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                                                    "labelSelector": {"matchLabels": {"app": "x"}}}}]}}}
+    doc = copy.deepcopy(GOOD)
+    doc["spec"]["evaluator"] = ev
+    job = spec.parse(doc)
+    assert job.spec.evaluator.affinity["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["weight"] == 50

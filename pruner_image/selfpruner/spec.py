@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from . import pod_scheduling
 from .errors import UserError
 
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -166,26 +167,23 @@ def _cel(rule: str, value) -> bool:
 
 QUANTITY_RE = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?\d+)?$")
 LABEL_VALUE_RE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-LABEL_NAME_RE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
-SUBDOMAIN_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-
-
-def _label_key_ok(key: str) -> bool:
-    prefix, _, name = key.rpartition("/")
-    return (0 < len(name) <= 63 and bool(LABEL_NAME_RE.match(name))
-            and (not prefix or (len(prefix) <= 253 and bool(SUBDOMAIN_RE.match(prefix)))))
 
 
 def _cluster_problems(spec: dict) -> list[str]:
     """Values the API server would refuse once they are in a Job: caught before any Job is made."""
     problems = []
     ev = spec.get("evaluator") or {}
-    for key in ("cpu", "memory"):
+    for key, example in (("cpu", "4, 500m"), ("memory", "32Gi"), ("cacheSize", "300Gi")):
+        if key == "cacheSize" and ev.get(key) is None:
+            continue
         value = str(ev.get(key, ""))
         if not QUANTITY_RE.match(value):
-            problems.append(f"spec.evaluator.{key}: {value!r} is not a Kubernetes quantity (e.g. 4, 500m, 32Gi)")
-    if ev.get("cacheSize") is not None and not QUANTITY_RE.match(str(ev["cacheSize"])):
-        problems.append(f"spec.evaluator.cacheSize: {ev['cacheSize']!r} is not a Kubernetes quantity (e.g. 300Gi)")
+            problems.append(f"spec.evaluator.{key}: {value!r} is not a Kubernetes quantity (e.g. {example})")
+        elif value.startswith("-"):
+            problems.append(f"spec.evaluator.{key}: {value!r} is negative; a pod's resources must be at least 0")
+    problems += pod_scheduling.toleration_problems(ev.get("tolerations"))
+    if ev.get("affinity") is not None:
+        problems += pod_scheduling.affinity_problems(ev["affinity"])
     if ev.get("gpuMemory") is not None:
         from .memory_plan import parse_bytes
 
@@ -198,10 +196,10 @@ def _cluster_problems(spec: dict) -> list[str]:
         problems.append(f"spec.queueName: {queue!r} is not a label value (63 characters at most, letters, digits, "
                         "'-', '_', '.', alphanumeric at both ends)")
     pc = ev.get("priorityClassName")
-    if pc and (len(pc) > 253 or not SUBDOMAIN_RE.match(pc)):
+    if pc and (len(pc) > 253 or not pod_scheduling.SUBDOMAIN_RE.match(pc)):
         problems.append(f"spec.evaluator.priorityClassName: {pc!r} is not a valid name (lower-case DNS subdomain)")
     for key, value in (ev.get("nodeSelector") or {}).items():
-        if not _label_key_ok(str(key)):
+        if not pod_scheduling.label_key_ok(str(key)):
             problems.append(f"spec.evaluator.nodeSelector: {key!r} is not a label key")
         if isinstance(value, str) and (len(value) > 63 or not LABEL_VALUE_RE.match(value)):
             problems.append(f"spec.evaluator.nodeSelector.{key}: {value!r} is not a label value")
