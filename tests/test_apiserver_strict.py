@@ -355,6 +355,71 @@ def test_generation_bumps_on_spec_changes_only(cluster):
     assert cluster.patch("jobs.batch", "j", {"spec": {"suspend": False}})["metadata"]["generation"] == 2
 
 
+def _refused(cluster, body, *expected):
+    with pytest.raises(ClusterApiError) as err:
+        cluster.create(body)
+    assert err.value.code == 422, err.value.status
+    for text in expected:
+        assert text in err.value.status["message"], err.value.status["message"]
+
+
+def test_a_job_the_api_server_would_refuse_is_refused(cluster):
+    """batch/v1 validation of what a Job from this project can carry: the pod template's
+    restartPolicy, resources, tolerations and node affinity, and the podFailurePolicy rules."""
+    def with_pod(name, **pod):
+        body = job(name)
+        body["spec"]["template"]["spec"].update(pod)
+        return body
+    _refused(cluster, with_pod("always", restartPolicy="Always"),
+             'spec.template.spec.restartPolicy: Unsupported value: "Always": supported values: "OnFailure", "Never"')
+    main = {"name": "main", "image": "busybox"}
+    _refused(cluster, with_pod("negative", containers=[{**main, "resources": {"requests": {"cpu": "-4"}}}]),
+             "spec.template.spec.containers[0].resources.requests[cpu]: Invalid value: \"-4\": must be greater "
+             "than or equal to 0")
+    _refused(cluster, with_pod("over", containers=[{**main, "resources": {"requests": {"memory": "2Gi"},
+                                                                          "limits": {"memory": "1Gi"}}}]),
+             "must be less than or equal to memory limit of 1Gi")
+    _refused(cluster, with_pod("tol", tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "value": "x"},
+                                                   {"key": "k", "effect": "NoSchedule", "tolerationSeconds": 5}]),
+             "spec.template.spec.tolerations[0].operator: Invalid value: \"x\": value must be empty when "
+             "`operator` is 'Exists'",
+             "spec.template.spec.tolerations[1].effect: Invalid value: \"NoSchedule\": effect must be 'NoExecute' "
+             "when `tolerationSeconds` is set")
+    _refused(cluster, with_pod("aff", affinity={"nodeAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": []}}}),
+        "nodeSelectorTerms: Required value: must have at least one node selector term")
+    rule = {"action": "FailIndex", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [3, 0, 3]}}
+    _refused(cluster, job("pfp", podFailurePolicy={"rules": [rule]}),
+             'spec.podFailurePolicy.rules[0].action: Invalid value: "FailIndex": requires the backoffLimitPerIndex',
+             'onExitCodes.containerName: Invalid value: "worker": must be one of the container',
+             "values[1]: Invalid value: 0: must not be 0 for the In operator",
+             "values[1]: Invalid value: 0: must be ordered", "values[2]: Duplicate value: 3")
+    on_failure = job("onfail", podFailurePolicy={"rules": [{"action": "Ignore", "onPodConditions": [
+        {"type": "DisruptionTarget", "status": "True"}]}]})
+    on_failure["spec"]["template"]["spec"]["restartPolicy"] = "OnFailure"
+    _refused(cluster, on_failure, 'only "Never" is supported when podFailurePolicy is specified')
+    assert not cluster.list("jobs")
+
+
+def test_a_jobs_template_and_completions_are_immutable_except_scheduling_while_suspended(cluster):
+    """The selector is generated onto the pod template (the Job's own labels are left alone), and
+    an update may not change the template, completions or the failure policy; a suspended Job that
+    never ran may change its pods' scheduling fields (what Kueue does on admission)."""
+    created = cluster.create(job("imm", suspend=True, completionMode="Indexed", completions=2, parallelism=2))
+    uid = created["metadata"]["uid"]
+    assert created["spec"]["selector"] == {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}
+    assert created["spec"]["template"]["metadata"]["labels"]["job-name"] == "imm"
+    assert "job-name" not in (created["metadata"].get("labels") or {})
+    patched = cluster.patch("jobs.batch", "imm", {"spec": {"template": {"spec": {"nodeSelector": {"gpu": "h100"}}}}})
+    assert patched["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "h100"}
+    for change in ({"template": {"spec": {"containers": [{"name": "main", "image": "other"}]}}},
+                   {"completions": 3}, {"selector": {"matchLabels": {"a": "b"}}}):
+        with pytest.raises(ClusterApiError) as err:
+            cluster.patch("jobs.batch", "imm", {"spec": change})
+        assert err.value.code == 422 and "field is immutable" in err.value.status["message"], change
+    assert cluster.patch("jobs.batch", "imm", {"spec": {"completions": 4, "parallelism": 4}})  # elastic: both at once
+
+
 def test_stale_or_missing_resource_version_on_put(cluster):
     first = cluster.create(prunejob())
     cluster.patch("prunejobs", "demo", {"spec": {"suspend": True}})

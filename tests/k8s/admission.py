@@ -11,7 +11,7 @@ from typing import Any
 
 import kmock
 
-from . import cel, names, schema
+from . import cel, jobspec, names, schema
 from .errors import ApiError, FieldError, invalid_status
 
 DIRECTIVES = ("Ignore", "Warn", "Strict")
@@ -69,7 +69,7 @@ class AdmissionMixin:
         """Refuses (422 Invalid, one cause per problem) what the server would refuse."""
         errors = names.validate_meta(res.group, res.plural, obj)
         if res.group == "batch" and res.plural == "jobs":
-            errors += names.validate_job(obj)
+            errors += names.validate_job(obj) + jobspec.validate(obj, old)
         if res in self.crd_schemas:
             errors += schema.validate(self.crd_schemas[res], obj, old)
         if errors:

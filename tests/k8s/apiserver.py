@@ -582,8 +582,16 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
             if spec.get("completionMode") == "Indexed":
                 spec.setdefault("completions", 1)
             spec.setdefault("parallelism", 1)
+            template = spec.setdefault("template", {}).setdefault("metadata", {})
+            if template.get("labels") and not obj["metadata"].get("labels"):   # SetDefaults_Job
+                obj["metadata"]["labels"] = dict(template["labels"])
             if len(obj["metadata"]["name"]) <= 63:   # a longer name is refused (names.validate_job)
-                obj["metadata"].setdefault("labels", {}).setdefault("job-name", obj["metadata"]["name"])
+                # the Job strategy's generated selector: on the pod template, not on the Job
+                uid, name = obj["metadata"]["uid"], obj["metadata"]["name"]
+                template.setdefault("labels", {}).update({
+                    "batch.kubernetes.io/controller-uid": uid, "batch.kubernetes.io/job-name": name,
+                    "controller-uid": uid, "job-name": name})
+                spec.setdefault("selector", {"matchLabels": {"batch.kubernetes.io/controller-uid": uid}})
         if res.plural == "namespaces" and res.group == "":
             obj.setdefault("status", {}).setdefault("phase", "Active")
 

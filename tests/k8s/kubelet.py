@@ -135,7 +135,10 @@ class Kubelet(JobController):
                                          "image": "", "imageID": "", "state": state}]}
         try:
             if self.cluster.get("pods", name, run.namespace) is None:
-                labels = {"job-name": run.name, "controller-uid": run.uid}
+                # the template's labels, as the Job controller copies them (the generated selector's among them)
+                labels = dict(((run.spec.get("template") or {}).get("metadata") or {}).get("labels") or {})
+                labels.setdefault("job-name", run.name)
+                labels.setdefault("controller-uid", run.uid)
                 if run.indexed:
                     labels["batch.kubernetes.io/job-completion-index"] = str(index)
                 self.cluster.create({"apiVersion": "v1", "kind": "Pod", "metadata": {
