@@ -252,6 +252,24 @@ def _pods_of(cluster, job_name):
     return [p for p in cluster.list("pods") if p["metadata"]["labels"].get("job-name") == job_name]
 
 
+@pytest.mark.parametrize("field, kind, body, message", [
+    ("priorityClassName", "priorityclasses", {"apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+                                              "value": 10}, "no PriorityClass with name {} was found"),
+    ("runtimeClassName", "runtimeclasses", {"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+                                            "handler": "nvidia"}, 'RuntimeClass "{}" not found')])
+def test_a_pod_naming_a_class_that_does_not_exist_is_not_created(cluster, kubelet, field, kind, body, message):
+    """As the Priority and RuntimeClass admission plugins do: the pod is refused, the Job controller
+    says so in a FailedCreate event and the Job waits; once the class exists the pod starts."""
+    job = _indexed_job("classy", "pass", completions=1, parallelism=1)
+    job["spec"]["template"]["spec"][field] = "gpu-class"
+    cluster.create(job)
+    event = cluster.wait_for(lambda: [e for e in cluster.events("classy") if e["reason"] == "FailedCreate"], 20,
+                             message="a FailedCreate event")[0]
+    assert message.format("gpu-class") in event["message"] and not _pods_of(cluster, "classy")
+    cluster.create({**body, "metadata": {"name": "gpu-class"}})
+    assert kubelet.wait_finished("classy")["status"]["succeeded"] == 1
+
+
 def test_indexed_job_with_fail_index_rule(cluster, kubelet):
     script = "import os, sys; sys.exit(42 if os.environ['JOB_COMPLETION_INDEX'] == '1' else 0)"
     cluster.create(_indexed_job("idx", script, backoffLimitPerIndex=1, podFailurePolicy={"rules": [

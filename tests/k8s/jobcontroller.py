@@ -235,11 +235,19 @@ class JobController:
     def _admission_error(self, run: JobRun, pod_spec: dict[str, Any]) -> str | None:
         """Why the API server's admission would refuse the Job's pod, or None. Emulated: the
         ServiceAccount admission plugin (a pod's ServiceAccount must exist; `default` is taken to
-        exist, as the ServiceAccount controller creates it in every namespace)."""
+        exist, as the ServiceAccount controller creates it in every namespace), and the Priority and
+        RuntimeClass plugins (the classes a pod names must exist; the `system-` priorities always do)."""
         account = pod_spec.get("serviceAccountName") or "default"
         if account != "default" and self.cluster.get("serviceaccounts", account, run.namespace) is None:
             return (f'pods "{run.name}-" is forbidden: error looking up service account '
                     f'{run.namespace}/{account}: serviceaccount "{account}" not found')
+        # the Priority and RuntimeClass admission plugins: the classes a pod names must exist
+        priority = pod_spec.get("priorityClassName")
+        if priority and not priority.startswith("system-") and self.cluster.get("priorityclasses", priority) is None:
+            return f'pods "{run.name}-" is forbidden: no PriorityClass with name {priority} was found'
+        runtime = pod_spec.get("runtimeClassName")
+        if runtime and self.cluster.get("runtimeclasses", runtime) is None:
+            return f'pod rejected: RuntimeClass "{runtime}" not found'
         return None
 
     def _failed_create(self, run: JobRun, message: str) -> None:
