@@ -21,7 +21,7 @@ import kmock
 import yaml
 from kmock._internal import enums, rendering
 
-from . import names
+from . import names, rbac
 from .admission import AdmissionMixin, begin_request, warning_header
 from .errors import ApiError, FieldError
 from .faults import Faults
@@ -169,6 +169,7 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
         self.crd_resources: dict[str, list[kmock.resource]] = {}   # CRD name -> declared resources
         self.crd_schemas: dict[kmock.resource, dict[str, Any]] = {}  # its openAPIV3Schema
         self.faults = Faults()     # injected errors (thread-safe: tests add them from their thread)
+        self.tokens = rbac.Tokens()  # bearer token -> identity; requests without one are the administrator's
         self.printer_columns: dict[kmock.resource, list[dict[str, Any]]] = {}
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -181,8 +182,13 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
         fault = self.faults.take(raw_request.method, raw_request.path_qs)
         if fault is not None:
             return self._answer_fault(raw_request, fault)
+        user = self.tokens.user(raw_request.headers.get("Authorization"))
+        if user is False:
+            return aiohttp.web.json_response(ApiError(401, "Unauthorized", "Unauthorized").status(), status=401)
         try:
             request = await self._parse(raw_request)
+            if user is not None:
+                self._authorize(request, user)
             self._requests.append(request)
             if len(self._requests) > MAX_REQUEST_HISTORY:     # cap the history (kmock walks it all)
                 del self._requests[:-MAX_REQUEST_HISTORY // 2]
@@ -205,6 +211,22 @@ class ClusterEmulator(AdmissionMixin, kmock.KubernetesEmulator):
             self.server_errors.append(traceback.format_exc())
             del self.server_errors[:-50]
             return await self._render_error(e)
+
+    def _authorize(self, request: rendering.Request, user: rbac.User) -> None:
+        """RBAC, for a request made with a token (discovery is open to every authenticated user,
+        as the system:discovery ClusterRole makes it)."""
+        res = request.resource
+        if res is None or res.plural is None:
+            return
+        ns = request.namespace if res not in self.resources or self._info(res).namespaced else None
+        method = str(request.method.value if hasattr(request.method, "value") else request.method).upper()
+        verb = rbac.verb(method, request.name, request.params.get("watch", "").lower() in ("true", "1"))
+        resource = res.plural + (f"/{request.subresource}" if request.subresource else "")
+        objects = [(r.plural, n, obj) for (r, n, _), obj in self.store.items() if r.group == rbac.RBAC]
+        if not rbac.allowed(objects, user, verb, res.group, resource, ns, request.name):
+            raise ApiError(403, "Forbidden", rbac.forbidden_message(user, verb, res.group, resource, ns, request.name),
+                           {"name": request.name, "group": res.group, "kind": res.plural} if request.name
+                           else {"group": res.group, "kind": res.plural})
 
     @staticmethod
     def _answer_fault(raw: aiohttp.web.BaseRequest, fault: Any) -> aiohttp.web.StreamResponse:

@@ -20,6 +20,7 @@ import kmock
 import yaml
 
 from .apiserver import PRUNEJOB_CRD, REPO, ClusterEmulator
+from .rbac import User
 
 def find_kubectl() -> str | None:
     """tools/bin/kubectl (built by `make tools/bin/kubectl`), else a real kubectl on PATH."""
@@ -139,6 +140,26 @@ class Cluster:
             "current-context": "emulated",
         }
         self.kubeconfig.write_text(yaml.safe_dump(config))
+
+    def kubeconfig_as(self, namespace: str, service_account: str) -> pathlib.Path:
+        """A kubeconfig whose requests act as a ServiceAccount: a bearer token the emulator maps
+        to `system:serviceaccount:<namespace>:<name>`, which RBAC then limits to what is bound to it
+        (as a pod's mounted token does on a real cluster). The ServiceAccount need not exist."""
+        assert self.emulator is not None, "start the cluster first"
+        token = self.emulator.tokens.issue(User.service_account(namespace, service_account))
+        path = self.workdir / f"kubeconfig-{namespace}-{service_account}-{token[:6]}"
+        path.write_text(yaml.safe_dump({
+            "apiVersion": "v1", "kind": "Config", "preferences": {},
+            "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
+            "users": [{"name": service_account, "user": {"token": token}}],
+            "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": service_account,
+                                                          "namespace": namespace}}],
+            "current-context": "emulated"}))
+        return path
+
+    def env_as(self, namespace: str, service_account: str) -> dict[str, str]:
+        """`env`, with the kubeconfig of `kubeconfig_as`."""
+        return {**self.env, "KUBECONFIG": str(self.kubeconfig_as(namespace, service_account))}
 
     @property
     def env(self) -> dict[str, str]:
