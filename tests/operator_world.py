@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,12 +35,40 @@ def selfpruner_command(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", "selfpruner.cli", *argv[1:]] if argv and argv[0] == "selfpruner" else argv
 
 
+HELM = Path(__file__).parents[1] / "tools" / "bin" / "helm"
+CHART = Path(__file__).parents[1] / "charts" / "selfpruner"
+RELEASE_NAMESPACE = "selfpruner-system"
+OPERATOR_ACCOUNT = "sp-selfpruner-operator"  # the chart's name for it, release "sp"
+RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+_chart_rbac: list = []
+
+
+def install_chart_rbac(cluster: Cluster, namespace: str = "default") -> None:
+    """The chart's ServiceAccounts, Roles and bindings (rbac.scope namespaced, watching `namespace`),
+    created in the emulator, which enforces them for the operator and the pods: what the chart does
+    not grant fails here as on a cluster."""
+    if not _chart_rbac:
+        helm = str(HELM) if HELM.exists() else shutil.which("helm")
+        if helm is None:
+            if os.environ.get("CI"):
+                raise RuntimeError("no helm: run `make tools/bin/helm`")
+            pytest.skip("no helm: run `make tools/bin/helm`")
+        text = subprocess.run([helm, "template", "sp", str(CHART), "--namespace", RELEASE_NAMESPACE,
+                               "--set", "rbac.scope=namespaced", "--set", f"watchNamespaces={{{namespace}}}"],
+                              capture_output=True, text=True, check=True, timeout=60).stdout
+        _chart_rbac.extend(d for d in yaml.safe_load_all(text) if d and d["kind"] in RBAC_KINDS)
+    cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}})
+    for obj in _chart_rbac:
+        cluster.create(copy.deepcopy(obj), namespace=obj["metadata"].get("namespace"))
+
+
 class Operator:
-    """kopf running our handlers as a separate process, as in the operator's Deployment."""
+    """kopf running our handlers as a separate process, as in the operator's Deployment: with the
+    token of the chart's operator ServiceAccount, so RBAC gives it what the chart grants and no more."""
 
     def __init__(self, cluster: Cluster, logs: Path, interval: float = 0.5):
         self.cluster, self.logs = cluster, logs
-        self.env = {**cluster.env, "SELFPRUNER_IMAGE": IMAGE,
+        self.env = {**cluster.env_as(RELEASE_NAMESPACE, OPERATOR_ACCOUNT), "SELFPRUNER_IMAGE": IMAGE,
                     "SELFPRUNER_RECONCILE_INTERVAL": str(interval), "PYTHONUNBUFFERED": "1",
                     "SELFPRUNER_POLICY": json.dumps({"allowedSecrets": ["s3-credentials", "absent-secret"]}),
                     "SELFPRUNER_CONTROLLER_START_TIMEOUT": "4"}
@@ -108,8 +137,9 @@ def world(tmp_path, s3_endpoint, tiny_job):  # noqa: F811
     del doc["spec"]["output"]
     with Cluster(tmp_path / "cluster") as cluster:
         cluster.kubectl("apply", "--validate=false", "-f", str(Path(__file__).parents[1] / "crds" / "prunejob.yaml"))
-        # the chart creates the controllers' ServiceAccount; without it no controller pod can be created
-        cluster.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "selfpruner-controller"}})
+        # the chart's ServiceAccounts (the controllers' among them: without it no controller pod can be
+        # created), Roles and bindings; the operator and every pod act under them
+        install_chart_rbac(cluster)
         cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
                         "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
         override = {"SELFPRUNER_CACHE": str(tmp_path / "pod-cache"), "SELFPRUNER_NODE_CACHE": str(tmp_path / "node"),
@@ -123,7 +153,7 @@ def world(tmp_path, s3_endpoint, tiny_job):  # noqa: F811
             return hooks["command"](argv) if "command" in hooks else argv
 
         with Kubelet(cluster, command_map=command_map, logs_dir=tmp_path / "pods",
-                     override_env=override) as kubelet:
+                     override_env=override, service_account_tokens=True) as kubelet:
             kubelet.hooks = hooks
             operator = Operator(cluster, tmp_path / "operator.log").start()
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 from operator_world import (apply, condition, hold_second_shard, jobs_of, needs_kubectl, renamed,  # noqa: F401
                             restart_operator, wait, wait_phase, world)
@@ -218,3 +219,57 @@ def test_gpu_pods_that_cannot_start_give_their_gpus_back_in_bounded_time(world, 
     evaluators = [j for j in jobs_of(cluster, "no-pull")
                   if j["metadata"]["labels"]["app.kubernetes.io/component"] == "evaluator"]
     assert evaluators == [], "the Job whose pods could not start is still there"
+
+
+PROBE = """
+import json, sys, kubernetes
+kubernetes.config.load_kube_config()
+core, batch, custom = kubernetes.client.CoreV1Api(), kubernetes.client.BatchV1Api(), kubernetes.client.CustomObjectsApi()
+tries = {
+    "read its own namespace's S3 Secret": lambda: core.read_namespaced_secret("s3-credentials", "default"),
+    "list Secrets": lambda: core.list_namespaced_secret("default"),
+    "read tenant B's PruneJob": lambda: custom.get_namespaced_custom_object(
+        "selfpruner.io", "v1alpha1", "team-b", "prunejobs", "victim"),
+    "fail tenant B's PruneJob": lambda: custom.patch_namespaced_custom_object_status(
+        "selfpruner.io", "v1alpha1", "team-b", "prunejobs", "victim", {"status": {"phase": "Failed"}}),
+    "list tenant B's Jobs": lambda: batch.list_namespaced_job("team-b"),
+    "read tenant B's Secret": lambda: core.read_namespaced_secret("s3-credentials", "team-b"),
+}
+codes = {}
+for what, call in tries.items():
+    try:
+        call()
+        codes[what] = 200
+    except kubernetes.client.ApiException as e:
+        codes[what] = e.status
+open(sys.argv[1] + "-" + sys.argv[2], "w").write(json.dumps(codes))
+"""
+
+
+def test_a_hijacked_controller_or_evaluation_pod_gets_nothing_from_the_api_it_was_not_given(world, tmp_path):
+    """Code that runs in tenant A's pods (a model's remote code, a compromised image) uses the pod's
+    own ServiceAccount token against the API server: it may not read the Secrets its pod was only
+    given as variables, nor touch tenant B's PruneJobs, Jobs or Secrets. The emulator enforces the
+    chart's RBAC (tests/k8s/rbac.py), so this is what the chart grants, not what the test assumes."""
+    cluster, kubelet, operator, doc, endpoint = world
+    cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "team-b"}})
+    victim = {**renamed(doc, "victim"), "metadata": {"name": "victim", "namespace": "team-b"}}
+    cluster.create(victim, namespace="team-b")
+    cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
+                    "stringData": {"AWS_SECRET_ACCESS_KEY": "tenant-b"}}, namespace="team-b")
+    out = tmp_path / "probe"
+    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", PROBE, str(out), argv[-1]]
+                                             if argv[-1] in ("controller", "worker") else argv)
+    apply(cluster, renamed(doc, "hijacked"), tmp_path)
+    wait(lambda: (tmp_path / "probe-controller").exists(), 120, "the hijacked controller pod's probe")
+    controller = json.loads((tmp_path / "probe-controller").read_text())
+    assert controller == {what: 403 for what in controller}, controller
+    assert len(controller) == 6
+    assert (cluster.get("prunejobs", "victim", namespace="team-b").get("status") or {}).get("phase") != "Failed"
+    # an evaluation pod mounts no token at all (automountServiceAccountToken: false): nothing either
+    kubelet.hooks["command"] = lambda argv: ([sys.executable, "-c", PROBE, str(out), argv[-1]]
+                                             if argv[-1] == "worker" else argv)
+    apply(cluster, renamed(doc, "hijacked-worker"), tmp_path)
+    wait(lambda: (tmp_path / "probe-worker").exists(), 180, "a hijacked evaluation pod's probe")
+    worker = json.loads((tmp_path / "probe-worker").read_text())
+    assert len(worker) == 6 and set(worker.values()) <= {401, 403}, worker

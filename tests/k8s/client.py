@@ -145,8 +145,14 @@ class Cluster:
         """A kubeconfig whose requests act as a ServiceAccount: a bearer token the emulator maps
         to `system:serviceaccount:<namespace>:<name>`, which RBAC then limits to what is bound to it
         (as a pod's mounted token does on a real cluster). The ServiceAccount need not exist."""
+        return self.kubeconfig_for(User.service_account(namespace, service_account), namespace)
+
+    def kubeconfig_for(self, user: User, namespace: str) -> pathlib.Path:
+        """A kubeconfig with a token for `user` (`User.anonymous()`: what a pod without a mounted
+        token amounts to, an identity RBAC grants nothing)."""
         assert self.emulator is not None, "start the cluster first"
-        token = self.emulator.tokens.issue(User.service_account(namespace, service_account))
+        token = self.emulator.tokens.issue(user)
+        service_account = user.name.rpartition(":")[2]
         path = self.workdir / f"kubeconfig-{namespace}-{service_account}-{token[:6]}"
         path.write_text(yaml.safe_dump({
             "apiVersion": "v1", "kind": "Config", "preferences": {},
@@ -157,9 +163,11 @@ class Cluster:
             "current-context": "emulated"}))
         return path
 
-    def env_as(self, namespace: str, service_account: str) -> dict[str, str]:
-        """`env`, with the kubeconfig of `kubeconfig_as`."""
-        return {**self.env, "KUBECONFIG": str(self.kubeconfig_as(namespace, service_account))}
+    def env_as(self, namespace: str, service_account: str | None) -> dict[str, str]:
+        """`env`, with the kubeconfig of `kubeconfig_as` (None: anonymous, a pod without a token)."""
+        path = self.kubeconfig_as(namespace, service_account) if service_account is not None \
+            else self.kubeconfig_for(User.anonymous(), namespace)
+        return {**self.env, "KUBECONFIG": str(path)}
 
     @property
     def env(self) -> dict[str, str]:

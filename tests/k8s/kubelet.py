@@ -28,8 +28,12 @@ class Kubelet(JobController):
     def __init__(self, cluster: Cluster, *, command_map: Callable[[list[str]], list[str]] | None = None,
                  logs_dir: str | os.PathLike[str] | None = None, poll_interval: float = 0.05,
                  retry_delay: float = 0.0, cwd: str | os.PathLike[str] | None = None,
-                 extra_env: Mapping[str, str] | None = None, override_env: Mapping[str, str] | None = None):
+                 extra_env: Mapping[str, str] | None = None, override_env: Mapping[str, str] | None = None,
+                 service_account_tokens: bool = False):
         self.cluster = cluster
+        # True: each pod talks to the API server as its ServiceAccount (the token a real pod mounts),
+        # so RBAC limits it; False: as the administrator, as the tests' own helpers do
+        self.service_account_tokens = service_account_tokens
         self.override_env = dict(override_env or {})  # applied after the container's own env
         self.command_map = command_map or (lambda argv: argv)
         self.logs_dir = pathlib.Path(logs_dir or cluster.workdir / "pod-logs")
@@ -230,7 +234,10 @@ class Kubelet(JobController):
         return dict(obj.get("data") or {})
 
     def _env(self, run: JobRun, pod: Pod, container: dict[str, Any], template: dict[str, Any]) -> dict[str, str]:
-        env = self.cluster.env
+        spec = template.get("spec") or {}
+        # automountServiceAccountToken: false leaves the pod no token: anonymous, granted nothing
+        account = None if spec.get("automountServiceAccountToken") is False else spec.get("serviceAccountName") or "default"
+        env = self.cluster.env_as(run.namespace, account) if self.service_account_tokens else self.cluster.env
         env.update(self.extra_env)
         env["HOSTNAME"] = pod.name
         env["PYTHONUNBUFFERED"] = "1"

@@ -24,6 +24,10 @@ class User:
     groups: tuple[str, ...]
 
     @classmethod
+    def anonymous(cls) -> "User":
+        return cls("system:anonymous", ("system:unauthenticated",))
+
+    @classmethod
     def service_account(cls, namespace: str, name: str) -> "User":
         return cls(f"system:serviceaccount:{namespace}:{name}",
                    ("system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"))
