@@ -41,12 +41,14 @@ RELEASE_NAMESPACE = "selfpruner-system"
 OPERATOR_ACCOUNT = "sp-selfpruner-operator"  # the chart's name for it, release "sp"
 RBAC_KINDS = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
 _chart_rbac: list = []
+_chart_operator_env: dict = {}
 
 
-def install_chart_rbac(cluster: Cluster, namespace: str = "default") -> None:
+def install_chart_rbac(cluster: Cluster, namespace: str = "default") -> dict:
     """The chart's ServiceAccounts, Roles and bindings (rbac.scope namespaced, watching `namespace`),
     created in the emulator, which enforces them for the operator and the pods: what the chart does
-    not grant fails here as on a cluster."""
+    not grant fails here as on a cluster. Returns the chart's operator settings that go with them
+    (its Deployment's SELFPRUNER_KOPF_SCANNING)."""
     if not _chart_rbac:
         helm = str(HELM) if HELM.exists() else shutil.which("helm")
         if helm is None:
@@ -56,10 +58,15 @@ def install_chart_rbac(cluster: Cluster, namespace: str = "default") -> None:
         text = subprocess.run([helm, "template", "sp", str(CHART), "--namespace", RELEASE_NAMESPACE,
                                "--set", "rbac.scope=namespaced", "--set", f"watchNamespaces={{{namespace}}}"],
                               capture_output=True, text=True, check=True, timeout=60).stdout
-        _chart_rbac.extend(d for d in yaml.safe_load_all(text) if d and d["kind"] in RBAC_KINDS)
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        _chart_rbac.extend(d for d in docs if d["kind"] in RBAC_KINDS)
+        (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+        env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        _chart_operator_env.update({e["name"]: e["value"] for e in env if e["name"] == "SELFPRUNER_KOPF_SCANNING"})
     cluster.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": RELEASE_NAMESPACE}})
     for obj in _chart_rbac:
         cluster.create(copy.deepcopy(obj), namespace=obj["metadata"].get("namespace"))
+    return dict(_chart_operator_env)
 
 
 class Operator:
@@ -139,7 +146,7 @@ def world(tmp_path, s3_endpoint, tiny_job):  # noqa: F811
         cluster.kubectl("apply", "--validate=false", "-f", str(Path(__file__).parents[1] / "crds" / "prunejob.yaml"))
         # the chart's ServiceAccounts (the controllers' among them: without it no controller pod can be
         # created), Roles and bindings; the operator and every pod act under them
-        install_chart_rbac(cluster)
+        chart_env = install_chart_rbac(cluster)
         cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials"},
                         "stringData": {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}})
         override = {"SELFPRUNER_CACHE": str(tmp_path / "pod-cache"), "SELFPRUNER_NODE_CACHE": str(tmp_path / "node"),
@@ -155,7 +162,9 @@ def world(tmp_path, s3_endpoint, tiny_job):  # noqa: F811
         with Kubelet(cluster, command_map=command_map, logs_dir=tmp_path / "pods",
                      override_env=override, service_account_tokens=True) as kubelet:
             kubelet.hooks = hooks
-            operator = Operator(cluster, tmp_path / "operator.log").start()
+            operator = Operator(cluster, tmp_path / "operator.log")
+            operator.env.update(chart_env)
+            operator.start()
             try:
                 yield cluster, kubelet, operator, doc, s3_endpoint
             finally:

@@ -123,6 +123,9 @@ def startup(settings: kopf.OperatorSettings, **_):
     # kopf's own bookkeeping in annotations only: the CRD's status schema does not declare
     # `status.kopf`, and a real API server prunes what its schema does not declare
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage()
+    # without the chart's rules for it (rbac.scope namespaced, or rbac.observeCRDs off) kopf must not
+    # scan: it would list namespaces, and retry the refusal for about a minute before serving anything
+    settings.scanning.disabled = os.environ.get("SELFPRUNER_KOPF_SCANNING", "true") == "false"
     port = os.environ.get("SELFPRUNER_METRICS_PORT")
     if port:
         metrics.serve(int(port))
