@@ -149,3 +149,41 @@ def test_requests_without_a_token_are_the_administrators(cluster):
     kubeconfig would."""
     assert cluster.get("secrets", "s3", namespace="team-b")["data"]["key"]
     cluster.patch("prunejobs", "pj-team-b", {"status": {"phase": "Pending"}}, namespace="team-b", subresource="status")
+
+
+PROBE = """
+import sys, kubernetes
+kubernetes.config.load_kube_config()
+try:
+    kubernetes.client.CustomObjectsApi().get_namespaced_custom_object(
+        "selfpruner.io", "v1alpha1", "team-a", "prunejobs", "pj-team-a")
+    code = 200
+except kubernetes.client.ApiException as e:
+    code = e.status
+open(sys.argv[1], "w").write(str(code))
+"""
+
+
+def test_a_pod_acts_as_its_service_account_unless_no_token_is_mounted(cluster, tmp_path):
+    """The kubelet gives each pod its ServiceAccount's token; `automountServiceAccountToken: false`
+    on the pod, or on its ServiceAccount when the pod does not say, leaves it none (anonymous)."""
+    import sys
+
+    from k8s import Kubelet
+
+    cluster.create({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "controller"},
+                    "automountServiceAccountToken": False}, namespace="team-a")
+    cases = {"pod-says-yes": True, "account-says-no": None, "pod-says-no": False}
+    with Kubelet(cluster, command_map=lambda argv: [sys.executable, *argv[1:]], logs_dir=tmp_path / "pods",
+                 service_account_tokens=True) as kubelet:
+        for name, mount in cases.items():
+            pod = {"restartPolicy": "Never", "serviceAccountName": "controller", "containers": [
+                {"name": "probe", "image": "python", "command": ["python", "-c", PROBE, str(tmp_path / name)]}]}
+            if mount is not None:
+                pod["automountServiceAccountToken"] = mount
+            cluster.create({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
+                            "spec": {"backoffLimit": 0, "template": {"spec": pod}}}, namespace="team-a")
+        for name in cases:
+            kubelet.wait_finished(name, namespace="team-a")
+    assert {name: (tmp_path / name).read_text() for name in cases} == {
+        "pod-says-yes": "200", "account-says-no": "403", "pod-says-no": "403"}

@@ -235,9 +235,13 @@ class Kubelet(JobController):
 
     def _env(self, run: JobRun, pod: Pod, container: dict[str, Any], template: dict[str, Any]) -> dict[str, str]:
         spec = template.get("spec") or {}
+        account = spec.get("serviceAccountName") or "default"
+        mount = spec.get("automountServiceAccountToken")
+        if mount is None and self.service_account_tokens:   # the pod's setting wins, else its ServiceAccount's
+            mount = (self.cluster.get("serviceaccounts", account, run.namespace) or {}).get("automountServiceAccountToken")
         # automountServiceAccountToken: false leaves the pod no token: anonymous, granted nothing
-        account = None if spec.get("automountServiceAccountToken") is False else spec.get("serviceAccountName") or "default"
-        env = self.cluster.env_as(run.namespace, account) if self.service_account_tokens else self.cluster.env
+        env = self.cluster.env_as(run.namespace, None if mount is False else account) \
+            if self.service_account_tokens else self.cluster.env
         env.update(self.extra_env)
         env["HOSTNAME"] = pod.name
         env["PYTHONUNBUFFERED"] = "1"
