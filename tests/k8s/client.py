@@ -130,16 +130,20 @@ class Cluster:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _write_kubeconfig(self) -> None:
+    def _write_kubeconfig(self, path: pathlib.Path | None = None, user: str = "tester",
+                          credentials: dict[str, str] | None = None, namespace: str | None = None) -> pathlib.Path:
+        """A kubeconfig for this server; by default the administrator's (no token), at `kubeconfig`."""
+        path = path or self.kubeconfig
         config = {
             "apiVersion": "v1", "kind": "Config", "preferences": {},
             "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
-            "users": [{"name": "tester", "user": {"username": "tester", "password": "tester"}}],
-            "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": "tester",
-                                                          "namespace": self.namespace}}],
+            "users": [{"name": user, "user": credentials or {"username": "tester", "password": "tester"}}],
+            "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": user,
+                                                          "namespace": namespace or self.namespace}}],
             "current-context": "emulated",
         }
-        self.kubeconfig.write_text(yaml.safe_dump(config))
+        path.write_text(yaml.safe_dump(config))
+        return path
 
     def kubeconfig_as(self, namespace: str, service_account: str) -> pathlib.Path:
         """A kubeconfig whose requests act as a ServiceAccount: a bearer token the emulator maps
@@ -152,16 +156,9 @@ class Cluster:
         token amounts to, an identity RBAC grants nothing)."""
         assert self.emulator is not None, "start the cluster first"
         token = self.emulator.tokens.issue(user)
-        service_account = user.name.rpartition(":")[2]
-        path = self.workdir / f"kubeconfig-{namespace}-{service_account}-{token[:6]}"
-        path.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "preferences": {},
-            "clusters": [{"name": "emulated", "cluster": {"server": self.url}}],
-            "users": [{"name": service_account, "user": {"token": token}}],
-            "contexts": [{"name": "emulated", "context": {"cluster": "emulated", "user": service_account,
-                                                          "namespace": namespace}}],
-            "current-context": "emulated"}))
-        return path
+        name = user.name.rpartition(":")[2]
+        return self._write_kubeconfig(self.workdir / f"kubeconfig-{namespace}-{name}-{token[:6]}", name,
+                                      {"token": token}, namespace)
 
     def env_as(self, namespace: str, service_account: str | None) -> dict[str, str]:
         """`env`, with the kubeconfig of `kubeconfig_as` (None: anonymous, a pod without a token)."""

@@ -29,7 +29,7 @@ def quantity(value: Any) -> Decimal | None:
     if not m:
         return None
     suffix = m.group(2) or ""
-    if suffix[:1] in "eE" and suffix:
+    if suffix[:1] in ("e", "E"):
         return Decimal(m.group(1)) * Decimal(10) ** int(suffix[1:])
     return Decimal(m.group(1)) * Decimal(SUFFIX[suffix])
 
